@@ -1,0 +1,151 @@
+"""The one place that names Redis keys and NATS subjects.
+
+Key map (``{ns}`` is the namespace inside a Redis Cluster hash tag, so one namespace's keys share a
+slot and multi-key scripts stay legal on a cluster)::
+
+    sidecar:{ns}:sidecar.requests        stream   request partition 0 (publish, subscribe, register, ...)
+    sidecar:{ns}:sidecar.requests.<k>    stream   request partition k > 0
+    sidecar:{ns}:sidecar.responses.<id>  stream   peer <id>'s inbox: deliveries and control replies
+    sidecar:{ns}:deadletter              stream   rejected request entries with the reason
+    sidecar:{ns}:subs                    hash     "<peer_id> <pattern>" -> "" : the subscription index
+    sidecar:{ns}:sidecar.system          stream   the sidecar's own events (cluster.*), trusted, partition 0
+    sidecar:{ns}:routing.version         string   bumped on every member or subscription change
+    sidecar:{ns}:members                 zset     peer_id -> last heartbeat (Redis server ms)
+    sidecar:{ns}:member.<id>             hash     role, labels, priority, eligible, joined, incarnation, ...
+    sidecar:{ns}:leader                  hash     id, term, since
+    sidecar:{ns}:events                  stream   membership and leadership changes, with term and reason
+    sidecar:{ns}:router.lease.<k>        string   token of the router owning partition k (PX lease)
+    sidecar:{ns}:routers                 zset     worker name -> last renewal ms (partition spreading)
+    sidecar:{ns}:beat.lease              string   token of the beat allowed to dispatch
+    sidecar:{ns}:stats                   hash     counters: routed, delivered, deadlettered, ...
+    sidecar:{ns}:policy.*                         policy store (see coordinator.policy)
+
+Celery's broker and result keys live under ``sidecar-celery:{ns}:`` so they never mix with these.
+NATS subjects are ``<namespace>.<topic>``.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+__all__ = ["REQUEST_GROUP", "PEER_GROUP", "Keys"]
+
+REQUEST_GROUP = "routers"
+"""Consumer group the routers read request partitions with."""
+PEER_GROUP = "peer"
+"""Consumer group a peer reads its own response stream with."""
+
+
+class Keys:
+    """Builds every key of one namespace. Cheap to create; holds no connection."""
+
+    __slots__ = ("_p", "namespace")
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._p = f"sidecar:{{{namespace}}}:"
+
+    # data plane
+    def requests(self, partition: int = 0) -> str:
+        """Request stream of ``partition`` (partition 0 keeps the plain name)."""
+        base = self._p + "sidecar.requests"
+        return base if partition == 0 else f"{base}.{partition}"
+
+    def responses(self, peer_id: str) -> str:
+        """Response stream (inbox) of ``peer_id``."""
+        return f"{self._p}sidecar.responses.{peer_id}"
+
+    @property
+    def responses_prefix(self) -> str:
+        """Prefix shared by every response stream (for scans)."""
+        return self._p + "sidecar.responses."
+
+    @property
+    def deadletter(self) -> str:
+        return self._p + "deadletter"
+
+    @property
+    def subs(self) -> str:
+        return self._p + "subs"
+
+    @property
+    def routing_version(self) -> str:
+        """Bumped by every script that changes members or subscriptions; routers fence on it."""
+        return self._p + "routing.version"
+
+    @property
+    def system(self) -> str:
+        """Stream of the sidecar's own events; only scripts write it, the partition 0 router reads it."""
+        return self._p + "sidecar.system"
+
+    # membership and election
+    @property
+    def members(self) -> str:
+        return self._p + "members"
+
+    def member(self, peer_id: str) -> str:
+        return f"{self._p}member.{peer_id}"
+
+    @property
+    def leader(self) -> str:
+        return self._p + "leader"
+
+    @property
+    def events(self) -> str:
+        return self._p + "events"
+
+    # leases
+    def router_lease(self, partition: int) -> str:
+        return f"{self._p}router.lease.{partition}"
+
+    @property
+    def routers(self) -> str:
+        return self._p + "routers"
+
+    @property
+    def beat_lease(self) -> str:
+        return self._p + "beat.lease"
+
+    @property
+    def stats(self) -> str:
+        return self._p + "stats"
+
+    # policies
+    def policy(self, name: str) -> str:
+        return f"{self._p}policy.doc.{name}"
+
+    def policy_history(self, name: str) -> str:
+        return f"{self._p}policy.history.{name}"
+
+    @property
+    def policy_index(self) -> str:
+        return self._p + "policy.index"
+
+    @property
+    def policy_version(self) -> str:
+        return self._p + "policy.version"
+
+    @property
+    def policy_acks(self) -> str:
+        return self._p + "policy.acks"
+
+    @property
+    def identities(self) -> str:
+        return self._p + "identities"
+
+    # other systems
+    @property
+    def celery_prefix(self) -> str:
+        """Key prefix for Celery's broker and result keys."""
+        return f"sidecar-celery:{{{self.namespace}}}:"
+
+    def subject(self, topic: str) -> str:
+        """NATS subject carrying ``topic`` between sidecars."""
+        return f"{self.namespace}.{topic}"
+
+    @staticmethod
+    def partition_of(sender: str, partitions: int) -> int:
+        """The request partition ``sender`` always writes to (stable across processes)."""
+        if partitions <= 1:
+            return 0
+        return zlib.crc32(sender.encode()) % partitions

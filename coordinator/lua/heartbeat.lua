@@ -1,0 +1,19 @@
+-- heartbeat.lua: stamp a member's last-seen time with Redis server time and return the leader.
+--
+-- KEYS[1] members zset   KEYS[2] member hash   KEYS[3] leader hash
+-- ARGV[1] peer id        ARGV[2] heartbeat payload json, or '' to keep the last one
+-- Returns {"ok", now_ms, leader_id, term} | {"evicted", now_ms, leader_id, term} when not a member
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local leader = redis.call('HMGET', KEYS[3], 'id', 'term')
+local leader_id = leader[1] or ''
+local term = leader[2] or '0'
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) == false then
+  return {'evicted', now, leader_id, term}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], 'seen', now)
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], 'extra', ARGV[2])
+end
+return {'ok', now, leader_id, term}

@@ -1,0 +1,39 @@
+-- leave.lua: remove a member and all its subscriptions, announce it once, optionally ack a request.
+-- Used for a graceful leave (from the router) and for evictions (sweep, CLI evict).
+--
+-- KEYS[1] members zset   KEYS[2] member hash   KEYS[3] subscription index (hash)
+-- KEYS[4] routing version                      KEYS[5] system stream   KEYS[6] events stream
+-- KEYS[7] request stream (or any key when ARGV[3] is '')   KEYS[8] leader hash
+-- ARGV[1] peer id   ARGV[2] consumer group   ARGV[3] request entry id to ack, or ''
+-- ARGV[4] reason ('leave' | 'evicted' | 'expired')
+-- Returns {left(0|1), subscriptions removed}
+local left = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+local prefix = ARGV[1] .. ' '
+local removed = 0
+local cursor = '0'
+repeat
+  local r = redis.call('HSCAN', KEYS[3], cursor, 'MATCH', ARGV[1] .. ' *', 'COUNT', 1000)
+  cursor = r[1]
+  local flat = r[2]
+  for i = 1, #flat, 2 do
+    if string.sub(flat[i], 1, #prefix) == prefix then
+      removed = removed + redis.call('HDEL', KEYS[3], flat[i])
+    end
+  end
+until cursor == '0'
+if removed > 0 or left == 1 then
+  redis.call('INCR', KEYS[4])
+end
+if ARGV[3] ~= '' then
+  redis.call('XACK', KEYS[7], ARGV[2], ARGV[3])
+end
+if left == 1 then
+  local was_leader = redis.call('HGET', KEYS[8], 'id') == ARGV[1]
+  local d = cjson.encode({peer_id = ARGV[1], reason = ARGV[4], was_leader = was_leader})
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'k', 'pub', 't', 'cluster.member.left',
+    'd', d, 's', 'sidecar')
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', '10000', '*', 'event', 'left', 'peer', ARGV[1],
+    'reason', ARGV[4])
+end
+return {left, removed}

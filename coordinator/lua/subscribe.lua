@@ -1,0 +1,31 @@
+-- subscribe.lua: apply a subscribe or unsubscribe request, reply to the requester, ack the entry.
+--
+-- KEYS[1] router lease of the partition   KEYS[2] subscription index (hash)
+-- KEYS[3] routing version                 KEYS[4] request stream
+-- KEYS[5] requester's inbox stream        KEYS[6] requester's member hash
+-- ARGV[1] lease token   ARGV[2] consumer group   ARGV[3] request entry id
+-- ARGV[4] 'add' | 'remove'   ARGV[5] index field "<peer_id> <pattern>"   ARGV[6] request id
+-- ARGV[7] inbox MAXLEN
+-- Returns {"ok", version, changed(0|1)} | {"lost"} | {"unknown_peer"}
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {'lost'}
+end
+if redis.call('EXISTS', KEYS[6]) == 0 then
+  return {'unknown_peer'}
+end
+local changed
+if ARGV[4] == 'add' then
+  changed = redis.call('HSETNX', KEYS[2], ARGV[5], '')
+else
+  changed = redis.call('HDEL', KEYS[2], ARGV[5])
+end
+local version
+if changed == 1 then
+  version = redis.call('INCR', KEYS[3])
+else
+  version = tonumber(redis.call('GET', KEYS[3]) or '0')
+end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'k', 'reply', 'r', ARGV[6], 'ok', '1',
+  'v', tostring(version))
+redis.call('XACK', KEYS[4], ARGV[2], ARGV[3])
+return {'ok', version, changed}

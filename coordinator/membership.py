@@ -1,0 +1,103 @@
+"""Membership records: register, heartbeat, leave and evict, as script calls.
+
+Each ``*_call`` function returns the ``(keys, args)`` of one script invocation, so the router
+(sync client), the mixin and ClusterSidecar (async clients) and the beat duties share one
+definition of what each call touches. :class:`Membership` runs them on a sync client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from coordinator.keys import REQUEST_GROUP, Keys
+from coordinator.protocol import dumps
+from coordinator.scripts import scripts_for
+
+__all__ = ["Membership", "heartbeat_call", "leave_call", "member_fields", "register_call"]
+
+Call = tuple[list[str], list[Any]]
+
+
+def member_fields(peer_id: str, info: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """Validate a member's self-description; return (json for the join event, hash field pairs)."""
+    role = str(info.get("role", "peer"))
+    labels = info.get("labels") or {}
+    if not isinstance(labels, Mapping):
+        raise ValueError("labels must be a mapping of strings")
+    priority = int(info.get("priority", 0))
+    eligible = bool(info.get("eligible", True))
+    incarnation = str(info.get("incarnation", "0"))
+    roles = info.get("roles") or [role]
+    event = dumps({"peer_id": peer_id, "role": role, "labels": dict(labels), "priority": priority})
+    pairs = ["role", role, "labels", dumps(dict(labels)), "priority", str(priority),
+             "eligible", "1" if eligible else "0", "incarnation", incarnation,
+             "roles", dumps(list(roles))]
+    return event, pairs
+
+
+def register_call(keys: Keys, peer_id: str, info: Mapping[str, Any], *, token: str = "",
+                  stream: str | None = None, entry_id: str = "", request_id: str = "",
+                  inbox_maxlen: int = 10_000) -> Call:
+    """Arguments of register.lua for ``peer_id`` (from a router when ``token`` is given)."""
+    event, pairs = member_fields(peer_id, info)
+    ks = [keys.router_lease(0), keys.members, keys.member(peer_id), stream or keys.requests(0),
+          keys.responses(peer_id), keys.leader, keys.system, keys.events, keys.routing_version]
+    args: list[Any] = [token, REQUEST_GROUP, entry_id, peer_id, request_id, inbox_maxlen, event, *pairs]
+    return ks, args
+
+
+def leave_call(keys: Keys, peer_id: str, reason: str, *, stream: str | None = None,
+               entry_id: str = "") -> Call:
+    """Arguments of leave.lua: ``peer_id`` leaves (``reason``: leave, evicted, expired)."""
+    ks = [keys.members, keys.member(peer_id), keys.subs, keys.routing_version, keys.system,
+          keys.events, stream or keys.requests(0), keys.leader]
+    return ks, [peer_id, REQUEST_GROUP, entry_id, reason]
+
+
+def heartbeat_call(keys: Keys, peer_id: str, extra: Any = None) -> Call:
+    """Arguments of heartbeat.lua; ``extra`` (JSON-able) replaces the last heartbeat payload."""
+    payload = "" if extra is None else dumps(extra)
+    return [keys.members, keys.member(peer_id), keys.leader], [peer_id, payload]
+
+
+class Membership:
+    """Reads and changes membership on a sync Redis client."""
+
+    def __init__(self, client: Any, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self.scripts = scripts_for(client)
+
+    def register(self, peer_id: str, **info: Any) -> bool:
+        """Make ``peer_id`` a member; True if it was not one before."""
+        ks, args = register_call(self.keys, peer_id, info)
+        return bool(int(self.scripts.register(keys=ks, args=args)[1]))
+
+    def leave(self, peer_id: str, reason: str = "leave") -> bool:
+        """Remove ``peer_id`` and its subscriptions; True if it was a member."""
+        ks, args = leave_call(self.keys, peer_id, reason)
+        return bool(int(self.scripts.leave(keys=ks, args=args)[0]))
+
+    def heartbeat(self, peer_id: str, extra: Any = None) -> bool:
+        """Stamp ``peer_id`` as alive; False if it is not a member (it must register again)."""
+        ks, args = heartbeat_call(self.keys, peer_id, extra)
+        return bool(self.scripts.heartbeat(keys=ks, args=args)[0] == "ok")
+
+    def members(self) -> dict[str, float]:
+        """Live member ids mapped to their last heartbeat (Redis server ms)."""
+        return {str(k): float(v) for k, v in self.client.zrange(self.keys.members, 0, -1,
+                                                                 withscores=True)}
+
+    def info(self, peer_id: str) -> dict[str, Any]:
+        """The member record of ``peer_id`` with JSON fields decoded ({} if not a member)."""
+        raw = self.client.hgetall(self.keys.member(peer_id))
+        out: dict[str, Any] = dict(raw)
+        for name in ("labels", "roles", "extra"):
+            if name in out:
+                try:
+                    out[name] = json.loads(out[name])
+                except ValueError:
+                    pass
+        return out

@@ -1,0 +1,46 @@
+"""Wire format of request and response stream entries (flat string fields, JSON payloads).
+
+Request entry (``sidecar.requests[.<k>]``), written by the mixin::
+
+    k    kind: pub | sub | unsub | reg | leave
+    s    sender peer id
+    t    topic (pub) or pattern (sub, unsub)
+    d    payload as JSON text (pub)
+    r    request id (control requests): the reply carries it back
+    f    leader term the sender claims (fenced publishes only)
+    m    member info as JSON (reg)
+    ts, n, sig   signing timestamp, nonce and HMAC (when authentication is on)
+
+Response entry (``sidecar.responses.<peer_id>``), written by the router::
+
+    k=msg    i message id, t topic, d payload JSON, s sender, ts publish time (ms)
+    k=reply  r request id, ok "1" | "0", e error code, m error message, plus reply fields
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["CONTROL_KINDS", "KINDS", "Message", "dumps"]
+
+KINDS = frozenset({"pub", "sub", "unsub", "reg", "leave"})
+CONTROL_KINDS = KINDS - {"pub"}
+
+
+def dumps(data: Any) -> str:
+    """Compact JSON text; raises TypeError for values JSON cannot carry."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message delivered to a handler."""
+
+    topic: str
+    data: Any
+    sender: str
+    id: str
+    timestamp: float
+    """Publish time, seconds since the epoch (Redis server clock)."""

@@ -1,0 +1,277 @@
+"""What the router does with each kind of request entry: validate, then run the fenced script.
+
+Publishes are validated and matched here and delivered in runs by ``route.lua``; control requests
+(subscribe, unsubscribe, register, leave) run one script each. Anything invalid becomes a
+:class:`Rejection`: a dead-letter entry with the reason, an error reply when the sender can be
+identified, and an ack, so bad input never stops the router and never blocks good traffic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from coordinator.errors import (
+    BadRequest,
+    InvalidTopic,
+    NotLeader,
+    PayloadTooLarge,
+    SidecarError,
+    UnknownPeer,
+)
+from coordinator.keys import REQUEST_GROUP
+from coordinator.membership import leave_call, register_call
+from coordinator.protocol import KINDS, dumps
+from coordinator.topics import check_pattern, check_publish_topic
+
+if TYPE_CHECKING:
+    from coordinator.router import Entry, Router
+
+__all__ = ["SYSTEM_SENDER", "Rejection", "RequestHandler"]
+
+SYSTEM_SENDER = "sidecar"
+"""Sender id of the sidecar's own events (only scripts write the system stream)."""
+_CACHE_LIMIT = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A request entry refused by the router, and why."""
+
+    stream: str
+    entry_id: str
+    fields: dict[str, str]
+    code: str
+    message: str
+    reply_to: str | None
+
+    @property
+    def sender(self) -> str | None:
+        return self.fields.get("s")
+
+    def deadletter_fields(self) -> dict[str, str]:
+        raw = dumps(self.fields)
+        return {"reason": self.code, "message": self.message, "stream": self.stream,
+                "entry": self.entry_id, "sender": self.sender or "", "raw": raw[:4096]}
+
+    def reply_fields(self) -> dict[str, str]:
+        return {"k": "reply", "r": self.fields.get("r", ""), "ok": "0", "e": self.code,
+                "m": self.message, "ref": self.entry_id, "t": self.fields.get("t", "")[:256]}
+
+
+class RequestHandler:
+    """Validation and script calls for one :class:`~coordinator.router.Router`."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._targets: dict[str, tuple[str, ...]] = {}
+        self._valid_topics: set[str] = set()
+        self._inbox: dict[str, str] = {}
+
+    def invalidate(self) -> None:
+        """Forget matches computed from an older subscription index."""
+        self._targets.clear()
+
+    # ------------------------------------------------------------------ publishes
+    def publish_run(self, run: list[Entry]) -> None:
+        """Deliver a run of publish entries from one stream with one fenced script call."""
+        r = self.router
+        stream = run[0][0]
+        for _attempt in range(5):
+            if r.version is None:
+                r.refresh()
+            keys, args, rejections, n = self._route_call(run)
+            result = r.scripts.route(keys=keys, args=args)
+            status = str(result[0])
+            if status == "ok":
+                r.stats["routed"] += n
+                r.stats["delivered"] += int(result[1])
+                r.reject(rejections)
+                return
+            if status == "lost":
+                r.lost(stream)
+                return
+            r.version = None  # stale: someone changed members or subscriptions; reload and redo
+        raise RuntimeError("routing version kept changing under five consecutive attempts")
+
+    def _route_call(self, run: list[Entry]) -> tuple[list[str], list[Any], list[Rejection], int]:
+        r = self.router
+        stream = run[0][0]
+        trusted = stream == r.keys.system
+        inboxes: dict[str, int] = {}
+        acks: list[str] = []
+        msgs: list[str] = []
+        deliveries: list[int] = []
+        rejections: list[Rejection] = []
+        tag = "s" if trusted else stream.rsplit(".", 1)[-1] if stream != r.keys.requests(0) else "0"
+        for _, eid, f in run:
+            try:
+                topic, data, sender = self._check_publish(f, trusted)
+            except SidecarError as exc:
+                rejections.append(self._rejection(stream, eid, f, exc))
+                continue
+            acks.append(eid)
+            targets = self._targets.get(topic)
+            if targets is None:
+                targets = self._match(topic)
+            if not targets:
+                continue
+            m = len(msgs) // 5 + 1
+            msgs += (f"{tag}:{eid}", topic, data, sender, eid.partition("-")[0])
+            for inbox in targets:
+                i = inboxes.get(inbox)
+                if i is None:
+                    i = inboxes[inbox] = len(inboxes) + 1
+                deliveries += (m, i)
+        partition = self._partition(stream)
+        keys = [r.keys.router_lease(partition), r.keys.routing_version, r.keys.stats, stream,
+                *inboxes]
+        args: list[Any] = [r.token, r.version, REQUEST_GROUP, r.settings.inbox_maxlen, 1,
+                           len(acks), len(msgs) // 5]
+        for eid in acks:
+            args += (1, eid)
+        args += msgs
+        args += deliveries
+        return keys, args, rejections, len(msgs) // 5
+
+    def _check_publish(self, f: dict[str, str], trusted: bool) -> tuple[str, str, str]:
+        r = self.router
+        sender = f.get("s")
+        if not sender:
+            raise BadRequest("publish without a sender field 's'")
+        if not trusted and sender not in r.members:
+            raise UnknownPeer(f"peer {sender!r} is not a registered member; register before publishing")
+        topic = f.get("t")
+        if topic not in self._valid_topics:
+            check_publish_topic(topic, allow_reserved=trusted)
+            if len(self._valid_topics) > _CACHE_LIMIT:
+                self._valid_topics.clear()
+            self._valid_topics.add(topic)  # type: ignore[arg-type]
+        assert topic is not None
+        data = f.get("d")
+        if data is None:
+            raise BadRequest("publish without a payload field 'd'")
+        limit = r.settings.max_payload_bytes
+        if len(data) * 4 > limit and len(data.encode()) > limit:
+            raise PayloadTooLarge(f"payload of {len(data.encode())} bytes exceeds the {limit}-byte limit")
+        try:
+            json.loads(data)
+        except ValueError:
+            raise BadRequest("payload field 'd' is not valid JSON") from None
+        fence = f.get("f")
+        if fence is not None and not trusted:
+            leader, term = r.leader
+            if sender != leader or fence != str(term):
+                raise NotLeader(f"fenced publish from {sender!r} with term {fence}, but the leader "
+                                f"is {leader or 'nobody'} at term {term}")
+        return topic, data, sender
+
+    def _match(self, topic: str) -> tuple[str, ...]:
+        r = self.router
+        targets = tuple(self._inbox_of(p) for p in sorted(r.index.match(topic)) if p in r.members)
+        if len(self._targets) > _CACHE_LIMIT:
+            self._targets.clear()
+        self._targets[topic] = targets
+        return targets
+
+    def _inbox_of(self, peer: str) -> str:
+        key = self._inbox.get(peer)
+        if key is None:
+            key = self._inbox[peer] = self.router.keys.responses(peer)
+        return key
+
+    def _partition(self, stream: str) -> int:
+        r = self.router
+        if stream in (r.keys.requests(0), r.keys.system):
+            return 0
+        return int(stream.rsplit(".", 1)[-1])
+
+    def _rejection(self, stream: str, eid: str, f: dict[str, str], exc: SidecarError) -> Rejection:
+        r = self.router
+        sender = f.get("s")
+        reply_to = None
+        if sender and stream != r.keys.system and (
+                sender in r.members or r.client.exists(r.keys.responses(sender))):
+            reply_to = sender
+        return Rejection(stream, eid, dict(f), exc.code, str(exc), reply_to)
+
+    # ------------------------------------------------------------------ control requests
+    def control(self, entry: Entry) -> None:
+        """Apply one non-publish request entry."""
+        stream, eid, f = entry
+        try:
+            kind = f.get("k")
+            if kind not in KINDS:
+                raise BadRequest(f"unknown request kind {kind!r}; expected one of {sorted(KINDS)}")
+            if stream == self.router.keys.system:
+                raise BadRequest("only publishes belong on the system stream")
+            if not f.get("s"):
+                raise BadRequest(f"{kind} request without a sender field 's'")
+            if kind in ("sub", "unsub"):
+                self._subscribe(stream, eid, f, add=kind == "sub")
+            elif kind == "reg":
+                self._register(stream, eid, f)
+            else:
+                self._leave(stream, eid, f)
+        except SidecarError as exc:
+            self.router.reject([self._rejection(stream, eid, f, exc)])
+
+    def _subscribe(self, stream: str, eid: str, f: dict[str, str], *, add: bool) -> None:
+        r = self.router
+        sender, pattern = f["s"], check_pattern(f.get("t"))
+        keys = [r.keys.router_lease(self._partition(stream)), r.keys.subs, r.keys.routing_version,
+                stream, self._inbox_of(sender), r.keys.member(sender)]
+        args = [r.token, REQUEST_GROUP, eid, "add" if add else "remove", f"{sender} {pattern}",
+                f.get("r", ""), r.settings.inbox_maxlen]
+        result = r.scripts.subscribe(keys=keys, args=args)
+        status = str(result[0])
+        if status == "lost":
+            r.lost(stream)
+        elif status == "unknown_peer":
+            raise UnknownPeer(f"peer {sender!r} is not a registered member; register before subscribing")
+        else:
+            version, changed = int(result[1]), int(result[2])
+            if changed and r.version is not None and version == int(r.version) + 1:
+                (r.index.add if add else r.index.remove)(sender, pattern)
+                r.version = str(version)
+                self.invalidate()
+            elif changed or str(version) != r.version:
+                r.version = None
+
+    def _register(self, stream: str, eid: str, f: dict[str, str]) -> None:
+        r = self.router
+        sender = f["s"]
+        try:
+            info = json.loads(f.get("m") or "{}")
+            if not isinstance(info, dict):
+                raise ValueError("member info must be a JSON object")
+            keys, args = register_call(r.keys, sender, info, token=r.token, stream=stream,
+                                       entry_id=eid, request_id=f.get("r", ""),
+                                       inbox_maxlen=r.settings.inbox_maxlen)
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(f"register request with bad member info: {exc}") from None
+        keys[0] = r.keys.router_lease(self._partition(stream))
+        result = r.scripts.register(keys=keys, args=args)
+        if str(result[0]) == "lost":
+            r.lost(stream)
+            return
+        joined, version = int(result[1]), int(result[4])
+        if joined and r.version is not None and version == int(r.version) + 1:
+            r.members.add(sender)
+            r.version = str(version)
+            self.invalidate()
+        elif joined or str(version) != r.version:
+            r.version = None
+
+    def _leave(self, stream: str, eid: str, f: dict[str, str]) -> None:
+        r = self.router
+        sender = f["s"]
+        if not r.leases.get(self._partition(stream)):
+            return
+        keys, args = leave_call(r.keys, sender, "leave", stream=stream, entry_id=eid)
+        r.scripts.leave(keys=keys, args=args)
+        if f.get("r"):
+            r.client.xadd(self._inbox_of(sender), {"k": "reply", "r": f["r"], "ok": "1"},
+                          maxlen=r.settings.inbox_maxlen, approximate=True)
+        r.version = None

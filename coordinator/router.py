@@ -1,0 +1,307 @@
+"""The router: reads request partitions in batches and fans publishes out to subscriber inboxes.
+
+A :class:`Router` runs in its own thread with a sync Redis client (the worker's bootstep and
+``ClusterSidecar.setup()`` both host one). It owns request partitions under leases
+(:mod:`coordinator.leases`); routers spread the partitions evenly over the live routers, and a
+standby takes a dead router's partitions when their leases expire. A router that takes a partition
+over first routes the entries its predecessor left pending (XAUTOCLAIM), then new ones, so order per
+publisher survives the crash.
+
+Every write is a script fenced by the lease token and the routing version: a router deposed while
+paused writes nothing, and one whose cached subscription index is stale reloads and recomputes
+before anything is delivered. Fan-out and acknowledgement are one atomic script, so a crash never
+leaves a request half routed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from coordinator.keys import REQUEST_GROUP, Keys
+from coordinator.leases import Lease
+from coordinator.requests import Rejection, RequestHandler
+from coordinator.scripts import scripts_for
+from coordinator.settings import Settings
+from coordinator.topics import SubscriptionIndex
+
+__all__ = ["Router"]
+
+log = logging.getLogger("sidecar.router")
+
+Entry = tuple[str, str, dict[str, str]]  # (stream key, entry id, fields)
+
+
+class Router:
+    """Routes the request partitions it holds leases on. ``start()``/``stop()`` run it in a thread."""
+
+    def __init__(self, client: Any, settings: Settings, *, name: str | None = None) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.token = f"{self.name}:{uuid.uuid4().hex}"
+        self.scripts = scripts_for(client)
+        self.leases: dict[int, Lease] = {}
+        self.index = SubscriptionIndex()
+        self.members: set[str] = set()
+        self.leader: tuple[str, int] = ("", 0)
+        self.version: str | None = None
+        self.stats = {"routed": 0, "delivered": 0, "rejected": 0, "batches": 0, "takeovers": 0}
+        self.handler = RequestHandler(self)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_maintenance = 0.0
+        self._last_trim = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Route in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name=f"sidecar-router-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish the current batch, release every lease and stop the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def partitions(self) -> list[int]:
+        """Partitions this router holds now."""
+        return sorted(self.leases)
+
+    def run(self) -> None:
+        """The routing loop (blocking). Survives Redis outages: it backs off and carries on."""
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                self.step()
+                backoff = 0.05
+            except RedisError as exc:
+                log.warning("router %s: Redis error (%s); retrying in %.2fs", self.name, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception:  # never let one bad batch kill routing
+                log.exception("router %s: unexpected error; carrying on", self.name)
+                self._stop.wait(backoff)
+        self._release_all()
+
+    def step(self) -> int:
+        """Maintain leases when due, then route one batch. Returns the entries handled."""
+        now = time.monotonic()
+        if now >= self._next_maintenance:
+            self._maintain()
+            self._next_maintenance = now + self.settings.lease_renew_interval
+        if not self.leases:
+            self._stop.wait(max(0.0, self._next_maintenance - time.monotonic()))
+            return 0
+        block = max(1, min(self.settings.router_block_ms,
+                           int((self._next_maintenance - time.monotonic()) * 1000)))
+        streams = {s: ">" for s in self._streams()}
+        reply = self.client.xreadgroup(REQUEST_GROUP, self.name, streams,
+                                       count=self.settings.batch_size, block=block)
+        entries = _flatten(reply)
+        if entries:
+            self.process(entries)
+        return len(entries)
+
+    # ------------------------------------------------------------------ leases
+    def _streams(self) -> list[str]:
+        out = []
+        for p in sorted(self.leases):
+            out.append(self.keys.requests(p))
+            if p == 0:
+                out.append(self.keys.system)
+        return out
+
+    def _maintain(self) -> None:
+        """Renew held leases, drop lost ones, and take or give partitions toward a fair share."""
+        for p, lease in list(self.leases.items()):
+            if not lease.acquire():
+                log.warning("router %s lost partition %d", self.name, p)
+                del self.leases[p]
+        t = self.client.time()
+        now_ms = int(t[0]) * 1000 + int(t[1]) // 1000
+        stale_ms = now_ms - int(self.settings.router_lease * 2000)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.keys.routers, {self.name: now_ms})
+        pipe.zremrangebyscore(self.keys.routers, "-inf", stale_ms)
+        pipe.zcard(self.keys.routers)
+        live = max(1, int(pipe.execute()[2]))
+        total = self.settings.partitions
+        share = math.ceil(total / live)
+        while len(self.leases) > share:
+            p = max(self.leases)
+            self.leases.pop(p).release()
+            log.info("router %s handed partition %d back (fair share %d)", self.name, p, share)
+        for p in range(total):
+            if len(self.leases) >= share:
+                break
+            if p in self.leases:
+                continue
+            lease = Lease(self.client, self.keys.router_lease(p), self.token,
+                          self.settings.router_lease)
+            if lease.acquire():
+                self.leases[p] = lease
+                self._take_over(p)
+        if time.monotonic() - self._last_trim > 5.0:
+            self._last_trim = time.monotonic()
+            self._trim_requests()
+
+    def _release_all(self) -> None:
+        for lease in self.leases.values():
+            try:
+                lease.release()
+            except RedisError:
+                pass
+        self.leases.clear()
+        try:
+            self.client.zrem(self.keys.routers, self.name)
+        except RedisError:
+            pass
+
+    def _take_over(self, partition: int) -> None:
+        """Start owning ``partition``: create groups, then route what the last owner left pending."""
+        self.stats["takeovers"] += 1
+        self.version = None  # anything may have changed while we did not own it
+        streams = [self.keys.requests(partition)] + ([self.keys.system] if partition == 0 else [])
+        for stream in streams:
+            try:
+                self.client.xgroup_create(stream, REQUEST_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        for stream in streams:
+            start = "0-0"
+            while partition in self.leases:
+                nxt, claimed, deleted = _autoclaim(self.client.xautoclaim(
+                    stream, REQUEST_GROUP, self.name, min_idle_time=0, start_id=start,
+                    count=self.settings.batch_size))
+                if deleted:
+                    self.client.xack(stream, REQUEST_GROUP, *deleted)
+                if claimed:
+                    log.info("router %s re-routes %d pending entries of %s", self.name,
+                             len(claimed), stream)
+                    self.process([(stream, eid, fields) for eid, fields in claimed])
+                if nxt == "0-0":
+                    break
+                start = nxt
+        log.info("router %s owns partition %d", self.name, partition)
+
+    def _trim_requests(self) -> None:
+        """Drop routed entries from owned request streams (keep anything still pending)."""
+        for stream in self._streams():
+            try:
+                groups = self.client.xinfo_groups(stream)
+            except ResponseError:
+                continue
+            for g in groups:
+                if g.get("name") != REQUEST_GROUP:
+                    continue
+                floor = str(g.get("last-delivered-id") or "0-0")
+                if int(g.get("pending") or 0):
+                    summary = self.client.xpending(stream, REQUEST_GROUP)
+                    floor = str(summary.get("min") or floor)
+                self.client.xtrim(stream, minid=floor, approximate=True)
+
+    def lost(self, stream: str) -> None:
+        """A fenced script said our lease on ``stream``'s partition is gone: stop routing it."""
+        for p in list(self.leases):
+            if stream in (self.keys.requests(p), self.keys.system if p == 0 else None):
+                log.warning("router %s was fenced off partition %d", self.name, p)
+                del self.leases[p]
+
+    # ------------------------------------------------------------------ routing state
+    def refresh(self) -> None:
+        """Reload subscriptions, members and leader in one transaction."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.keys.routing_version)
+        pipe.hkeys(self.keys.subs)
+        pipe.zrange(self.keys.members, 0, -1)
+        pipe.hmget(self.keys.leader, "id", "term")
+        version, fields, members, leader = pipe.execute()
+        index = SubscriptionIndex()
+        for field in fields:
+            peer, _, pattern = str(field).partition(" ")
+            if pattern:
+                index.add(peer, pattern)
+        self.index = index
+        self.members = {str(m) for m in members}
+        self.leader = (str(leader[0] or ""), int(leader[1] or 0))
+        self.version = str(version or "0")
+        self.handler.invalidate()
+
+    def process(self, entries: list[Entry]) -> None:
+        """Route ``entries`` in order: runs of publishes in one script call, control one by one."""
+        if self.version is None:
+            self.refresh()
+        self.stats["batches"] += 1
+        run: list[Entry] = []
+        for entry in entries:
+            if entry[2].get("k") == "pub":
+                run.append(entry)
+                continue
+            if run:
+                self.handler.publish_run(run)
+                run = []
+            self.handler.control(entry)
+        if run:
+            self.handler.publish_run(run)
+
+    def reject(self, rejections: list[Rejection]) -> None:
+        """Dead-letter rejected entries, tell identifiable senders why, and ack them."""
+        if not rejections:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for r in rejections:
+            pipe.xadd(self.keys.deadletter, r.deadletter_fields(),
+                      maxlen=self.settings.deadletter_maxlen, approximate=True)
+            if r.reply_to:
+                pipe.xadd(self.keys.responses(r.reply_to), r.reply_fields(),
+                          maxlen=self.settings.inbox_maxlen, approximate=True)
+            pipe.xack(r.stream, REQUEST_GROUP, r.entry_id)
+        pipe.hincrby(self.keys.stats, "rejected", len(rejections))
+        pipe.execute()
+        self.stats["rejected"] += len(rejections)
+        for r in rejections:
+            log.info("rejected %s from %s: %s (%s)", r.entry_id, r.sender or "?", r.code, r.message)
+
+
+def _flatten(reply: Any) -> list[Entry]:
+    """XREADGROUP reply (RESP2 list or RESP3 dict) as one ordered list of entries."""
+    if not reply:
+        return []
+    items = reply.items() if isinstance(reply, dict) else reply
+    out: list[Entry] = []
+    for stream, records in items:
+        if records and isinstance(records[0], list) and len(records) == 1 and \
+                isinstance(records[0][0], list | tuple):
+            records = records[0]
+        for eid, fields in records:
+            out.append((str(stream), str(eid), fields or {}))
+    return out
+
+
+def _autoclaim(reply: Any) -> tuple[str, list[tuple[str, dict[str, str]]], list[str]]:
+    nxt = str(reply[0])
+    claimed = [(str(eid), fields or {}) for eid, fields in reply[1]]
+    deleted = [str(d) for d in reply[2]] if len(reply) > 2 else []
+    return nxt, claimed, deleted

@@ -1,0 +1,192 @@
+"""The one settings object shared by worker, beat, mixin, CLI and dashboard.
+
+Precedence is flag, then environment, then default: build with ``Settings.from_env(**flags)`` where
+``flags`` holds only the options the user actually gave. Every field is validated at construction, so a
+process refuses to start with timings that cannot work (a member TTL shorter than two heartbeats, a
+lease renewed less often than it expires). Secrets never appear in ``repr`` or ``describe()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from coordinator.errors import ConfigurationError
+
+__all__ = ["Settings", "redact_url"]
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ENV_PREFIX = "SIDECAR_"
+
+
+def redact_url(url: str | None) -> str | None:
+    """Return ``url`` with any password replaced by ``***`` (safe to log)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _secret() -> Any:
+    return field(default=None, repr=False, metadata={"secret": True})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated, immutable sidecar configuration. Times are seconds unless the name says ``_ms``."""
+
+    redis_url: str | None = field(default=None, repr=False)
+    """Membership store and data plane; ``None`` means `sidecar up` starts an embedded Redis."""
+    nats_url: str | None = field(default=None, repr=False)
+    """NATS server joining sidecars on different Redis servers; ``None`` disables the bridge."""
+    namespace: str = "default"
+    """Cluster name; every key lives under ``sidecar:{<namespace>}:``."""
+
+    heartbeat_interval: float = 1.0
+    """How often a peer stamps its membership record."""
+    member_ttl: float = 3.0
+    """A member silent for longer than this is evicted by the sweep."""
+    router_lease: float = 2.0
+    """A router owns a request partition for this long per renewal; a standby takes over after it."""
+    partitions: int = 1
+    """Request stream partitions; a sender always writes to the same one (order per publisher)."""
+    batch_size: int = 512
+    """Request entries a router reads per round trip."""
+    inbox_maxlen: int = 10_000
+    """Entries a peer's response stream keeps while the peer is away (approximate trim)."""
+    inbox_max_age: float = 3600.0
+    """Entries older than this are trimmed from response streams by the trim duty."""
+    deadletter_maxlen: int = 10_000
+    """Entries kept in the dead-letter stream."""
+    max_payload_bytes: int = 1_048_576
+    """Largest JSON payload a publish may carry."""
+    request_timeout: float = 5.0
+    """How long a control request (register, subscribe, ...) waits for the router's reply."""
+    publish_buffer: int = 10_000
+    """Publishes a peer holds while Redis is unreachable before raising SidecarUnavailable."""
+    reclaim_idle: float = 30.0
+    """A delivery pending in a peer's group for this long is handed back by the reclaim duty."""
+    beat_lease: float = 1.0
+    """Lease a beat holds to dispatch; a second beat takes over within two lease periods."""
+    task_expiry: float = 5.0
+    """Periodic tasks not started within this many seconds are dropped (no backlog floods)."""
+
+    enforce_policy: bool = False
+    """Evaluate every publish and subscribe against the policies in force."""
+    auth: str = "off"
+    """``required``: requests must be signed by the sender's secret; ``off``: not checked."""
+
+    peer_secret: str | None = _secret()
+    """This peer's signing secret (peer processes only)."""
+    dashboard_user: str | None = None
+    """Basic-auth user for Flower and the dashboard when they listen beyond loopback."""
+    dashboard_password: str | None = _secret()
+    """Basic-auth password for Flower and the dashboard."""
+
+    def __post_init__(self) -> None:
+        if not _NAMESPACE_RE.match(self.namespace):
+            raise ConfigurationError(
+                f"namespace {self.namespace!r} must be 1-64 characters of letters, digits, '_' or '-'"
+            )
+        positive = ("heartbeat_interval", "member_ttl", "router_lease", "request_timeout",
+                    "inbox_max_age", "reclaim_idle", "beat_lease", "task_expiry")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("partitions", "batch_size", "inbox_maxlen", "deadletter_maxlen",
+                     "max_payload_bytes", "publish_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.member_ttl < 2 * self.heartbeat_interval:
+            raise ConfigurationError(
+                f"member_ttl ({self.member_ttl}s) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval}s), or one late heartbeat evicts a healthy peer"
+            )
+        if self.router_lease < 0.2:
+            raise ConfigurationError("router_lease must be at least 0.2s so a router can renew it")
+        if self.task_expiry < self.beat_lease:
+            raise ConfigurationError("task_expiry must be at least beat_lease")
+        if self.auth not in ("off", "required"):
+            raise ConfigurationError(f"auth must be 'off' or 'required', got {self.auth!r}")
+        for name in ("redis_url", "nats_url"):
+            url = getattr(self, name)
+            if url is not None and "://" not in url:
+                raise ConfigurationError(f"{name} {redact_url(url)!r} is not a URL")
+
+    # ------------------------------------------------------------------ derived timings
+    @property
+    def lease_renew_interval(self) -> float:
+        """A router renews its lease three times per lease period."""
+        return self.router_lease / 3
+
+    @property
+    def router_block_ms(self) -> int:
+        """A router blocks on its stream no longer than it can afford before renewing."""
+        return max(10, int(self.lease_renew_interval * 1000 / 2))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``SIDECAR_<FIELD>`` variables; non-``None`` ``overrides`` win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(_ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigurationError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting as plain values, URLs redacted and secrets masked: safe to print or log."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret"):
+                value = "***" if value else None
+            elif f.name.endswith("_url"):
+                value = redact_url(value)
+            out[f.name] = value
+        return out
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
+        return f"Settings({inner})"
+
+
+def _parse(name: str, annotation: Any, raw: str) -> Any:
+    kind = str(annotation)
+    try:
+        if "bool" in kind:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if "int" in kind:
+            return int(raw)
+        if "float" in kind:
+            return float(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"{_ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.split('|')[0].strip()}"
+        ) from None
+    return raw

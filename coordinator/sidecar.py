@@ -1,0 +1,106 @@
+"""``ClusterSidecar``: the sidecar as an object.
+
+``await sidecar.setup()`` starts a :class:`~coordinator.router.Router` in the calling process, so
+the seed's usage example runs with no Celery process at all; each Celery worker hosts one through a
+bootstep (sync ``start()``/``stop()``). Several sidecars on one Redis form one highly available
+sidecar: the routers share the request partitions under leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import redis
+
+from coordinator.keys import Keys
+from coordinator.membership import Membership
+from coordinator.router import Router
+from coordinator.settings import Settings
+from mixin.status import StatusField, StatusMixin
+
+__all__ = ["ClusterSidecar"]
+
+
+class ClusterSidecar(StatusMixin):
+    """Membership, routing, election and policy duties for one namespace."""
+
+    managed_peers = StatusField[list[str]](default_factory=list,
+                                           doc="peers registered through this sidecar")
+    active_subscriptions = StatusField(0, doc="subscriptions in the cluster's index")
+    cluster_size = StatusField(0, doc="live members")
+    leader_id = StatusField[str | None](None, doc="current leader, if any")
+
+    def __init__(self, namespace: str | None = None, logger: logging.Logger | None = None, *,
+                 settings: Settings | None = None, redis_url: str | None = None,
+                 name: str | None = None) -> None:
+        base = settings or Settings.from_env()
+        self.settings = base.replace(**{k: v for k, v in (("namespace", namespace),
+                                                         ("redis_url", redis_url)) if v})
+        if not self.settings.redis_url:
+            raise ValueError("ClusterSidecar needs a Redis URL: set SIDECAR_REDIS_URL or pass redis_url")
+        self.namespace = self.settings.namespace
+        self.logger = logger or logging.getLogger("sidecar")
+        self.keys = Keys(self.namespace)
+        self.client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True,
+                                           socket_keepalive=True)
+        self.membership = Membership(self.client, self.keys)
+        self.router = Router(self.client, self.settings, name=name)
+        self._managed: list[str] = []
+
+    # ------------------------------------------------------------------ sync lifecycle (bootstep)
+    def start(self) -> None:
+        """Start routing in a background thread (returns at once)."""
+        self.router.start()
+        self.logger.info("sidecar %s routing namespace %r", self.router.name, self.namespace)
+
+    def stop(self) -> None:
+        """Stop routing and release the router's leases."""
+        self.router.stop()
+
+    # ------------------------------------------------------------------ async lifecycle (seed API)
+    async def setup(self) -> None:
+        """Start routing in this process and wait until a router (this or another) serves partition 0."""
+        self.start()
+        deadline = asyncio.get_running_loop().time() + self.settings.router_lease * 2 + 1
+        while not await asyncio.to_thread(self.client.exists, self.keys.router_lease(0)):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+
+    async def teardown(self) -> None:
+        """Stop routing and close the connection."""
+        await asyncio.to_thread(self.stop)
+        self.client.close()
+
+    async def register_peer(self, peer_id: str, **info: Any) -> None:
+        """Manage ``peer_id`` through this sidecar, making it a member if it is not one yet."""
+        if not await asyncio.to_thread(self.client.zscore, self.keys.members, peer_id):
+            await asyncio.to_thread(self.membership.register, peer_id, **info)
+        if peer_id not in self._managed:
+            self._managed.append(peer_id)
+
+    # ------------------------------------------------------------------ status
+    def refresh_status(self) -> None:
+        """Read the cluster figures from Redis into the status fields."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zcard(self.keys.members)
+        pipe.hlen(self.keys.subs)
+        pipe.hget(self.keys.leader, "id")
+        pipe.zrange(self.keys.members, 0, -1)
+        size, subs, leader, members = pipe.execute()
+        live = set(members)
+        self.managed_peers = [p for p in self._managed if p in live]
+        self.cluster_size = int(size)
+        self.active_subscriptions = int(subs)
+        self.leader_id = leader or None
+
+    @property
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Fresh cluster status under ``clustersidecar`` (one Redis round trip)."""
+        self.refresh_status()
+        return super().status
+
+    def __repr__(self) -> str:
+        return f"ClusterSidecar(namespace={self.namespace!r}, router={self.router.name!r})"

@@ -1,0 +1,322 @@
+"""``SidecarLink``: one peer's connection to the sidecar over Redis (no Celery here).
+
+It writes requests to the peer's request partition, coalescing concurrent writes into one pipeline
+round trip; reads the peer's inbox through its own consumer group (pending entries first, so nothing
+is lost across a restart), acknowledging entries only after they were handled; matches replies to
+control requests; and heartbeats on a timer with a Lua script stamped by the Redis server clock.
+
+When Redis drops, writes wait in a bounded buffer while the link reconnects with backoff, and raise
+:class:`~coordinator.errors.SidecarUnavailable` past that bound. After a Redis restart or an eviction
+the link registers again and the owner restores its subscriptions (``on_rejoin``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from coordinator.errors import SidecarTimeout, SidecarUnavailable, error_from_code
+from coordinator.keys import PEER_GROUP, Keys
+from coordinator.membership import heartbeat_call
+from coordinator.protocol import dumps
+from coordinator.scripts import scripts_for
+from coordinator.settings import Settings
+
+__all__ = ["SidecarLink"]
+
+_CONSUMER = "c"
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+EntryHandler = Callable[[str, dict[str, str]], Awaitable[None]]
+
+
+class SidecarLink:
+    """Request writer, inbox reader and heartbeat of peer ``peer_id``."""
+
+    def __init__(self, peer_id: str, settings: Settings, *, on_entry: EntryHandler,
+                 on_rejoin: Callable[[], Awaitable[None]] | None = None,
+                 on_heartbeat: Callable[[str, int], None] | None = None,
+                 logger: logging.Logger | None = None) -> None:
+        if not settings.redis_url:
+            raise SidecarUnavailable("no Redis URL: set SIDECAR_REDIS_URL or pass redis_url")
+        self.peer_id = peer_id
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.stream = self.keys.requests(Keys.partition_of(peer_id, settings.partitions))
+        self.inbox = self.keys.responses(peer_id)
+        self.log = logger or logging.getLogger("sidecar.link")
+        self.redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                             health_check_interval=0, socket_keepalive=True)
+        self.scripts = scripts_for(self.redis)
+        self.on_entry = on_entry
+        self.on_rejoin = on_rejoin
+        self.on_heartbeat = on_heartbeat
+        self.on_connected: Callable[[bool], None] | None = None
+        self._connected = False
+        self.member_info: dict[str, Any] = {}
+        self.extra: Any = None
+        self._queue: list[tuple[dict[str, str], asyncio.Future[str]]] = []
+        self._writing = False
+        self._replies: dict[str, asyncio.Future[dict[str, str]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._rejoining = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether the last Redis call succeeded."""
+        return self._connected
+
+    @connected.setter
+    def connected(self, up: bool) -> None:
+        if up != self._connected:
+            self._connected = up
+            if self.on_connected is not None:
+                self.on_connected(up)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def open(self, member_info: dict[str, Any]) -> dict[str, str]:
+        """Create the inbox group, start reading, register; returns the register reply."""
+        self.member_info = member_info
+        await self._ensure_group()
+        self._tasks.append(asyncio.create_task(self._read_loop(), name=f"inbox-{self.peer_id}"))
+        reply = await self.request("reg", m=dumps(member_info))
+        self.connected = True
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name=f"hb-{self.peer_id}"))
+        return reply
+
+    async def close(self, *, leave: bool = True) -> None:
+        """Leave the cluster (when ``leave``), stop the tasks and close the connection."""
+        if leave and self.connected:
+            try:
+                await self.request("leave", timeout=min(2.0, self.settings.request_timeout))
+            except (SidecarTimeout, SidecarUnavailable, RedisError, OSError) as exc:
+                self.log.warning("peer %s: leave not confirmed (%s)", self.peer_id, exc)
+        self._closing = True
+        self.connected = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.cancel()
+        await self.redis.aclose()
+
+    # ------------------------------------------------------------------ writing
+    async def write(self, fields: dict[str, str]) -> str:
+        """Append one request entry; returns its stream id once Redis has it.
+
+        Writes made while another is in flight are sent together in one pipeline.
+        """
+        if self._writing:
+            if len(self._queue) >= self.settings.publish_buffer:
+                raise SidecarUnavailable(
+                    f"{len(self._queue)} requests already wait for Redis (publish_buffer); retry later")
+            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._queue.append((fields, fut))
+            return await fut
+        self._writing = True
+        handed_off = False
+        try:
+            eid: str = await self._retrying(lambda: self.redis.xadd(self.stream, fields))
+            if self._queue:
+                handed_off = True
+                asyncio.get_running_loop().create_task(self._drain())
+            return eid
+        finally:
+            if not handed_off:
+                self._writing = False
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                live = [(f, fut) for f, fut in batch if not fut.done()]
+
+                async def send(live: list[tuple[dict[str, str], asyncio.Future[str]]] = live) -> Any:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for f, _ in live:
+                        pipe.xadd(self.stream, f)
+                    return await pipe.execute()
+
+                try:
+                    ids = await self._retrying(send)
+                except Exception as exc:
+                    for _, fut in live:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), eid in zip(live, ids, strict=True):
+                    if not fut.done():
+                        fut.set_result(eid)
+        finally:
+            self._writing = False
+
+    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        delay = 0.05
+        while True:
+            try:
+                result = await call()
+                if not self.connected and not self._closing and self.member_info:
+                    self.connected = True
+                return result
+            except _TRANSIENT as exc:
+                if self._closing:
+                    raise SidecarUnavailable("the link is closing") from exc
+                if self.connected:
+                    self.log.warning("peer %s: Redis unreachable (%s); retrying", self.peer_id, exc)
+                self.connected = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # ------------------------------------------------------------------ control requests
+    async def request(self, kind: str, *, timeout: float | None = None,
+                      **fields: str) -> dict[str, str]:
+        """Send a control request and wait for the router's reply (raises the reported error)."""
+        rid = uuid.uuid4().hex[:16]
+        fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        self._replies[rid] = fut
+        wait = self.settings.request_timeout if timeout is None else timeout
+        try:
+            await self.write({"k": kind, "s": self.peer_id, "r": rid, **fields})
+            reply = await asyncio.wait_for(fut, wait)
+        except TimeoutError:
+            raise SidecarTimeout(
+                f"no reply to {kind!r} from the sidecar within {wait}s; is a router running "
+                "(`celery -A workers worker` or ClusterSidecar.setup())?") from None
+        finally:
+            self._replies.pop(rid, None)
+        if reply.get("ok") != "1":
+            raise error_from_code(reply.get("e", ""), reply.get("m", "request refused"))
+        return reply
+
+    # ------------------------------------------------------------------ reading
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.inbox, PEER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _read_loop(self) -> None:
+        cursor = "0"  # pending entries first: whatever we read but did not ack before a restart
+        delay = 0.05
+        while not self._closing:
+            try:
+                block = None if cursor == "0" else 1000
+                reply = await self.redis.xreadgroup(PEER_GROUP, _CONSUMER, {self.inbox: cursor},
+                                                    count=256, block=block)
+                delay = 0.05
+                entries = _entries(reply)
+                if cursor != ">" and not entries:
+                    cursor = ">"
+                    continue
+                for eid, fields in entries:
+                    if fields.get("k") == "reply":
+                        self._resolve(fields)
+                    else:
+                        await self.on_entry(eid, fields)
+                if entries:
+                    await self.redis.xack(self.inbox, PEER_GROUP, *[e for e, _ in entries])
+                    if cursor != ">":
+                        cursor = entries[-1][0]
+            except asyncio.CancelledError:
+                raise
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis lost our group (restart without persistence)
+                    await self._ensure_group()
+                    cursor = "0"
+                    self._schedule_rejoin()
+                    continue
+                self.log.exception("peer %s: inbox read failed", self.peer_id)
+                await asyncio.sleep(delay)
+            except _TRANSIENT:
+                self.connected = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                cursor = "0"
+
+    def _resolve(self, fields: dict[str, str]) -> None:
+        fut = self._replies.get(fields.get("r", ""))
+        if fut is not None and not fut.done():
+            fut.set_result(fields)
+        elif fields.get("ok") == "0":
+            self.log.warning("peer %s: request %s rejected: %s (%s)", self.peer_id,
+                             fields.get("ref", "?"), fields.get("e"), fields.get("m"))
+            self.rejected += 1
+
+    rejected = 0
+    """Requests the router rejected without anybody waiting for the reply (publishes)."""
+
+    # ------------------------------------------------------------------ membership
+    async def heartbeat(self, extra: Any = None) -> tuple[str, int]:
+        """Stamp our membership now; returns (leader id, term). Re-registers if we were evicted."""
+        if extra is not None:
+            self.extra = extra
+        keys, args = heartbeat_call(self.keys, self.peer_id, extra)
+        status, _now, leader, term = await self.scripts.heartbeat(keys=keys, args=args)
+        self.connected = True
+        if status == "evicted":
+            self._schedule_rejoin()
+        if self.on_heartbeat is not None:
+            self.on_heartbeat(str(leader), int(term))
+        return str(leader), int(term)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while not self._closing:
+            started = time.monotonic()
+            try:
+                await self.heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except _TRANSIENT:
+                self.connected = False
+            except RedisError as exc:
+                self.log.warning("peer %s: heartbeat failed: %s", self.peer_id, exc)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def _schedule_rejoin(self) -> None:
+        if self._rejoining or self._closing:
+            return
+        self._rejoining = True
+        self._tasks.append(asyncio.create_task(self._rejoin(), name=f"rejoin-{self.peer_id}"))
+
+    async def _rejoin(self) -> None:
+        try:
+            while not self._closing:
+                try:
+                    await self._ensure_group()
+                    await self.request("reg", m=dumps(self.member_info))
+                    if self.on_rejoin is not None:
+                        await self.on_rejoin()
+                    self.log.info("peer %s registered again", self.peer_id)
+                    return
+                except (SidecarTimeout, RedisError, OSError) as exc:
+                    self.log.warning("peer %s: rejoin failed (%s); retrying", self.peer_id, exc)
+                    await asyncio.sleep(0.5)
+        finally:
+            self._rejoining = False
+
+
+def _entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
+    if not reply:
+        return []
+    items = reply.items() if isinstance(reply, dict) else reply
+    out: list[tuple[str, dict[str, str]]] = []
+    for _stream, records in items:
+        if records and isinstance(records[0], list) and len(records) == 1 and \
+                isinstance(records[0][0], list | tuple):
+            records = records[0]
+        for eid, fields in records:
+            out.append((str(eid), fields or {}))
+    return out

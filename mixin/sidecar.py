@@ -1,0 +1,228 @@
+"""``SidecarMixin``: cluster membership, pub/sub and leadership for a peer, through the sidecar.
+
+Mix it into an :class:`~mixin.agent.Agent`::
+
+    class Conductor(Agent, SidecarMixin):
+        tempo = StatusField(120)
+
+    async with Conductor(namespace="my-cluster") as c:
+        await c.cluster_subscribe("conductor.set_tempo", on_tempo)
+        await c.cluster_publish("conductor.heartbeat", {"tempo": c.tempo})
+
+Handlers may be ``async def`` or plain functions; each gets one :class:`Message`. A handler that
+raises is logged and counted; it never stops delivery. Each handler runs once per message: the
+inbox may hold a message twice after a router crash, and the mixin drops the repeat by message id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from coordinator.errors import NotLeader
+from coordinator.protocol import Message, dumps
+from coordinator.settings import Settings
+from coordinator.topics import SubscriptionIndex, check_pattern, check_publish_topic
+from mixin.agent import Lifecycle
+from mixin.link import SidecarLink
+from mixin.status import StatusField
+
+__all__ = ["Handler", "SidecarMixin"]
+
+Handler = Callable[[Message], Any]
+_SEEN_LIMIT = 100_000
+
+
+class SidecarMixin(Lifecycle):
+    """Lightweight cluster interface: subscribe, publish, heartbeat, leader state."""
+
+    sidecar_connected = StatusField(False, doc="the link to the sidecar's Redis is up")
+    cluster_subscriptions = StatusField(0, doc="patterns this peer is subscribed to")
+    messages_received = StatusField(0, hidden=True)
+    handler_errors = StatusField(0, hidden=True)
+
+    def __init__(self, *args: Any, settings: Settings | None = None, redis_url: str | None = None,
+                 role: str = "peer", labels: dict[str, str] | None = None, priority: int = 0,
+                 leader_eligible: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        namespace = getattr(self, "namespace", None)
+        self.sidecar_settings = (settings or Settings.from_env()).replace(
+            **{k: v for k, v in (("namespace", namespace), ("redis_url", redis_url)) if v})
+        self.role = role
+        self.labels = dict(labels or {})
+        self.priority = priority
+        self.leader_eligible = leader_eligible
+        self._link: SidecarLink | None = None
+        self._handlers: dict[str, list[Handler]] = {}
+        self._patterns = SubscriptionIndex()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._leader: tuple[str, int] = ("", 0)
+        self._leader_confirmed = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def setup(self, *args: Any, **kwargs: Any) -> None:
+        await super().setup(*args, **kwargs)
+        await self.setup_sidecar_communication()
+
+    async def teardown(self) -> None:
+        if self._link is not None:
+            link, self._link = self._link, None
+            await link.close(leave=True)
+            self.sidecar_connected = False
+        await super().teardown()
+
+    async def setup_sidecar_communication(self) -> None:
+        """Register with the sidecar and start reading this peer's inbox (idempotent)."""
+        if self._link is not None:
+            return
+        peer_id: str = getattr(self, "id")  # noqa: B009 (provided by Agent)
+        self._link = SidecarLink(peer_id, self.sidecar_settings, on_entry=self._on_entry,
+                                 on_rejoin=self._resubscribe, on_heartbeat=self._on_heartbeat,
+                                 logger=getattr(self, "logger", None))
+        self._link.on_connected = self._on_connected
+        info = {"role": self.role, "labels": self.labels, "priority": self.priority,
+                "eligible": self.leader_eligible, "incarnation": str(time.time_ns()),
+                "pid": os.getpid()}
+        try:
+            reply = await self._link.open(info)
+        except BaseException:
+            link, self._link = self._link, None
+            await link.close(leave=False)
+            raise
+        self._on_heartbeat(reply.get("leader", ""), int(reply.get("term", "0") or 0))
+        self.sidecar_connected = True
+
+    # ------------------------------------------------------------------ pub/sub
+    async def cluster_subscribe(self, pattern: str, handler: Handler) -> None:
+        """Run ``handler`` for every message matching ``pattern``; returns once the router applied it."""
+        check_pattern(pattern)
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {handler!r}")
+        link = self._require_link()
+        if pattern not in self._handlers:
+            await link.request("sub", t=pattern)
+            self._patterns.add(pattern, pattern)
+            self._handlers[pattern] = []
+        self._handlers[pattern].append(handler)
+        self.cluster_subscriptions = len(self._handlers)
+
+    async def cluster_unsubscribe(self, pattern: str) -> None:
+        """Stop receiving ``pattern`` (every handler of it); returns once the router applied it."""
+        check_pattern(pattern)
+        link = self._require_link()
+        if self._handlers.pop(pattern, None) is None:
+            return
+        self._patterns.remove(pattern, pattern)
+        self.cluster_subscriptions = len(self._handlers)
+        await link.request("unsub", t=pattern)
+
+    async def cluster_publish(self, topic: str, data: Any, *, fenced: bool = False) -> str:
+        """Publish ``data`` (JSON-able) to literal ``topic``; returns once the request is in Redis.
+
+        With ``fenced=True`` the message carries this peer's leader term and is delivered only if
+        this peer is still the leader of that term.
+        """
+        check_publish_topic(topic)
+        payload = dumps(data)  # TypeError for anything JSON cannot carry, at the call
+        link = self._require_link()
+        fields = {"k": "pub", "s": link.peer_id, "t": topic, "d": payload}
+        if fenced:
+            if not self.is_leader:
+                raise NotLeader(f"peer {link.peer_id} is not the leader (leader: "
+                                f"{self._leader[0] or 'nobody'}, term {self._leader[1]})")
+            fields["f"] = str(self._leader[1])
+        return await link.write(fields)
+
+    async def publish_heartbeat(self, extra: dict[str, Any] | None = None) -> None:
+        """Stamp membership now, storing ``extra`` (JSON-able) as this peer's heartbeat payload."""
+        await self._require_link().heartbeat(extra)
+
+    # ------------------------------------------------------------------ leadership
+    @property
+    def leader_id(self) -> str | None:
+        """Id of the current leader as last heard, or None."""
+        return self._leader[0] or None
+
+    @property
+    def leader_term(self) -> int:
+        """Term (fencing token) of the current leader as last heard; 0 before any election."""
+        return self._leader[1]
+
+    @property
+    def is_leader(self) -> bool:
+        """True only while this peer is the leader and its membership was confirmed within the TTL."""
+        if self._link is None or self._leader[0] != self._link.peer_id:
+            return False
+        return time.monotonic() - self._leader_confirmed < self.sidecar_settings.member_ttl
+
+    @property
+    def policy_version(self) -> int:
+        """Version of the policy set this peer applied (0: none yet)."""
+        return int(getattr(self, "_policy_version", 0))
+
+    async def on_leader_change(self, leader_id: str | None, term: int) -> None:
+        """Hook: the leader changed. Override it; the default does nothing."""
+
+    def _on_connected(self, up: bool) -> None:
+        self.sidecar_connected = up
+
+    def _on_heartbeat(self, leader: str, term: int) -> None:
+        self._leader_confirmed = time.monotonic()
+        self._set_leader(leader, term)
+
+    def _set_leader(self, leader: str, term: int) -> None:
+        if term < self._leader[1] or (leader, term) == self._leader:
+            return
+        self._leader = (leader, term)
+        hook = self.on_leader_change(leader or None, term)
+        if inspect.isawaitable(hook):
+            asyncio.ensure_future(hook)
+
+    # ------------------------------------------------------------------ delivery
+    def _require_link(self) -> SidecarLink:
+        if self._link is None:
+            raise RuntimeError("call setup() (or setup_sidecar_communication()) first")
+        return self._link
+
+    async def _on_entry(self, eid: str, fields: dict[str, str]) -> None:
+        mid = fields.get("i") or eid
+        if mid in self._seen:
+            return
+        self._seen[mid] = None
+        if len(self._seen) > _SEEN_LIMIT:
+            self._seen.popitem(last=False)
+        topic = fields.get("t", "")
+        try:
+            data = json.loads(fields.get("d", "null"))
+        except ValueError:
+            self.handler_errors += 1
+            return
+        message = Message(topic, data, fields.get("s", ""), mid, int(fields.get("ts", "0")) / 1000)
+        self.messages_received += 1
+        if topic == "cluster.leader" and isinstance(data, dict):
+            self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
+        for pattern in self._patterns.match(topic):
+            for handler in list(self._handlers.get(pattern, ())):
+                await self._call(handler, message)
+
+    async def _call(self, handler: Handler, message: Message) -> None:
+        try:
+            result = handler(message)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self.handler_errors += 1
+            log = getattr(self, "logger", None)
+            if log is not None:
+                log.exception("handler %r failed on %s (%s)", handler, message.topic, message.id)
+
+    async def _resubscribe(self) -> None:
+        link = self._require_link()
+        for pattern in list(self._handlers):
+            await link.request("sub", t=pattern)

@@ -1,0 +1,1 @@
+"""Celery side of the sidecar: ``celery -A workers worker`` / ``beat`` / ``flower``."""
