@@ -49,11 +49,14 @@ def register_call(keys: Keys, peer_id: str, info: Mapping[str, Any], *, token: s
 
 
 def leave_call(keys: Keys, peer_id: str, reason: str, *, stream: str | None = None,
-               entry_id: str = "") -> Call:
-    """Arguments of leave.lua: ``peer_id`` leaves (``reason``: leave, evicted, expired)."""
+               entry_id: str = "", silent_ms: int | None = None) -> Call:
+    """Arguments of leave.lua: ``peer_id`` leaves (``reason``: leave, evicted, expired).
+
+    With ``silent_ms`` the member is removed only if it has been silent that long (sweep).
+    """
     ks = [keys.members, keys.member(peer_id), keys.subs, keys.routing_version, keys.system,
           keys.events, stream or keys.requests(0), keys.leader]
-    return ks, [peer_id, REQUEST_GROUP, entry_id, reason]
+    return ks, [peer_id, REQUEST_GROUP, entry_id, reason, "" if silent_ms is None else silent_ms]
 
 
 def heartbeat_call(keys: Keys, peer_id: str, extra: Any = None) -> Call:
@@ -79,6 +82,18 @@ class Membership:
         """Remove ``peer_id`` and its subscriptions; True if it was a member."""
         ks, args = leave_call(self.keys, peer_id, reason)
         return bool(int(self.scripts.leave(keys=ks, args=args)[0]))
+
+    def sweep(self, member_ttl: float) -> list[str]:
+        """Evict every member silent for longer than ``member_ttl``; returns the evicted ids."""
+        t = self.client.time()
+        now_ms = int(t[0]) * 1000 + int(t[1]) // 1000
+        ttl_ms = int(member_ttl * 1000)
+        evicted = []
+        for peer in self.client.zrangebyscore(self.keys.members, "-inf", now_ms - ttl_ms - 1):
+            ks, args = leave_call(self.keys, str(peer), "expired", silent_ms=ttl_ms)
+            if int(self.scripts.leave(keys=ks, args=args)[0]):
+                evicted.append(str(peer))
+        return evicted
 
     def heartbeat(self, peer_id: str, extra: Any = None) -> bool:
         """Stamp ``peer_id`` as alive; False if it is not a member (it must register again)."""

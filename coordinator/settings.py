@@ -62,8 +62,8 @@ class Settings:
     """Request stream partitions; a sender always writes to the same one (order per publisher)."""
     batch_size: int = 512
     """Request entries a router reads per round trip."""
-    inbox_maxlen: int = 10_000
-    """Entries a peer's response stream keeps while the peer is away (approximate trim)."""
+    inbox_maxlen: int = 100_000
+    """Entries a peer's inbox keeps (approximate); past it the oldest unread entries are dropped."""
     inbox_max_age: float = 3600.0
     """Entries older than this are trimmed from response streams by the trim duty."""
     deadletter_maxlen: int = 10_000

@@ -115,10 +115,11 @@ class SidecarLink:
     async def write(self, fields: dict[str, str]) -> str:
         """Append one request entry; returns its stream id once Redis has it.
 
-        Writes made while another is in flight are sent together in one pipeline.
+        Writes made while another is in flight are sent together in one pipeline. While Redis is
+        unreachable at most ``publish_buffer`` writes wait; more raise SidecarUnavailable.
         """
         if self._writing:
-            if len(self._queue) >= self.settings.publish_buffer:
+            if not self._connected and len(self._queue) >= self.settings.publish_buffer:
                 raise SidecarUnavailable(
                     f"{len(self._queue)} requests already wait for Redis (publish_buffer); retry later")
             fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()

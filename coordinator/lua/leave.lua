@@ -6,7 +6,17 @@
 -- KEYS[7] request stream (or any key when ARGV[3] is '')   KEYS[8] leader hash
 -- ARGV[1] peer id   ARGV[2] consumer group   ARGV[3] request entry id to ack, or ''
 -- ARGV[4] reason ('leave' | 'evicted' | 'expired')
+-- ARGV[5] for 'expired': the silence in ms that makes a member dead ('' otherwise); a member that
+--         heartbeated more recently than that is left alone (the sweep's read may be stale)
 -- Returns {left(0|1), subscriptions removed}
+if ARGV[5] ~= nil and ARGV[5] ~= '' then
+  local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if seen and now - tonumber(seen) <= tonumber(ARGV[5]) then
+    return {0, 0}
+  end
+end
 local left = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 local prefix = ARGV[1] .. ' '

@@ -1,0 +1,62 @@
+"""The sidecar's periodic duties as plain methods: beat schedules them, tests call them directly.
+
+Every duty is idempotent: running it twice, late, or from two beats at once changes nothing more
+than running it once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from coordinator.keys import PEER_GROUP, Keys
+from coordinator.membership import Membership
+from coordinator.settings import Settings
+
+__all__ = ["Duties"]
+
+log = logging.getLogger("sidecar.duties")
+
+
+class Duties:
+    """Sweep, trim and the other periodic duties of one namespace, on a sync Redis client."""
+
+    def __init__(self, client: Any, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.membership = Membership(client, self.keys)
+
+    def sweep(self) -> list[str]:
+        """Evict members silent for longer than the member TTL (announces cluster.member.left)."""
+        evicted = self.membership.sweep(self.settings.member_ttl)
+        for peer in evicted:
+            log.info("evicted %s: silent for more than %.1fs", peer, self.settings.member_ttl)
+        return evicted
+
+    def evict(self, peer_id: str) -> bool:
+        """Remove ``peer_id`` now (operator action); True if it was a member."""
+        return self.membership.leave(peer_id, "evicted")
+
+    def trim(self) -> dict[str, int]:
+        """Trim inboxes to ``inbox_max_age`` and delete those of long-gone peers."""
+        t = self.client.time()
+        now_ms = int(t[0]) * 1000 + int(t[1]) // 1000
+        floor = now_ms - int(self.settings.inbox_max_age * 1000)
+        members = set(self.client.zrange(self.keys.members, 0, -1))
+        trimmed = deleted = 0
+        prefix = self.keys.responses_prefix
+        for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=500, _type="stream"):
+            peer = str(key)[len(prefix):]
+            trimmed += int(self.client.xtrim(key, minid=f"{floor}-0", approximate=False))
+            if peer not in members and self.client.xlen(key) == 0:
+                groups = self.client.xinfo_groups(key)
+                idle = all(int(g.get("pending") or 0) == 0 for g in groups if g.get("name") == PEER_GROUP)
+                last = self.client.xinfo_stream(key).get("last-generated-id", "0-0")
+                if idle and int(str(last).split("-")[0]) < floor:
+                    deleted += int(self.client.delete(key))
+        return {"trimmed": trimmed, "deleted": deleted}
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
