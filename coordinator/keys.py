@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import zlib
 
-__all__ = ["REQUEST_GROUP", "PEER_GROUP", "Keys"]
+__all__ = ["PEER_GROUP", "REQUEST_GROUP", "Keys"]
 
 REQUEST_GROUP = "routers"
 """Consumer group the routers read request partitions with."""

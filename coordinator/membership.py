@@ -7,6 +7,7 @@ definition of what each call touches. :class:`Membership` runs them on a sync cl
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -111,8 +112,6 @@ class Membership:
         out: dict[str, Any] = dict(raw)
         for name in ("labels", "roles", "extra"):
             if name in out:
-                try:
+                with contextlib.suppress(ValueError):
                     out[name] = json.loads(out[name])
-                except ValueError:
-                    pass
         return out

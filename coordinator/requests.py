@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from coordinator.errors import (
     BadRequest,
-    InvalidTopic,
     NotLeader,
     PayloadTooLarge,
     SidecarError,

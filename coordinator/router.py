@@ -15,6 +15,7 @@ leaves a request half routed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -168,15 +169,11 @@ class Router:
 
     def _release_all(self) -> None:
         for lease in self.leases.values():
-            try:
+            with contextlib.suppress(RedisError):
                 lease.release()
-            except RedisError:
-                pass
         self.leases.clear()
-        try:
+        with contextlib.suppress(RedisError):
             self.client.zrem(self.keys.routers, self.name)
-        except RedisError:
-            pass
 
     def _take_over(self, partition: int) -> None:
         """Start owning ``partition``: create groups, then route what the last owner left pending."""

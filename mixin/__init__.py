@@ -3,7 +3,13 @@
 Nothing here imports Celery: a peer needs only Redis and this package.
 """
 
-from coordinator.errors import InvalidTopic, NotLeader, SidecarError, SidecarTimeout, SidecarUnavailable
+from coordinator.errors import (
+    InvalidTopic,
+    NotLeader,
+    SidecarError,
+    SidecarTimeout,
+    SidecarUnavailable,
+)
 from coordinator.protocol import Message
 from mixin.agent import Agent
 from mixin.sidecar import SidecarMixin

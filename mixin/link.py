@@ -36,6 +36,7 @@ __all__ = ["SidecarLink"]
 _CONSUMER = "c"
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 EntryHandler = Callable[[str, dict[str, str]], Awaitable[None]]
+Fields = dict[Any, Any]  # str -> str; typed loosely because redis-py wants its EncodableT union
 
 
 class SidecarLink:
@@ -63,7 +64,7 @@ class SidecarLink:
         self._connected = False
         self.member_info: dict[str, Any] = {}
         self.extra: Any = None
-        self._queue: list[tuple[dict[str, str], asyncio.Future[str]]] = []
+        self._queue: list[tuple[Fields, asyncio.Future[str]]] = []
         self._writing = False
         self._replies: dict[str, asyncio.Future[dict[str, str]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -112,7 +113,7 @@ class SidecarLink:
         await self.redis.aclose()
 
     # ------------------------------------------------------------------ writing
-    async def write(self, fields: dict[str, str]) -> str:
+    async def write(self, fields: Fields) -> str:
         """Append one request entry; returns its stream id once Redis has it.
 
         Writes made while another is in flight are sent together in one pipeline. While Redis is
@@ -143,7 +144,7 @@ class SidecarLink:
                 batch, self._queue = self._queue, []
                 live = [(f, fut) for f, fut in batch if not fut.done()]
 
-                async def send(live: list[tuple[dict[str, str], asyncio.Future[str]]] = live) -> Any:
+                async def send(live: list[tuple[Fields, asyncio.Future[str]]] = live) -> Any:
                     pipe = self.redis.pipeline(transaction=False)
                     for f, _ in live:
                         pipe.xadd(self.stream, f)

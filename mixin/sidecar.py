@@ -64,6 +64,7 @@ class SidecarMixin(Lifecycle):
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._leader: tuple[str, int] = ("", 0)
         self._leader_confirmed = 0.0
+        self._hook_tasks: set[asyncio.Future[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def setup(self, *args: Any, **kwargs: Any) -> None:
@@ -182,7 +183,9 @@ class SidecarMixin(Lifecycle):
         self._leader = (leader, term)
         hook = self.on_leader_change(leader or None, term)
         if inspect.isawaitable(hook):
-            asyncio.ensure_future(hook)
+            task = asyncio.ensure_future(hook)
+            self._hook_tasks.add(task)
+            task.add_done_callback(self._hook_tasks.discard)
 
     # ------------------------------------------------------------------ delivery
     def _require_link(self) -> SidecarLink:

@@ -15,7 +15,6 @@ __all__ = ["evict", "ping", "sweep", "trim"]
 
 @cache
 def _duties() -> Duties:
-    assert settings.redis_url or True
     client = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
     return Duties(client, settings)
 
