@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from coordinator.errors import SidecarError
 
@@ -86,7 +87,7 @@ class EmbeddedServer:
         except OSError:
             return False
 
-    def start(self, timeout: float = 15.0) -> EmbeddedServer:
+    def start(self, timeout: float = 15.0) -> Self:
         """Start the server and wait until it answers; raise with its log if it does not."""
         log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the process)
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
@@ -125,7 +126,7 @@ class EmbeddedServer:
                 self.process.kill()
                 self.process.wait()
 
-    def __enter__(self) -> EmbeddedServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

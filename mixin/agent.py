@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from ulid import ULID
 
@@ -47,7 +47,7 @@ class Agent(Lifecycle, StatusMixin):
         """Last six characters of :attr:`id`, for logs."""
         return self._id[-6:]
 
-    async def __aenter__(self) -> Agent:
+    async def __aenter__(self) -> Self:
         await self.setup()
         return self
 

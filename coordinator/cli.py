@@ -1,0 +1,196 @@
+"""The ``sidecar`` command (click): run a sidecar, inspect a cluster and steer it.
+
+Shared options carry ``envvar=`` so ``SIDECAR_REDIS_URL`` and ``SIDECAR_NAMESPACE`` work everywhere;
+a flag beats the environment, which beats the default. Every read command takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from typing import Any
+
+import click
+import redis
+
+from coordinator.errors import SidecarError
+from coordinator.keys import Keys
+from coordinator.report import cluster_report, members_report, recent_events
+from coordinator.settings import Settings
+
+__all__ = ["cli", "main"]
+
+
+class Context:
+    def __init__(self, redis_url: str | None, namespace: str | None) -> None:
+        self.settings = Settings.from_env(redis_url=redis_url, namespace=namespace)
+        self.keys = Keys(self.settings.namespace)
+
+    def client(self) -> redis.Redis:
+        if not self.settings.redis_url:
+            raise click.UsageError("no Redis to talk to: set SIDECAR_REDIS_URL or pass --redis-url")
+        return redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+@click.group()
+@click.option("--redis-url", envvar="SIDECAR_REDIS_URL", help="Redis of the cluster.")
+@click.option("--namespace", envvar="SIDECAR_NAMESPACE", help="Cluster namespace.")
+@click.pass_context
+def cli(ctx: click.Context, redis_url: str | None, namespace: str | None) -> None:
+    """Plantangenet cluster sidecar on Celery and Redis."""
+    try:
+        ctx.obj = Context(redis_url, namespace)
+    except SidecarError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@cli.command()
+@click.option("--duration", type=float, help="Stop on its own after this many seconds.")
+@click.option("--peers/--no-peers", default=True, help="Start the demo conductor and followers.")
+@click.option("--flower/--no-flower", default=False, help="Start Flower on loopback.")
+@pass_ctx
+def up(obj: Context, duration: float | None, peers: bool, flower: bool) -> None:
+    """Run a sidecar (worker + beat) with demo peers; embedded Redis unless SIDECAR_REDIS_URL is set."""
+    from coordinator.supervisor import Supervisor
+
+    click.echo(f"settings: {obj.settings!r}")
+    status = Supervisor(obj.settings, peers=peers, flower=flower, echo=click.echo).run(duration)
+    sys.exit(status)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def status(obj: Context, as_json: bool) -> None:
+    """Cluster size, leader and term, subscriptions, routers and counters."""
+    report = cluster_report(obj.client(), obj.keys)
+    report["members"] = members_report(obj.client(), obj.keys)
+    lines = [f"{k}: {v}" for k, v in report.items() if k != "members"]
+    lines += [f"  {m['id']} {m['role']:<10} last seen {m['last_seen_s']}s ago"
+              for m in report["members"]]
+    _emit(report, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def peers(obj: Context, as_json: bool) -> None:
+    """Live members with role, priority and last heartbeat."""
+    rows = members_report(obj.client(), obj.keys)
+    text = "\n".join(f"{m['id']} {m['role']:<10} prio={m['priority']} eligible={m['eligible']} "
+                     f"last_seen={m['last_seen_s']}s" for m in rows) or "(no members)"
+    _emit(rows, as_json, text)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def leader(obj: Context, as_json: bool) -> None:
+    """Current leader, term, and the latest leadership and membership events."""
+    report = cluster_report(obj.client(), obj.keys)
+    data = {"leader_id": report["leader_id"], "term": report["leader_term"],
+            "events": recent_events(obj.client(), obj.keys)}
+    text = f"leader {data['leader_id'] or 'none'} term {data['term']}\n" + "\n".join(
+        " ".join(f"{k}={v}" for k, v in e.items()) for e in data["events"])
+    _emit(data, as_json, text)
+
+
+@cli.command()
+@click.argument("topic")
+@click.argument("data")
+@pass_ctx
+def publish(obj: Context, topic: str, data: str) -> None:
+    """Publish DATA (JSON text) to TOPIC as a short-lived peer."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        raise click.BadParameter("DATA must be JSON text, e.g. '{\"tempo\": 90}'") from None
+    obj.client()  # fail early without a Redis URL
+    from mixin import Agent, SidecarMixin
+
+    class Cli(Agent, SidecarMixin):
+        pass
+
+    async def go() -> str:
+        async with Cli(namespace=obj.settings.namespace, settings=obj.settings, role="cli",
+                       leader_eligible=False) as peer:
+            return await peer.cluster_publish(topic, payload)
+
+    try:
+        click.echo(asyncio.run(go()))
+    except SidecarError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.argument("pattern", default=">")
+@click.option("--count", type=int, help="Exit after this many messages.")
+@pass_ctx
+def tail(obj: Context, pattern: str, count: int | None) -> None:
+    """Print messages matching PATTERN as JSON lines until Ctrl-C (or --count)."""
+    obj.client()
+    from mixin import Agent, Message, SidecarMixin
+
+    class Tail(Agent, SidecarMixin):
+        pass
+
+    async def go() -> None:
+        done = asyncio.Event()
+        seen = 0
+
+        def show(m: Message) -> None:
+            nonlocal seen
+            click.echo(json.dumps({"topic": m.topic, "sender": m.sender, "id": m.id,
+                                   "timestamp": m.timestamp, "data": m.data}))
+            seen += 1
+            if count is not None and seen >= count:
+                done.set()
+
+        async with Tail(namespace=obj.settings.namespace, settings=obj.settings, role="cli",
+                        leader_eligible=False) as peer:
+            await peer.cluster_subscribe(pattern, show)
+            await done.wait()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+    except SidecarError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.argument("peer_id")
+@click.option("--timeout", type=float, default=10.0)
+@pass_ctx
+def evict(obj: Context, peer_id: str, timeout: float) -> None:
+    """Remove PEER_ID from the cluster now (a Celery task, visible in Flower)."""
+    obj.client()
+    from workers.tasks import evict as evict_task
+
+    try:
+        left = evict_task.delay(peer_id).get(timeout=timeout)
+    except Exception as exc:  # celery raises its own TimeoutError and transport errors
+        raise click.ClickException(f"evict did not complete ({exc}); is a worker running?") from None
+    click.echo(f"{peer_id} evicted" if left else f"{peer_id} was not a member")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run the benchmark suite (same as `make bench`)."""
+    sys.exit(subprocess.call([sys.executable, "-m", "bench", *args]))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="sidecar")

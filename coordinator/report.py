@@ -1,0 +1,74 @@
+"""Read-only views of a cluster for the CLI, ``sidecar up`` and the dashboard."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from coordinator.keys import Keys
+
+__all__ = ["cluster_report", "members_report", "recent_events"]
+
+
+def _now_ms(client: Any) -> int:
+    t = client.time()
+    return int(t[0]) * 1000 + int(t[1]) // 1000
+
+
+def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
+    """Every live member with role, priority, eligibility and seconds since its last heartbeat."""
+    now = _now_ms(client)
+    members = client.zrange(keys.members, 0, -1, withscores=True)
+    pipe = client.pipeline(transaction=False)
+    for peer, _ in members:
+        pipe.hgetall(keys.member(peer))
+    records = pipe.execute()
+    out = []
+    for (peer, seen), rec in zip(members, records, strict=True):
+        extra: Any = rec.get("extra")
+        if extra:
+            with contextlib.suppress(ValueError):
+                extra = json.loads(extra)
+        out.append({
+            "id": peer,
+            "role": rec.get("role", ""),
+            "priority": int(rec.get("priority", 0) or 0),
+            "eligible": rec.get("eligible", "1") == "1",
+            "last_seen_s": round(max(0, now - seen) / 1000, 3),
+            "joined_s_ago": round(max(0, now - int(rec.get("joined", now) or now)) / 1000, 1),
+            "extra": extra,
+        })
+    return out
+
+
+def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
+    """Cluster size, leader and term, subscriptions, routers and routing counters."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zcard(keys.members)
+    pipe.hgetall(keys.leader)
+    pipe.hlen(keys.subs)
+    pipe.hgetall(keys.stats)
+    pipe.zrange(keys.routers, 0, -1)
+    pipe.xlen(keys.deadletter)
+    pipe.get(keys.policy_version)
+    size, leader, subs, stats, routers, dead, policy = pipe.execute()
+    return {
+        "namespace": keys.namespace,
+        "cluster_size": int(size),
+        "leader_id": leader.get("id") or None,
+        "leader_term": int(leader.get("term", 0) or 0),
+        "active_subscriptions": int(subs),
+        "routers": list(routers),
+        "routed": int(stats.get("routed", 0)),
+        "delivered": int(stats.get("delivered", 0)),
+        "rejected": int(stats.get("rejected", 0)),
+        "deadletters": int(dead),
+        "policy_version": int(policy or 0),
+    }
+
+
+def recent_events(client: Any, keys: Keys, count: int = 20) -> list[dict[str, str]]:
+    """The latest membership and leadership events, newest last."""
+    entries = client.xrevrange(keys.events, count=count)
+    return [{"id": eid, **fields} for eid, fields in reversed(entries)]
