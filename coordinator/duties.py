@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from coordinator.election import Election
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.membership import Membership
+from coordinator.protocol import dumps
 from coordinator.settings import Settings
 
 __all__ = ["Duties"]
@@ -26,17 +28,43 @@ class Duties:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.membership = Membership(client, self.keys)
+        self.election = Election(client, self.keys, settings.member_ttl)
 
     def sweep(self) -> list[str]:
         """Evict members silent for longer than the member TTL (announces cluster.member.left)."""
         evicted = self.membership.sweep(self.settings.member_ttl)
         for peer in evicted:
             log.info("evicted %s: silent for more than %.1fs", peer, self.settings.member_ttl)
+        if evicted:
+            self.elect("expired")
         return evicted
 
     def evict(self, peer_id: str) -> bool:
         """Remove ``peer_id`` now (operator action); True if it was a member."""
-        return self.membership.leave(peer_id, "evicted")
+        left = self.membership.leave(peer_id, "evicted")
+        if left:
+            self.elect("evicted")
+        return left
+
+    def elect(self, reason: str = "periodic") -> dict[str, Any]:
+        """Keep or change the leader (see coordinator.election)."""
+        status, leader, term = self.election.run(reason)
+        if status == "elected":
+            log.info("leader is now %s (term %d, %s)", leader, term, reason)
+        return {"status": status, "leader_id": leader, "term": term}
+
+    def cluster_heartbeat(self) -> dict[str, Any]:
+        """Publish ``cluster.heartbeat`` (size, leader, term, policy version) to its subscribers."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zcard(self.keys.members)
+        pipe.hmget(self.keys.leader, "id", "term")
+        pipe.get(self.keys.policy_version)
+        size, (leader, term), policy = pipe.execute()
+        beat = {"cluster_size": int(size), "leader_id": leader or None, "term": int(term or 0),
+                "policy_version": int(policy or 0)}
+        self.client.xadd(self.keys.system, {"k": "pub", "t": "cluster.heartbeat", "d": dumps(beat),
+                                            "s": "sidecar"}, maxlen=100_000, approximate=True)
+        return beat
 
     def trim(self) -> dict[str, int]:
         """Trim inboxes to ``inbox_max_age`` and delete those of long-gone peers."""

@@ -12,6 +12,7 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:routing.version         string   bumped on every member or subscription change
     sidecar:{ns}:members                 zset     peer_id -> last heartbeat (Redis server ms)
     sidecar:{ns}:member.<id>             hash     role, labels, priority, eligible, joined, incarnation, ...
+    sidecar:{ns}:electorate              zset     eligible peer_id -> -priority (election order)
     sidecar:{ns}:leader                  hash     id, term, since
     sidecar:{ns}:events                  stream   membership and leadership changes, with term and reason
     sidecar:{ns}:router.lease.<k>        string   token of the router owning partition k (PX lease)
@@ -85,6 +86,11 @@ class Keys:
 
     def member(self, peer_id: str) -> str:
         return f"{self._p}member.{peer_id}"
+
+    @property
+    def electorate(self) -> str:
+        """Leader-eligible members scored by -priority (ties: oldest ULID first)."""
+        return self._p + "electorate"
 
     @property
     def leader(self) -> str:

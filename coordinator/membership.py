@@ -16,7 +16,7 @@ from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.protocol import dumps
 from coordinator.scripts import scripts_for
 
-__all__ = ["Membership", "heartbeat_call", "leave_call", "member_fields", "register_call"]
+__all__ = ["Membership", "elect_call", "heartbeat_call", "leave_call", "member_fields", "register_call"]
 
 Call = tuple[list[str], list[Any]]
 
@@ -44,8 +44,12 @@ def register_call(keys: Keys, peer_id: str, info: Mapping[str, Any], *, token: s
     """Arguments of register.lua for ``peer_id`` (from a router when ``token`` is given)."""
     event, pairs = member_fields(peer_id, info)
     ks = [keys.router_lease(0), keys.members, keys.member(peer_id), stream or keys.requests(0),
-          keys.responses(peer_id), keys.leader, keys.system, keys.events, keys.routing_version]
-    args: list[Any] = [token, REQUEST_GROUP, entry_id, peer_id, request_id, inbox_maxlen, event, *pairs]
+          keys.responses(peer_id), keys.leader, keys.system, keys.events, keys.routing_version,
+          keys.electorate]
+    eligible = "1" if bool(info.get("eligible", True)) else "0"
+    priority = int(info.get("priority", 0))
+    args: list[Any] = [token, REQUEST_GROUP, entry_id, peer_id, request_id, inbox_maxlen, event,
+                       eligible, priority, *pairs]
     return ks, args
 
 
@@ -56,8 +60,14 @@ def leave_call(keys: Keys, peer_id: str, reason: str, *, stream: str | None = No
     With ``silent_ms`` the member is removed only if it has been silent that long (sweep).
     """
     ks = [keys.members, keys.member(peer_id), keys.subs, keys.routing_version, keys.system,
-          keys.events, stream or keys.requests(0), keys.leader]
+          keys.events, stream or keys.requests(0), keys.leader, keys.electorate]
     return ks, [peer_id, REQUEST_GROUP, entry_id, reason, "" if silent_ms is None else silent_ms]
+
+
+def elect_call(keys: Keys, member_ttl: float, reason: str) -> Call:
+    """Arguments of elect.lua (``reason`` is recorded if the leader changes)."""
+    ks = [keys.members, keys.electorate, keys.leader, keys.system, keys.events, keys.routing_version]
+    return ks, [int(member_ttl * 1000), reason]
 
 
 def heartbeat_call(keys: Keys, peer_id: str, extra: Any = None) -> Call:
@@ -80,7 +90,10 @@ class Membership:
         return bool(int(self.scripts.register(keys=ks, args=args)[1]))
 
     def leave(self, peer_id: str, reason: str = "leave") -> bool:
-        """Remove ``peer_id`` and its subscriptions; True if it was a member."""
+        """Remove ``peer_id`` and its subscriptions; True if it was a member.
+
+        The caller runs the election next if the peer was the leader (Duties does).
+        """
         ks, args = leave_call(self.keys, peer_id, reason)
         return bool(int(self.scripts.leave(keys=ks, args=args)[0]))
 

@@ -20,7 +20,7 @@ from coordinator.errors import (
     UnknownPeer,
 )
 from coordinator.keys import REQUEST_GROUP
-from coordinator.membership import leave_call, register_call
+from coordinator.membership import elect_call, leave_call, register_call
 from coordinator.protocol import KINDS, dumps
 from coordinator.topics import check_pattern, check_publish_topic
 
@@ -269,7 +269,10 @@ class RequestHandler:
         if not r.leases.get(self._partition(stream)):
             return
         keys, args = leave_call(r.keys, sender, "leave", stream=stream, entry_id=eid)
-        r.scripts.leave(keys=keys, args=args)
+        was_leader = int(r.scripts.leave(keys=keys, args=args)[2])
+        if was_leader:  # a graceful leave re-elects now, not a TTL later
+            keys, args = elect_call(r.keys, r.settings.member_ttl, "leader left")
+            r.scripts.elect(keys=keys, args=args)
         if f.get("r"):
             r.client.xadd(self._inbox_of(sender), {"k": "reply", "r": f["r"], "ok": "1"},
                           maxlen=r.settings.inbox_maxlen, approximate=True)

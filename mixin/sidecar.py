@@ -37,6 +37,8 @@ __all__ = ["Handler", "SidecarMixin"]
 
 Handler = Callable[[Message], Any]
 _SEEN_LIMIT = 100_000
+_INTERNAL = ("cluster.leader",)
+"""Topics every peer follows for its own bookkeeping (not counted as its subscriptions)."""
 
 
 class SidecarMixin(Lifecycle):
@@ -97,6 +99,8 @@ class SidecarMixin(Lifecycle):
             await link.close(leave=False)
             raise
         self._on_heartbeat(reply.get("leader", ""), int(reply.get("term", "0") or 0))
+        for topic in _INTERNAL:
+            await self._link.request("sub", t=topic)
         self.sidecar_connected = True
 
     # ------------------------------------------------------------------ pub/sub
@@ -107,7 +111,8 @@ class SidecarMixin(Lifecycle):
             raise TypeError(f"handler must be callable, got {handler!r}")
         link = self._require_link()
         if pattern not in self._handlers:
-            await link.request("sub", t=pattern)
+            if pattern not in _INTERNAL:
+                await link.request("sub", t=pattern)
             self._patterns.add(pattern, pattern)
             self._handlers[pattern] = []
         self._handlers[pattern].append(handler)
@@ -121,7 +126,8 @@ class SidecarMixin(Lifecycle):
             return
         self._patterns.remove(pattern, pattern)
         self.cluster_subscriptions = len(self._handlers)
-        await link.request("unsub", t=pattern)
+        if pattern not in _INTERNAL:
+            await link.request("unsub", t=pattern)
 
     async def cluster_publish(self, topic: str, data: Any, *, fenced: bool = False) -> str:
         """Publish ``data`` (JSON-able) to literal ``topic``; returns once the request is in Redis.
@@ -227,5 +233,5 @@ class SidecarMixin(Lifecycle):
 
     async def _resubscribe(self) -> None:
         link = self._require_link()
-        for pattern in list(self._handlers):
+        for pattern in {*_INTERNAL, *self._handlers}:
             await link.request("sub", t=pattern)

@@ -39,6 +39,8 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     beat_schedule=beat_schedule(settings),
+    beat_scheduler="workers.beat:LeasedScheduler",
+    beat_max_loop_interval=max(0.05, settings.beat_lease / 3),
     timezone="UTC",
 )
 app.steps["worker"].add(RouterStep)

@@ -17,7 +17,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         return {"task": task, "schedule": every,
                 "options": {"expires": min(settings.task_expiry, max(every, 0.5))}}
 
+    # Failure detection needs the sweep and the election to run several times per member TTL.
+    fast = max(0.05, settings.member_ttl / 6)
     return {
-        "sweep": entry("sidecar.sweep", max(0.1, min(hb, settings.member_ttl / 3))),
+        "sweep": entry("sidecar.sweep", fast),
+        "elect": entry("sidecar.elect", fast),
+        "cluster-heartbeat": entry("sidecar.cluster_heartbeat", hb),
         "trim": entry("sidecar.trim", 60.0),
     }

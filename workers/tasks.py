@@ -10,7 +10,7 @@ import redis
 from coordinator.duties import Duties
 from workers.application import app, settings
 
-__all__ = ["evict", "ping", "sweep", "trim"]
+__all__ = ["cluster_heartbeat", "elect", "evict", "ping", "sweep", "trim"]
 
 
 @cache
@@ -29,6 +29,18 @@ def sweep() -> list[str]:
 def trim() -> dict[str, int]:
     """Trim inboxes by age."""
     return _duties().trim()
+
+
+@app.task(name="sidecar.elect", ignore_result=True)
+def elect() -> dict[str, Any]:
+    """Keep or change the leader."""
+    return _duties().elect()
+
+
+@app.task(name="sidecar.cluster_heartbeat", ignore_result=True)
+def cluster_heartbeat() -> dict[str, Any]:
+    """Publish cluster.heartbeat."""
+    return _duties().cluster_heartbeat()
 
 
 @app.task(name="sidecar.evict")

@@ -4,11 +4,13 @@
 -- KEYS[1] members zset   KEYS[2] member hash   KEYS[3] subscription index (hash)
 -- KEYS[4] routing version                      KEYS[5] system stream   KEYS[6] events stream
 -- KEYS[7] request stream (or any key when ARGV[3] is '')   KEYS[8] leader hash
+-- KEYS[9] electorate zset
 -- ARGV[1] peer id   ARGV[2] consumer group   ARGV[3] request entry id to ack, or ''
 -- ARGV[4] reason ('leave' | 'evicted' | 'expired')
 -- ARGV[5] for 'expired': the silence in ms that makes a member dead ('' otherwise); a member that
 --         heartbeated more recently than that is left alone (the sweep's read may be stale)
--- Returns {left(0|1), subscriptions removed}
+-- Returns {left(0|1), subscriptions removed, was leader (0|1)}
+-- (the caller runs elect.lua next when the leader left, so a graceful leave re-elects at once)
 if ARGV[5] ~= nil and ARGV[5] ~= '' then
   local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
   local t = redis.call('TIME')
@@ -18,6 +20,7 @@ if ARGV[5] ~= nil and ARGV[5] ~= '' then
   end
 end
 local left = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
 redis.call('DEL', KEYS[2])
 local prefix = ARGV[1] .. ' '
 local removed = 0
@@ -38,12 +41,12 @@ end
 if ARGV[3] ~= '' then
   redis.call('XACK', KEYS[7], ARGV[2], ARGV[3])
 end
+local was_leader = redis.call('HGET', KEYS[8], 'id') == ARGV[1]
 if left == 1 then
-  local was_leader = redis.call('HGET', KEYS[8], 'id') == ARGV[1]
   local d = cjson.encode({peer_id = ARGV[1], reason = ARGV[4], was_leader = was_leader})
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100000', '*', 'k', 'pub', 't', 'cluster.member.left',
     'd', d, 's', 'sidecar')
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', '10000', '*', 'event', 'left', 'peer', ARGV[1],
     'reason', ARGV[4])
 end
-return {left, removed}
+return {left, removed, was_leader and 1 or 0}

@@ -4,10 +4,12 @@
 -- KEYS[1] router lease   KEYS[2] members zset   KEYS[3] member hash   KEYS[4] request stream
 -- KEYS[5] peer's inbox   KEYS[6] leader hash    KEYS[7] system stream KEYS[8] events stream
 -- KEYS[9] routing version (bumped when the member set changes)
+-- KEYS[10] electorate zset (id -> -priority, eligible members only)
 -- ARGV[1] lease token, or '' when called outside a router (no fencing, no ack, no reply)
 -- ARGV[2] consumer group ARGV[3] request entry id, or ''  ARGV[4] peer id
 -- ARGV[5] request id, or ''    ARGV[6] inbox MAXLEN   ARGV[7] member info json (role, labels, ...)
--- ARGV[8..] member hash field/value pairs
+-- ARGV[8] leader eligible ('1' | '0')   ARGV[9] priority
+-- ARGV[10..] member hash field/value pairs
 -- Returns {"ok", joined(0|1), leader_id, term, routing version} | {"lost"}
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {'lost'}
@@ -24,7 +26,12 @@ else
   version = tonumber(redis.call('GET', KEYS[9]) or '0')
 end
 redis.call('ZADD', KEYS[2], now, ARGV[4])
-for i = 8, #ARGV, 2 do
+if ARGV[8] == '1' then
+  redis.call('ZADD', KEYS[10], -tonumber(ARGV[9]), ARGV[4])
+else
+  redis.call('ZREM', KEYS[10], ARGV[4])
+end
+for i = 10, #ARGV, 2 do
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
 end
 redis.call('HSET', KEYS[3], 'seen', now)

@@ -1,0 +1,84 @@
+"""How much each scenario measures (full and quick plans) and the targets the issue sets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["FULL", "QUICK", "TARGETS", "Plan", "Target"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Message counts and repetitions of one run. Throughput reps alternate with the raw anchor."""
+
+    name: str
+    reps: int
+    """Repetitions of every throughput scenario; each figure is the median over them."""
+    raw_msgs: int
+    route_msgs: int
+    pipelined_msgs: int
+    pipeline_chunk: int
+    """Publishes in flight at once (one ``asyncio.gather``) in the pipelined scenario."""
+    celery_tasks: int
+    fanout_msgs: int
+    fanout_procs: int
+    fanout_peers_per_proc: int
+    latency_msgs: int
+    latency_rate: float
+    """Messages per second of the paced latency scenarios (well below saturation)."""
+    latency_reps: int
+    warmup_fraction: float
+    """Counts of the unrecorded warm-up round, as a fraction of the measured counts."""
+    match_seconds: float
+    """Minimum time of one SubscriptionIndex timing repetition."""
+    match_repeats: int
+    idle_peers: int
+    idle_procs: int
+    settle_s: float
+    """Wait before reading Redis memory, so heartbeats and replies have landed."""
+    scenario_timeout_s: float
+    """Bound on one scenario repetition, processes included."""
+
+    @property
+    def fanout_peers(self) -> int:
+        """Subscriber peers of the fan-out scenario."""
+        return self.fanout_procs * self.fanout_peers_per_proc
+
+
+FULL = Plan(name="full", reps=5, raw_msgs=5_000, route_msgs=5_000, pipelined_msgs=20_000,
+            pipeline_chunk=2_000, celery_tasks=2_000, fanout_msgs=1_000, fanout_procs=4,
+            fanout_peers_per_proc=25, latency_msgs=2_000, latency_rate=1_000.0, latency_reps=3,
+            warmup_fraction=0.1, match_seconds=0.3, match_repeats=5, idle_peers=200, idle_procs=4,
+            settle_s=2.0, scenario_timeout_s=60.0)
+
+QUICK = Plan(name="quick", reps=1, raw_msgs=200, route_msgs=200, pipelined_msgs=1_000,
+             pipeline_chunk=250, celery_tasks=50, fanout_msgs=20, fanout_procs=2,
+             fanout_peers_per_proc=5, latency_msgs=100, latency_rate=1_000.0, latency_reps=1,
+             warmup_fraction=0.0, match_seconds=0.02, match_repeats=2, idle_peers=10, idle_procs=1,
+             settle_s=0.5, scenario_timeout_s=30.0)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound the issue sets on one figure: ``figure op value``."""
+
+    figure: str
+    op: str
+    """``">="`` or ``"<="``."""
+    value: float
+
+    def check(self, measured: float | None) -> bool:
+        """Whether ``measured`` meets the target (a missing figure never does)."""
+        if measured is None:
+            return False
+        return measured >= self.value if self.op == ">=" else measured <= self.value
+
+
+TARGETS = (
+    Target("route_vs_raw_throughput", ">=", 0.9),
+    Target("route_vs_raw_p50", "<=", 2.5),
+    Target("route_vs_celery_throughput", ">=", 7.0),
+    Target("route_pipelined_vs_raw", ">=", 5.0),
+    Target("match_cost_ratio_10000_vs_10", "<=", 1.5),
+    Target("redis_bytes_per_idle_peer", "<=", 2048.0),
+)
