@@ -184,6 +184,24 @@ def evict(obj: Context, peer_id: str, timeout: float) -> None:
     click.echo(f"{peer_id} evicted" if left else f"{peer_id} was not a member")
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def doctor(obj: Context, as_json: bool) -> None:
+    """Check Redis (version, eviction policy) and show the timings the sidecar would run with."""
+    from coordinator.doctor import diagnose, timing_figures
+
+    checks = diagnose(obj.client(), obj.settings)
+    timings = timing_figures(obj.settings)
+    data = {"checks": [c.as_dict() for c in checks], "timings": timings,
+            "settings": obj.settings.describe()}
+    text = "\n".join(f"[{c.level:>4}] {c.name}: {c.detail}" for c in checks) + "\n" + "\n".join(
+        f"  {k} = {v}" for k, v in timings.items())
+    _emit(data, as_json, text)
+    if any(c.level == "fail" for c in checks):
+        sys.exit(1)
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:

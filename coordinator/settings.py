@@ -115,7 +115,13 @@ class Settings:
         if self.router_lease < 0.2:
             raise ConfigurationError("router_lease must be at least 0.2s so a router can renew it")
         if self.task_expiry < self.beat_lease:
-            raise ConfigurationError("task_expiry must be at least beat_lease")
+            raise ConfigurationError(
+                f"task_expiry ({self.task_expiry}s) must be at least beat_lease ({self.beat_lease}s), "
+                "or a beat takeover could expire every task it sends")
+        if self.task_expiry < self.member_ttl / 6:
+            raise ConfigurationError(
+                f"task_expiry ({self.task_expiry}s) is shorter than the sweep period "
+                f"({self.member_ttl / 6:.2f}s): every sweep would expire before it ran")
         if self.auth not in ("off", "required"):
             raise ConfigurationError(f"auth must be 'off' or 'required', got {self.auth!r}")
         for name in ("redis_url", "nats_url"):

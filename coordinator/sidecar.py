@@ -31,6 +31,9 @@ class ClusterSidecar(StatusMixin):
     active_subscriptions = StatusField(0, doc="subscriptions in the cluster's index")
     cluster_size = StatusField(0, doc="live members")
     leader_id = StatusField[str | None](None, doc="current leader, if any")
+    leader_term = StatusField(0, doc="term of the current leader (the fencing token)")
+    members = StatusField[dict[str, float]](default_factory=dict,
+                                            doc="live member id -> seconds since its last heartbeat")
 
     def __init__(self, namespace: str | None = None, logger: logging.Logger | None = None, *,
                  settings: Settings | None = None, redis_url: str | None = None,
@@ -85,16 +88,19 @@ class ClusterSidecar(StatusMixin):
     def refresh_status(self) -> None:
         """Read the cluster figures from Redis into the status fields."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.zcard(self.keys.members)
+        pipe.time()
         pipe.hlen(self.keys.subs)
-        pipe.hget(self.keys.leader, "id")
-        pipe.zrange(self.keys.members, 0, -1)
-        size, subs, leader, members = pipe.execute()
-        live = set(members)
-        self.managed_peers = [p for p in self._managed if p in live]
-        self.cluster_size = int(size)
+        pipe.hmget(self.keys.leader, "id", "term")
+        pipe.zrange(self.keys.members, 0, -1, withscores=True)
+        (sec, usec), subs, (leader, term), members = pipe.execute()
+        now_ms = int(sec) * 1000 + int(usec) // 1000
+        seen = {str(m): round(max(0.0, now_ms - s) / 1000, 3) for m, s in members}
+        self.managed_peers = [p for p in self._managed if p in seen]
+        self.cluster_size = len(seen)
         self.active_subscriptions = int(subs)
         self.leader_id = leader or None
+        self.leader_term = int(term or 0)
+        self.members = seen
 
     @property
     def status(self) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,10 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY coordinator coordinator
+COPY workers workers
+COPY mixin mixin
+COPY examples examples
+RUN pip install --no-cache-dir . && useradd --create-home sidecar
+USER sidecar
+CMD ["celery", "-A", "workers", "worker", "-l", "info"]

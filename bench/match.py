@@ -1,0 +1,106 @@
+"""Cost of ``SubscriptionIndex.match`` with 10 and with 10,000 subscriptions, in process.
+
+Subscriptions look like a real deployment's: topics ``<app>.<entity>.<id>.<event>``; most patterns
+are literal topics, some end in ``*`` or ``>``, some have ``*`` in the middle, and 2,000 peers share
+them. The small index is the first ten subscriptions of the large one. The probe topics come from
+the same distribution (so most subscriptions do not match a probe) and are the same for both sizes.
+Timings alternate between the sizes; each figure is the median over the repetitions.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import statistics
+import time
+
+from coordinator.topics import SubscriptionIndex
+
+__all__ = ["build_index", "measure_match", "probe_topics", "subscriptions"]
+
+APPS = ("orders", "billing", "users", "inventory", "shipping", "search", "auth", "media", "chat",
+        "metrics")
+ENTITIES = ("item", "account", "session", "invoice", "cart", "profile", "device", "job")
+EVENTS = ("created", "updated", "deleted", "viewed", "failed", "retried")
+IDS = 1_000
+PEERS = 2_000
+
+
+def _topic(rng: random.Random) -> str:
+    return (f"{rng.choice(APPS)}.{rng.choice(ENTITIES)}.{rng.randrange(IDS)}."
+            f"{rng.choice(EVENTS)}")
+
+
+def _pattern(rng: random.Random) -> str:
+    app, entity, ident, event = _topic(rng).split(".")
+    roll = rng.random()
+    if roll < 0.70:
+        return f"{app}.{entity}.{ident}.{event}"
+    if roll < 0.85:
+        return f"{app}.{entity}.{ident}.*"
+    if roll < 0.92:
+        return f"{app}.{entity}.*.{event}"
+    if roll < 0.97:
+        return f"{app}.{entity}.{ident}.>"
+    return f"{app}.{entity}.>" if roll < 0.99 else f"{app}.>"
+
+
+def subscriptions(count: int, seed: int = 7) -> list[tuple[str, str]]:
+    """``count`` distinct (peer, pattern) pairs; a smaller count is a prefix of a larger one."""
+    rng = random.Random(seed)
+    out: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    while len(out) < count:
+        pair = (f"peer{rng.randrange(PEERS)}", _pattern(rng))
+        if pair not in seen:
+            seen.add(pair)
+            out.append(pair)
+    return out
+
+
+def probe_topics(count: int = 200, seed: int = 11) -> list[str]:
+    """Literal topics to match, from the subscriptions' distribution."""
+    rng = random.Random(seed)
+    return [_topic(rng) for _ in range(count)]
+
+
+def build_index(count: int) -> SubscriptionIndex:
+    """An index holding the first ``count`` subscriptions."""
+    return SubscriptionIndex(subscriptions(count))
+
+
+def _time_once(index: SubscriptionIndex, probes: list[str], seconds: float) -> float:
+    """Microseconds per ``match`` call, looping over ``probes`` for at least ``seconds``."""
+    match = index.match
+    calls = 0
+    start = time.perf_counter_ns()
+    budget = int(seconds * 1e9)
+    while True:
+        for topic in probes:
+            match(topic)
+        calls += len(probes)
+        elapsed = time.perf_counter_ns() - start
+        if elapsed >= budget:
+            return elapsed / calls / 1e3
+
+
+def measure_match(seconds: float, repeats: int,
+                  sizes: tuple[int, ...] = (10, 10_000)) -> dict[int, dict[str, object]]:
+    """Per size: ``us`` (median microseconds per call), ``runs`` and ``mean_matches`` per probe."""
+    probes = probe_topics()
+    indexes = {n: build_index(n) for n in sizes}
+    runs: dict[int, list[float]] = {n: [] for n in sizes}
+    for index in indexes.values():  # warm up
+        _time_once(index, probes, seconds / 10)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for n, index in indexes.items():
+                runs[n].append(_time_once(index, probes, seconds))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {n: {"us": statistics.median(runs[n]), "runs": runs[n],
+                "mean_matches": sum(len(indexes[n].match(t)) for t in probes) / len(probes)}
+            for n in sizes}

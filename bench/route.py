@@ -1,0 +1,144 @@
+"""Routing through the sidecar: publisher and subscriber peers in their own processes.
+
+A peer is the plainest thing a user writes, ``class BenchPeer(Agent, SidecarMixin)``. The publisher
+publishes ``{"i": index, "t": send time}`` to ``bench.x``; subscribers hold ``bench.>`` and count
+what their handler sees. A run ends when every subscriber peer has every message: throughput is
+messages (or deliveries) over the time from the first publish to the last handler call anywhere.
+
+Publisher modes: ``sequential`` awaits each ``cluster_publish``; ``paced`` does the same at a fixed
+rate (latency runs); ``pipelined`` keeps ``chunk`` publishes in flight with ``asyncio.gather``, which
+the mixin coalesces into pipelines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.children import Channel, Role, pace, run_stages
+from coordinator.protocol import Message
+from mixin import Agent, SidecarMixin
+
+__all__ = ["BenchPeer", "PeerParams", "route_publisher", "route_subscriber", "run_route"]
+
+TOPIC = "bench.x"
+PATTERN = "bench.>"
+
+
+class BenchPeer(Agent, SidecarMixin):
+    """A peer with nothing but the mixin."""
+
+
+@dataclass(frozen=True)
+class PeerParams:
+    """One side of a route run in namespace ``namespace`` on ``url``."""
+
+    url: str
+    namespace: str
+    count: int
+    mode: str = "sequential"
+    """Publisher: ``sequential``, ``paced`` or ``pipelined``."""
+    rate: float | None = None
+    chunk: int = 1
+    peers: int = 1
+    """Subscriber: peers in this process, each subscribed to ``bench.>``."""
+    keep_latency: bool = False
+    timeout: float = 60.0
+
+
+class _Tally:
+    """Counts one subscriber peer's deliveries and signals when all ``count`` arrived."""
+
+    def __init__(self, count: int, keep_latency: bool, done: asyncio.Event,
+                 remaining: list[int]) -> None:
+        self.count = count
+        self.keep_latency = keep_latency
+        self.got = 0
+        self.last_ns = 0
+        self.latency_ns: list[int] = []
+        self._done = done
+        self._remaining = remaining
+
+    def __call__(self, message: Message) -> None:
+        now = time.monotonic_ns()
+        if self.keep_latency:
+            self.latency_ns.append(now - int(message.data["t"]))
+        self.got += 1
+        if self.got == self.count:
+            self.last_ns = now
+            self._remaining[0] -= 1
+            if self._remaining[0] == 0:
+                self._done.set()
+
+
+async def route_subscriber(channel: Channel, p: PeerParams) -> dict[str, Any]:
+    """Set up ``peers`` subscriber peers, then wait until each has ``count`` messages."""
+    peers = [BenchPeer(namespace=p.namespace, redis_url=p.url) for _ in range(p.peers)]
+    done = asyncio.Event()
+    remaining = [p.peers]
+    tallies = [_Tally(p.count, p.keep_latency, done, remaining) for _ in peers]
+    try:
+        await asyncio.gather(*(peer.setup() for peer in peers))
+        await asyncio.gather(*(peer.cluster_subscribe(PATTERN, tally)
+                               for peer, tally in zip(peers, tallies, strict=True)))
+        channel.ready()
+        try:
+            await asyncio.wait_for(done.wait(), p.timeout)
+        except TimeoutError:
+            got = [t.got for t in tallies]
+            raise TimeoutError(f"subscribers got {min(got)}..{max(got)} of {p.count} messages "
+                               f"within {p.timeout}s") from None
+    finally:
+        await asyncio.gather(*(peer.teardown() for peer in peers), return_exceptions=True)
+    return {"last_ns": max(t.last_ns for t in tallies),
+            "received": sum(t.got for t in tallies),
+            "latency_ns": [x for t in tallies for x in t.latency_ns]}
+
+
+async def route_publisher(channel: Channel, p: PeerParams) -> dict[str, Any]:
+    """Publish ``count`` messages in ``mode``; returns the time of the first publish."""
+    peer = BenchPeer(namespace=p.namespace, redis_url=p.url)
+    await peer.setup()
+    try:
+        channel.ready()
+        await channel.wait_go(p.timeout)
+        start_ns = time.monotonic_ns()
+        if p.mode == "pipelined":
+            for first in range(0, p.count, p.chunk):
+                await asyncio.gather(*(peer.cluster_publish(TOPIC, {"i": i, "t": time.monotonic_ns()})
+                                       for i in range(first, min(p.count, first + p.chunk))))
+        else:
+            for i in range(p.count):
+                if p.rate:
+                    await pace(start_ns, i, p.rate)
+                await peer.cluster_publish(TOPIC, {"i": i, "t": time.monotonic_ns()})
+        sent_ns = time.monotonic_ns()
+    finally:
+        await peer.teardown()
+    return {"start_ns": start_ns, "sent_ns": sent_ns}
+
+
+def run_route(url: str, namespace: str, count: int, *, mode: str = "sequential",
+              rate: float | None = None, chunk: int = 1, procs: int = 1, peers_per_proc: int = 1,
+              timeout: float = 60.0) -> dict[str, Any]:
+    """One route run with ``procs`` x ``peers_per_proc`` subscribers and one publisher.
+
+    Returns ``msgs_per_s`` (messages published over time to the last delivery), ``deliveries_per_s``
+    (the same times the subscriber count), ``send_per_s`` and, for paced runs, latencies in ns.
+    """
+    keep = mode == "paced"
+    sub = PeerParams(url, namespace, count, peers=peers_per_proc, keep_latency=keep,
+                     timeout=timeout)
+    pub = PeerParams(url, namespace, count, mode=mode, rate=rate, chunk=chunk, timeout=timeout)
+    subscribers = [Role(f"sub{k}", route_subscriber, sub) for k in range(procs)]
+    res = run_stages(f"route-{mode}", [subscribers, [Role("pub", route_publisher, pub)]],
+                     timeout + 30)
+    start = res["pub"]["start_ns"]
+    last = max(res[r.name]["last_ns"] for r in subscribers)
+    seconds = (last - start) / 1e9
+    total = procs * peers_per_proc
+    return {"msgs_per_s": count / seconds, "deliveries_per_s": count * total / seconds,
+            "send_per_s": count / ((res["pub"]["sent_ns"] - start) / 1e9),
+            "latency_ns": [x for r in subscribers for x in res[r.name]["latency_ns"]]}
