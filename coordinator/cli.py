@@ -209,6 +209,16 @@ def bench(args: tuple[str, ...]) -> None:
     sys.exit(subprocess.call([sys.executable, "-m", "bench", *args]))
 
 
+def _register_groups() -> None:
+    from coordinator.cli_policy import peer, policy
+
+    cli.add_command(policy)
+    cli.add_command(peer)
+
+
+_register_groups()
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="sidecar")

@@ -12,6 +12,7 @@ from typing import Any
 from coordinator.election import Election
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.membership import Membership
+from coordinator.policy_store import PolicyStore
 from coordinator.protocol import dumps
 from coordinator.settings import Settings
 
@@ -29,6 +30,7 @@ class Duties:
         self.keys = Keys(settings.namespace)
         self.membership = Membership(client, self.keys)
         self.election = Election(client, self.keys, settings.member_ttl)
+        self.policies = PolicyStore(client, self.keys, inbox_maxlen=settings.inbox_maxlen)
 
     def sweep(self) -> list[str]:
         """Evict members silent for longer than the member TTL (announces cluster.member.left)."""
@@ -52,6 +54,10 @@ class Duties:
         if status == "elected":
             log.info("leader is now %s (term %d, %s)", leader, term, reason)
         return {"status": status, "leader_id": leader, "term": term}
+
+    def distribute_policies(self) -> int:
+        """Send the policy set to live peers that have not acknowledged its version (with backoff)."""
+        return self.policies.distribute()
 
     def cluster_heartbeat(self) -> dict[str, Any]:
         """Publish ``cluster.heartbeat`` (size, leader, term, policy version) to its subscribers."""

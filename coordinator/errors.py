@@ -8,8 +8,10 @@ message that says what was wrong and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationFailed",
     "BadRequest",
     "ConfigurationError",
+    "InvalidPolicy",
     "InvalidTopic",
     "LeaseLost",
     "NotLeader",
@@ -51,6 +53,18 @@ class PayloadTooLarge(BadRequest):
     """A publish carried more bytes than ``Settings.max_payload_bytes`` allows."""
 
     code = "payload_too_large"
+
+
+class InvalidPolicy(BadRequest):
+    """A policy document is malformed; the message names the field."""
+
+    code = "invalid_policy"
+
+
+class AuthenticationFailed(SidecarError):
+    """A request was unsigned, badly signed, stale or replayed; check the peer's id and secret."""
+
+    code = "unauthenticated"
 
 
 class UnknownPeer(SidecarError):
@@ -103,6 +117,8 @@ _BY_CODE: dict[str, type[SidecarError]] = {
         PolicyRejected,
         SidecarUnavailable,
         SidecarTimeout,
+        InvalidPolicy,
+        AuthenticationFailed,
     )
 }
 

@@ -19,7 +19,12 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:routers                 zset     worker name -> last renewal ms (partition spreading)
     sidecar:{ns}:beat.lease              string   token of the beat allowed to dispatch
     sidecar:{ns}:stats                   hash     counters: routed, delivered, deadlettered, ...
-    sidecar:{ns}:policy.*                         policy store (see coordinator.policy)
+    sidecar:{ns}:policy.docs             hash     policy name -> current record (version, document, ...)
+    sidecar:{ns}:policy.history.<name>   list     every record that name ever had
+    sidecar:{ns}:policy.version          string   version of the policy set (grows on every change)
+    sidecar:{ns}:policy.sent             hash     peer_id -> last distribution (version, nonce, retry)
+    sidecar:{ns}:policy.acks             hash     peer_id -> last ack/nack (version, nonce, error, when)
+    sidecar:{ns}:identities              hash     peer_id -> identity (name, roles, secret)
 
 Celery's broker and result keys live under ``sidecar-celery:{ns}:`` so they never mix with these.
 NATS subjects are ``<namespace>.<topic>``.
@@ -117,15 +122,16 @@ class Keys:
         return self._p + "stats"
 
     # policies
-    def policy(self, name: str) -> str:
-        return f"{self._p}policy.doc.{name}"
+    @property
+    def policy_docs(self) -> str:
+        return self._p + "policy.docs"
+
+    @property
+    def policy_sent(self) -> str:
+        return self._p + "policy.sent"
 
     def policy_history(self, name: str) -> str:
         return f"{self._p}policy.history.{name}"
-
-    @property
-    def policy_index(self) -> str:
-        return self._p + "policy.index"
 
     @property
     def policy_version(self) -> str:

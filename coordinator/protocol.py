@@ -2,13 +2,15 @@
 
 Request entry (``sidecar.requests[.<k>]``), written by the mixin::
 
-    k    kind: pub | sub | unsub | reg | leave
+    k    kind: pub | sub | unsub | reg | leave | hb (heartbeat) | pack (policy ack)
     s    sender peer id
     t    topic (pub) or pattern (sub, unsub)
     d    payload as JSON text (pub)
     r    request id (control requests): the reply carries it back
     f    leader term the sender claims (fenced publishes only)
     m    member info as JSON (reg)
+    x    heartbeat payload as JSON (hb)
+    pv, pn, ok, e   policy version, distribution nonce, "1" applied / "0" refused, error (pack)
     ts, n, sig   signing timestamp, nonce and HMAC (when authentication is on)
 
 Response entry (``sidecar.responses.<peer_id>``), written by the router::
@@ -25,7 +27,7 @@ from typing import Any
 
 __all__ = ["CONTROL_KINDS", "KINDS", "Message", "dumps"]
 
-KINDS = frozenset({"pub", "sub", "unsub", "reg", "leave"})
+KINDS = frozenset({"pub", "sub", "unsub", "reg", "leave", "hb", "pack"})
 CONTROL_KINDS = KINDS - {"pub"}
 
 

@@ -20,7 +20,7 @@ from coordinator.errors import (
     UnknownPeer,
 )
 from coordinator.keys import REQUEST_GROUP
-from coordinator.membership import elect_call, leave_call, register_call
+from coordinator.membership import elect_call, heartbeat_call, leave_call, register_call
 from coordinator.protocol import KINDS, dumps
 from coordinator.topics import check_pattern, check_publish_topic
 
@@ -77,10 +77,21 @@ class RequestHandler:
         """Deliver a run of publish entries from one stream with one fenced script call."""
         r = self.router
         stream = run[0][0]
+        refused: list[Rejection] = []
+        if r.guard.auth and stream != r.keys.system:
+            signed = []
+            for entry in run:  # once per entry: a nonce must not be "replayed" by our own retry
+                try:
+                    r.guard.authenticate(entry[2], entry[1])
+                    signed.append(entry)
+                except SidecarError as exc:
+                    refused.append(self._rejection(stream, entry[1], entry[2], exc))
+            run = signed
         for _attempt in range(5):
             if r.version is None:
                 r.refresh()
-            keys, args, rejections, n = self._route_call(run)
+            keys, args, rejections, n = self._route_call(run, stream)
+            rejections += refused
             result = r.scripts.route(keys=keys, args=args)
             status = str(result[0])
             if status == "ok":
@@ -94,9 +105,8 @@ class RequestHandler:
             r.version = None  # stale: someone changed members or subscriptions; reload and redo
         raise RuntimeError("routing version kept changing under five consecutive attempts")
 
-    def _route_call(self, run: list[Entry]) -> tuple[list[str], list[Any], list[Rejection], int]:
+    def _route_call(self, run: list[Entry], stream: str) -> tuple[list[str], list[Any], list[Rejection], int]:
         r = self.router
-        stream = run[0][0]
         trusted = stream == r.keys.system
         inboxes: dict[str, int] = {}
         acks: list[str] = []
@@ -164,6 +174,8 @@ class RequestHandler:
             if sender != leader or fence != str(term):
                 raise NotLeader(f"fenced publish from {sender!r} with term {fence}, but the leader "
                                 f"is {leader or 'nobody'} at term {term}")
+        if not trusted:
+            r.guard.authorize(sender, "publish", topic)
         return topic, data, sender
 
     def _match(self, topic: str) -> tuple[str, ...]:
@@ -207,10 +219,15 @@ class RequestHandler:
                 raise BadRequest("only publishes belong on the system stream")
             if not f.get("s"):
                 raise BadRequest(f"{kind} request without a sender field 's'")
+            self.router.guard.authenticate(f, eid)
             if kind in ("sub", "unsub"):
                 self._subscribe(stream, eid, f, add=kind == "sub")
             elif kind == "reg":
                 self._register(stream, eid, f)
+            elif kind == "hb":
+                self._heartbeat(stream, eid, f)
+            elif kind == "pack":
+                self._policy_ack(stream, eid, f)
             else:
                 self._leave(stream, eid, f)
         except SidecarError as exc:
@@ -219,6 +236,8 @@ class RequestHandler:
     def _subscribe(self, stream: str, eid: str, f: dict[str, str], *, add: bool) -> None:
         r = self.router
         sender, pattern = f["s"], check_pattern(f.get("t"))
+        if add:
+            r.guard.authorize(sender, "subscribe", pattern)
         keys = [r.keys.router_lease(self._partition(stream)), r.keys.subs, r.keys.routing_version,
                 stream, self._inbox_of(sender), r.keys.member(sender)]
         args = [r.token, REQUEST_GROUP, eid, "add" if add else "remove", f"{sender} {pattern}",
@@ -241,6 +260,8 @@ class RequestHandler:
     def _register(self, stream: str, eid: str, f: dict[str, str]) -> None:
         r = self.router
         sender = f["s"]
+        if sender == SYSTEM_SENDER:
+            raise BadRequest(f"{SYSTEM_SENDER!r} is the sidecar's own sender id; pick another peer id")
         try:
             info = json.loads(f.get("m") or "{}")
             if not isinstance(info, dict):
@@ -262,6 +283,39 @@ class RequestHandler:
             self.invalidate()
         elif joined or str(version) != r.version:
             r.version = None
+        r.guard.learn(sender, info.get("roles") or [info.get("role", "peer")], info.get("labels") or {})
+        if r.guard.store.version():  # a joining peer gets the policy set at once
+            r.guard.store.distribute([sender], force=True)
+
+    def _heartbeat(self, stream: str, eid: str, f: dict[str, str]) -> None:
+        """A heartbeat sent through the stream (authenticated mode: peers cannot run scripts)."""
+        r = self.router
+        sender = f["s"]
+        extra = f.get("x")
+        keys, args = heartbeat_call(r.keys, sender, None)
+        if extra:
+            args[1] = extra if _is_json(extra) else ""
+        status, now, leader, term = r.scripts.heartbeat(keys=keys, args=args)
+        pipe = r.client.pipeline(transaction=False)
+        pipe.xadd(self._inbox_of(sender), {"k": "reply", "r": f.get("r", ""), "ok": "1",
+                                           "status": str(status), "leader": str(leader),
+                                           "term": str(term), "now": str(now)},
+                  maxlen=r.settings.inbox_maxlen, approximate=True)
+        pipe.xack(stream, REQUEST_GROUP, eid)
+        pipe.execute()
+
+    def _policy_ack(self, stream: str, eid: str, f: dict[str, str]) -> None:
+        """A peer applied (ok=1) or refused (ok=0, e=error) a policy set version."""
+        r = self.router
+        try:
+            version = int(f.get("pv", ""))
+        except ValueError:
+            raise BadRequest("policy ack without a numeric version 'pv'") from None
+        pipe = r.client.pipeline(transaction=False)
+        r.guard.store.record_ack(f["s"], version, f.get("pn", ""), f.get("ok") == "1",
+                                 f.get("e", ""), pipeline=pipe)
+        pipe.xack(stream, REQUEST_GROUP, eid)
+        pipe.execute()
 
     def _leave(self, stream: str, eid: str, f: dict[str, str]) -> None:
         r = self.router
@@ -277,3 +331,11 @@ class RequestHandler:
             r.client.xadd(self._inbox_of(sender), {"k": "reply", "r": f["r"], "ok": "1"},
                           maxlen=r.settings.inbox_maxlen, approximate=True)
         r.version = None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

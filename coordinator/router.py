@@ -27,6 +27,7 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
+from coordinator.guard import Guard
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.leases import Lease
 from coordinator.requests import Rejection, RequestHandler
@@ -57,6 +58,7 @@ class Router:
         self.leader: tuple[str, int] = ("", 0)
         self.version: str | None = None
         self.stats = {"routed": 0, "delivered": 0, "rejected": 0, "batches": 0, "takeovers": 0}
+        self.guard = Guard(client, self.keys, settings)
         self.handler = RequestHandler(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -244,6 +246,7 @@ class Router:
         self.members = {str(m) for m in members}
         self.leader = (str(leader[0] or ""), int(leader[1] or 0))
         self.version = str(version or "0")
+        self.guard.refresh(self.members)
         self.handler.invalidate()
 
     def process(self, entries: list[Entry]) -> None:

@@ -24,7 +24,7 @@ SCRIPT_NAMES = (
     "lease_release",
     "sweep",
     "elect",
-    "policy_ack",
+    "policy_set",
 )
 
 
@@ -46,7 +46,7 @@ class Scripts:
     lease_release: Any
     sweep: Any
     elect: Any
-    policy_ack: Any
+    policy_set: Any
 
     def __init__(self, client: Any) -> None:
         for name in SCRIPT_NAMES:

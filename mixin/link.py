@@ -24,7 +24,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from coordinator.errors import SidecarTimeout, SidecarUnavailable, error_from_code
+from coordinator.auth import Signer
+from coordinator.errors import SidecarError, SidecarTimeout, SidecarUnavailable, error_from_code
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.membership import heartbeat_call
 from coordinator.protocol import dumps
@@ -45,7 +46,7 @@ class SidecarLink:
     def __init__(self, peer_id: str, settings: Settings, *, on_entry: EntryHandler,
                  on_rejoin: Callable[[], Awaitable[None]] | None = None,
                  on_heartbeat: Callable[[str, int], None] | None = None,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None, secret: str | None = None) -> None:
         if not settings.redis_url:
             raise SidecarUnavailable("no Redis URL: set SIDECAR_REDIS_URL or pass redis_url")
         self.peer_id = peer_id
@@ -57,6 +58,7 @@ class SidecarLink:
         self.redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
                                              health_check_interval=0, socket_keepalive=True)
         self.scripts = scripts_for(self.redis)
+        self.signer = Signer(secret) if secret else None
         self.on_entry = on_entry
         self.on_rejoin = on_rejoin
         self.on_heartbeat = on_heartbeat
@@ -119,6 +121,8 @@ class SidecarLink:
         Writes made while another is in flight are sent together in one pipeline. While Redis is
         unreachable at most ``publish_buffer`` writes wait; more raise SidecarUnavailable.
         """
+        if self.signer is not None:
+            fields = self.signer.sign(dict(fields))
         if self._writing:
             if not self._connected and len(self._queue) >= self.settings.publish_buffer:
                 raise SidecarUnavailable(
@@ -264,8 +268,13 @@ class SidecarLink:
         """Stamp our membership now; returns (leader id, term). Re-registers if we were evicted."""
         if extra is not None:
             self.extra = extra
-        keys, args = heartbeat_call(self.keys, self.peer_id, extra)
-        status, _now, leader, term = await self.scripts.heartbeat(keys=keys, args=args)
+        if self.signer is not None:  # authenticated mode: only the router may run scripts
+            payload = {} if extra is None else {"x": dumps(extra)}
+            reply = await self.request("hb", timeout=self.settings.member_ttl, **payload)
+            status, leader, term = reply.get("status"), reply.get("leader", ""), reply.get("term", "0")
+        else:
+            keys, args = heartbeat_call(self.keys, self.peer_id, extra)
+            status, _now, leader, term = await self.scripts.heartbeat(keys=keys, args=args)
         self.connected = True
         if status == "evicted":
             self._schedule_rejoin()
@@ -283,7 +292,7 @@ class SidecarLink:
                 raise
             except _TRANSIENT:
                 self.connected = False
-            except RedisError as exc:
+            except (RedisError, SidecarError) as exc:
                 self.log.warning("peer %s: heartbeat failed: %s", self.peer_id, exc)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 

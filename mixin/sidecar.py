@@ -51,7 +51,7 @@ class SidecarMixin(Lifecycle):
 
     def __init__(self, *args: Any, settings: Settings | None = None, redis_url: str | None = None,
                  role: str = "peer", labels: dict[str, str] | None = None, priority: int = 0,
-                 leader_eligible: bool = True, **kwargs: Any) -> None:
+                 leader_eligible: bool = True, secret: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         namespace = getattr(self, "namespace", None)
         self.sidecar_settings = (settings or Settings.from_env()).replace(
@@ -60,6 +60,9 @@ class SidecarMixin(Lifecycle):
         self.labels = dict(labels or {})
         self.priority = priority
         self.leader_eligible = leader_eligible
+        self._secret = secret or self.sidecar_settings.peer_secret
+        self._policy_version = 0
+        self.policies: dict[str, Any] = {}
         self._link: SidecarLink | None = None
         self._handlers: dict[str, list[Handler]] = {}
         self._patterns = SubscriptionIndex()
@@ -87,7 +90,7 @@ class SidecarMixin(Lifecycle):
         peer_id: str = getattr(self, "id")  # noqa: B009 (provided by Agent)
         self._link = SidecarLink(peer_id, self.sidecar_settings, on_entry=self._on_entry,
                                  on_rejoin=self._resubscribe, on_heartbeat=self._on_heartbeat,
-                                 logger=getattr(self, "logger", None))
+                                 logger=getattr(self, "logger", None), secret=self._secret)
         self._link.on_connected = self._on_connected
         info = {"role": self.role, "labels": self.labels, "priority": self.priority,
                 "eligible": self.leader_eligible, "incarnation": str(time.time_ns()),
@@ -171,7 +174,35 @@ class SidecarMixin(Lifecycle):
     @property
     def policy_version(self) -> int:
         """Version of the policy set this peer applied (0: none yet)."""
-        return int(getattr(self, "_policy_version", 0))
+        return self._policy_version
+
+    async def on_policy(self, policies: dict[str, Any]) -> None:
+        """Hook: apply a new policy set (``{name: document}``); raise to refuse it.
+
+        Refusals are reported to the sidecar with the error (NACK); the default accepts anything.
+        """
+
+    async def _apply_policy(self, data: Any) -> None:
+        link = self._require_link()
+        if not isinstance(data, dict):
+            return
+        version, nonce = int(data.get("version", 0)), str(data.get("nonce", ""))
+        policies = data.get("policies") or {}
+        fields = {"k": "pack", "s": link.peer_id, "pv": str(version), "pn": nonce}
+        try:
+            result = self.on_policy(policies)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            fields.update(ok="0", e=f"{type(exc).__name__}: {exc}"[:1000])
+            log = getattr(self, "logger", None)
+            if log is not None:
+                log.warning("refused policy version %d: %s", version, exc)
+        else:
+            fields["ok"] = "1"
+            self._policy_version = version
+            self.policies = dict(policies)
+        await link.write(fields)
 
     async def on_leader_change(self, leader_id: str | None, term: int) -> None:
         """Hook: the leader changed. Override it; the default does nothing."""
@@ -214,8 +245,11 @@ class SidecarMixin(Lifecycle):
             return
         message = Message(topic, data, fields.get("s", ""), mid, int(fields.get("ts", "0")) / 1000)
         self.messages_received += 1
-        if topic == "cluster.leader" and isinstance(data, dict):
-            self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
+        if message.sender == "sidecar":
+            if topic == "cluster.leader" and isinstance(data, dict):
+                self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
+            elif topic == "cluster.policy":
+                await self._apply_policy(data)
         for pattern in self._patterns.match(topic):
             for handler in list(self._handlers.get(pattern, ())):
                 await self._call(handler, message)

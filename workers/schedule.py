@@ -23,5 +23,6 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "sweep": entry("sidecar.sweep", fast),
         "elect": entry("sidecar.elect", fast),
         "cluster-heartbeat": entry("sidecar.cluster_heartbeat", hb),
+        "distribute-policies": entry("sidecar.distribute_policies", 0.5),
         "trim": entry("sidecar.trim", 60.0),
     }

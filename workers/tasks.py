@@ -10,7 +10,7 @@ import redis
 from coordinator.duties import Duties
 from workers.application import app, settings
 
-__all__ = ["cluster_heartbeat", "elect", "evict", "ping", "sweep", "trim"]
+__all__ = ["cluster_heartbeat", "distribute_policies", "elect", "evict", "ping", "sweep", "trim"]
 
 
 @cache
@@ -41,6 +41,12 @@ def elect() -> dict[str, Any]:
 def cluster_heartbeat() -> dict[str, Any]:
     """Publish cluster.heartbeat."""
     return _duties().cluster_heartbeat()
+
+
+@app.task(name="sidecar.distribute_policies", ignore_result=True)
+def distribute_policies() -> int:
+    """Send the policy set to peers that have not acknowledged it."""
+    return _duties().distribute_policies()
 
 
 @app.task(name="sidecar.evict")

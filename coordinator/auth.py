@@ -1,0 +1,149 @@
+"""Request authentication: per-peer identities with secrets, HMAC-signed request entries.
+
+With ``SIDECAR_AUTH=required`` every request entry carries ``ts`` (the signer's clock, ms), ``n`` (a
+nonce that grows with every request of the peer) and ``sig`` (HMAC-SHA256 over every other field).
+The router checks the signature with the claimed sender's secret, that ``ts`` is within
+:data:`FRESHNESS_MS` of the entry's Redis-assigned id (so a copied entry written again later is
+stale) and that the nonce grew (so a copy written again at once is a replay).
+
+Identities live in Redis (``identities`` hash) where routers can read them; with per-peer Redis ACL
+users (``sidecar peer add --redis-acl``) a peer cannot read them, nor any stream but its own inbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ulid import ULID
+
+from coordinator.errors import AuthenticationFailed
+from coordinator.keys import Keys
+from coordinator.protocol import dumps
+
+__all__ = ["FRESHNESS_MS", "Identities", "Identity", "Signer", "canonical", "verify"]
+
+FRESHNESS_MS = 30_000
+_SIGNED_OUT = ("sig",)
+
+
+def canonical(fields: Mapping[str, str]) -> bytes:
+    """Length-prefixed encoding of every field but the signature, in key order."""
+    parts = []
+    for key in sorted(fields):
+        if key in _SIGNED_OUT:
+            continue
+        value = str(fields[key])
+        parts.append(f"{len(key)}:{key}{len(value)}:{value}")
+    return "".join(parts).encode()
+
+
+class Signer:
+    """Signs a peer's request entries with its secret."""
+
+    def __init__(self, secret: str) -> None:
+        self._key = secret.encode()
+        self._last = 0
+
+    def sign(self, fields: dict[str, str]) -> dict[str, str]:
+        now_us = time.time_ns() // 1000
+        self._last = max(self._last + 1, now_us)
+        fields["ts"] = str(now_us // 1000)
+        fields["n"] = str(self._last)
+        fields["sig"] = hmac.new(self._key, canonical(fields), hashlib.sha256).hexdigest()
+        return fields
+
+    def __repr__(self) -> str:
+        return "Signer(secret=***)"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A peer identity: who it is, which roles it holds, and its signing secret."""
+
+    peer_id: str
+    name: str
+    roles: tuple[str, ...]
+    secret: str
+
+    def __repr__(self) -> str:
+        return f"Identity(peer_id={self.peer_id!r}, name={self.name!r}, roles={self.roles!r})"
+
+
+def verify(identity: Identity | None, fields: Mapping[str, str], entry_ms: int,
+           last_nonce: int) -> int:
+    """Check one entry; returns its nonce, or raises AuthenticationFailed with the reason."""
+    sender = fields.get("s", "")
+    if identity is None:
+        raise AuthenticationFailed(f"no identity for sender {sender!r}; create one with "
+                                   "`sidecar peer add`")
+    sig = fields.get("sig")
+    if not sig:
+        raise AuthenticationFailed(f"unsigned request from {sender!r}")
+    expected = hmac.new(identity.secret.encode(), canonical(fields), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, sig):
+        raise AuthenticationFailed(f"bad signature for sender {sender!r}")
+    try:
+        ts, nonce = int(fields.get("ts", "")), int(fields.get("n", ""))
+    except ValueError:
+        raise AuthenticationFailed("signed request without numeric 'ts' and 'n'") from None
+    if abs(entry_ms - ts) > FRESHNESS_MS:
+        raise AuthenticationFailed(f"stale request from {sender!r}: signed {abs(entry_ms - ts)} ms "
+                                   "away from when Redis received it")
+    if nonce <= last_nonce:
+        raise AuthenticationFailed(f"replayed request from {sender!r} (nonce did not grow)")
+    return nonce
+
+
+class Identities:
+    """The identity store on a sync client."""
+
+    def __init__(self, client: Any, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def add(self, name: str, roles: list[str], *, redis_acl: bool = False) -> dict[str, str]:
+        """Create an identity; returns what the peer needs (id, secret, and ACL credentials)."""
+        peer_id = str(ULID())
+        secret = secrets.token_urlsafe(32)
+        record = {"name": name, "roles": roles, "secret": secret, "created": int(time.time())}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.identities, peer_id, dumps(record))
+        pipe.incr(self.keys.routing_version)
+        pipe.execute()
+        out = {"SIDECAR_PEER_ID": peer_id, "SIDECAR_PEER_SECRET": secret}
+        if redis_acl:
+            user, password = self.create_acl_user(peer_id)
+            out["SIDECAR_REDIS_USER"] = user
+            out["SIDECAR_REDIS_PASSWORD"] = password
+        return out
+
+    def create_acl_user(self, peer_id: str) -> tuple[str, str]:
+        """A Redis user that may write requests and read only its own inbox."""
+        user = f"sidecar-peer-{peer_id}"
+        password = secrets.token_urlsafe(32)
+        self.client.acl_setuser(
+            user, enabled=True, reset_keys=True, reset_channels=True, reset_passwords=True,
+            passwords=[f"+{password}"],
+            keys=[f"%W~{self.keys.requests(0)}*", f"~{self.keys.responses(peer_id)}"],
+            commands=["-@all", "+xadd", "+xreadgroup", "+xack", "+xgroup|create", "+ping",
+                      "+client|setinfo", "+client|setname", "+hello", "+auth", "+select"])
+        return user, password
+
+    def load(self) -> dict[str, Identity]:
+        """Every identity by peer id."""
+        out = {}
+        for peer_id, raw in self.client.hgetall(self.keys.identities).items():
+            try:
+                rec = json.loads(raw)
+                out[str(peer_id)] = Identity(str(peer_id), str(rec["name"]),
+                                             tuple(rec.get("roles") or ()), str(rec["secret"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out

@@ -1,0 +1,131 @@
+"""``sidecar policy ...`` and ``sidecar peer add``: policy documents, rollout status, identities."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from coordinator.auth import Identities
+from coordinator.errors import SidecarError
+from coordinator.policy_store import PolicyStore
+
+__all__ = ["peer", "policy"]
+
+
+def _store(ctx: click.Context) -> PolicyStore:
+    obj = ctx.obj
+    return PolicyStore(obj.client(), obj.keys)
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+@click.group()
+def policy() -> None:
+    """Versioned policy documents, distributed to every peer and acknowledged per peer."""
+
+
+@policy.command("set")
+@click.argument("name")
+@click.argument("source", type=click.File("r"))
+@click.option("--by", default="cli", help="Who sets it (kept in the history).")
+@click.pass_context
+def set_(ctx: click.Context, name: str, source: Any, by: str) -> None:
+    """Set policy NAME from SOURCE (a JSON or YAML file, or - for standard input)."""
+    store = _store(ctx)
+    try:
+        version = store.set(name, source.read(), by=by)
+    except SidecarError as exc:
+        raise click.ClickException(str(exc)) from None
+    sent = store.distribute(force=True)
+    click.echo(f"policy {name} set: policy set version {version}; sent to {sent} peers")
+
+
+@policy.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def get(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show the current document of NAME."""
+    record = _store(ctx).get(name)
+    if record is None:
+        raise click.ClickException(f"no policy named {name!r}")
+    _emit(record, as_json, json.dumps(record["document"], indent=2))
+
+
+@policy.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def list_(ctx: click.Context, as_json: bool) -> None:
+    """Every policy with its version and who set it."""
+    docs = _store(ctx).documents()
+    text = "\n".join(f"{n}  version {r['version']}  by {r['set_by']}  ({r['action']})"
+                     for n, r in sorted(docs.items())) or "(no policies)"
+    _emit(docs, as_json, text)
+
+
+@policy.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def history(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Every version NAME had, oldest first."""
+    rows = _store(ctx).history(name)
+    text = "\n".join(f"version {r['version']}  {r['action']}  by {r['set_by']}  at {r['set_at']}"
+                     for r in rows) or f"(no history for {name})"
+    _emit(rows, as_json, text)
+
+
+@policy.command()
+@click.argument("name")
+@click.argument("version", type=int)
+@click.pass_context
+def rollback(ctx: click.Context, name: str, version: int) -> None:
+    """Make the document NAME had at VERSION current again (as a new version)."""
+    store = _store(ctx)
+    try:
+        new = store.rollback(name, version)
+    except SidecarError as exc:
+        raise click.ClickException(str(exc)) from None
+    sent = store.distribute(force=True)
+    click.echo(f"policy {name} rolled back to version {version}: now version {new}; sent to {sent} peers")
+
+
+@policy.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Each live peer: SYNCED, STALE or NACKED (with the error)."""
+    rows = _store(ctx).status()
+    text = "\n".join(f"{r['peer_id']}  {r['state']:<6}  applied={r['applied']}"
+                     + (f"  error={r['error']}" if r["state"] == "NACKED" else "")
+                     for r in rows) or "(no members)"
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("SYNCED", "STALE", "NACKED")}
+    _emit({"peers": rows, "counts": counts}, as_json,
+          text + "\n" + "  ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+@click.group()
+def peer() -> None:
+    """Peer identities for authenticated mode (SIDECAR_AUTH=required)."""
+
+
+@peer.command()
+@click.argument("name")
+@click.option("--role", "roles", multiple=True, required=True, help="Role (repeatable).")
+@click.option("--redis-acl", is_flag=True, help="Also create a Redis ACL user for the peer.")
+@click.pass_context
+def add(ctx: click.Context, name: str, roles: tuple[str, ...], redis_acl: bool) -> None:
+    """Create identity NAME and print the environment the peer needs (keep it secret)."""
+    obj = ctx.obj
+    try:
+        out = Identities(obj.client(), obj.keys).add(name, list(roles),
+                                                     redis_acl=redis_acl)
+    except SidecarError as exc:
+        raise click.ClickException(str(exc)) from None
+    for key, value in out.items():
+        sys.stdout.write(f"{key}={value}\n")

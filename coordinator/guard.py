@@ -1,0 +1,103 @@
+"""The router's gate: who sent a request (authentication) and whether policy allows it.
+
+Both checks are off unless configured (``Settings.auth``, ``Settings.enforce_policy``). The state
+they need (identities, member roles, the policy engine) is reloaded whenever the routing version
+moves, which every identity, membership and policy change bumps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from coordinator.auth import Identities, Identity, verify
+from coordinator.errors import PolicyRejected
+from coordinator.keys import Keys
+from coordinator.policy import PolicyEngine
+from coordinator.policy_store import PolicyStore
+from coordinator.settings import Settings
+
+__all__ = ["EXEMPT_SUBSCRIPTIONS", "Guard"]
+
+EXEMPT_SUBSCRIPTIONS = frozenset({"cluster.leader"})
+"""Subscriptions every peer needs for its own bookkeeping; never denied by policy."""
+
+
+class Guard:
+    """Authentication and policy enforcement state of one router."""
+
+    def __init__(self, client: Any, keys: Keys, settings: Settings) -> None:
+        self.client = client
+        self.keys = keys
+        self.auth = settings.auth == "required"
+        self.enforce = settings.enforce_policy
+        self.store = PolicyStore(client, keys, inbox_maxlen=settings.inbox_maxlen)
+        self.identities: dict[str, Identity] = {}
+        self.nonces: dict[str, int] = {}
+        self.roles: dict[str, frozenset[str]] = {}
+        self.labels: dict[str, Mapping[str, str]] = {}
+        self.engine = PolicyEngine()
+        self._policy_version = -1
+
+    @property
+    def active(self) -> bool:
+        return self.auth or self.enforce
+
+    def refresh(self, members: set[str]) -> None:
+        """Reload identities, roles and (when its version moved) the policy engine."""
+        if not self.active:
+            return
+        if self.auth:
+            self.identities = Identities(self.client, self.keys).load()
+        if self.enforce:
+            version = self.store.version()
+            if version != self._policy_version:
+                self.engine = self.store.engine()
+                self._policy_version = version
+            pipe = self.client.pipeline(transaction=False)
+            ordered = sorted(members)
+            for peer in ordered:
+                pipe.hmget(self.keys.member(peer), "roles", "labels")
+            self.roles.clear()
+            self.labels.clear()
+            for peer, (roles, labels) in zip(ordered, pipe.execute(), strict=True):
+                self.learn(peer, _json(roles, []), _json(labels, {}))
+
+    def learn(self, peer: str, roles: Any, labels: Any) -> None:
+        """Record a member's roles and labels (identity roles win when authentication is on)."""
+        ident = self.identities.get(peer)
+        if self.auth and ident is not None:
+            self.roles[peer] = frozenset(ident.roles)
+        else:
+            self.roles[peer] = frozenset(str(r) for r in roles) if isinstance(roles, list) else frozenset()
+        self.labels[peer] = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+
+    def authenticate(self, fields: Mapping[str, str], entry_id: str) -> None:
+        """Raise AuthenticationFailed unless the entry is signed by its sender, fresh and new."""
+        if not self.auth:
+            return
+        sender = fields.get("s", "")
+        if sender not in self.identities:  # maybe created since the last reload
+            self.identities = Identities(self.client, self.keys).load()
+        entry_ms = int(entry_id.partition("-")[0])
+        self.nonces[sender] = verify(self.identities.get(sender), fields, entry_ms,
+                                     self.nonces.get(sender, 0))
+
+    def authorize(self, sender: str, action: str, resource: str) -> None:
+        """Raise PolicyRejected unless the policies allow ``sender`` to ``action`` ``resource``."""
+        if not self.enforce or (action == "subscribe" and resource in EXEMPT_SUBSCRIPTIONS):
+            return
+        decision = self.engine.evaluate(self.roles.get(sender, frozenset()), action, resource,
+                                        self.labels.get(sender))
+        if not decision.allowed:
+            raise PolicyRejected(f"{action} {resource!r} by {sender}: {decision.reason}")
+
+
+def _json(raw: str | None, default: Any) -> Any:
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return default
