@@ -72,8 +72,12 @@ class Supervisor:
                              "-s", str(self.dir / "beat-schedule")], env)
         if self.with_flower:
             port = free_port()
-            self._spawn("flower", [py, "-m", "celery", "-A", "workers", "flower",
-                                   "--address=127.0.0.1", f"--port={port}"], env)
+            args = [py, "-m", "celery", "-A", "workers", "flower", "--address=127.0.0.1",
+                    f"--port={port}"]
+            if self.settings.dashboard_user and self.settings.dashboard_password:
+                env = {**env, "FLOWER_BASIC_AUTH":
+                       f"{self.settings.dashboard_user}:{self.settings.dashboard_password}"}
+            self._spawn("flower", args, env)
             self.echo(f"Flower on http://127.0.0.1:{port}")
         if self.with_peers:
             demo = [py, "-m", "examples.sidecar_conductor"]

@@ -6,6 +6,8 @@ periodic duties. Settings come from ``SIDECAR_*`` variables (coordinator.setting
 
 from __future__ import annotations
 
+import sys
+
 from celery import Celery
 
 from coordinator.keys import Keys
@@ -44,3 +46,8 @@ app.conf.update(
     timezone="UTC",
 )
 app.steps["worker"].add(RouterStep)
+
+if "flower" in sys.argv:
+    from workers.flower_guard import install
+
+    install()
