@@ -27,11 +27,20 @@ class Context:
     def __init__(self, redis_url: str | None, namespace: str | None) -> None:
         self.settings = Settings.from_env(redis_url=redis_url, namespace=namespace)
         self.keys = Keys(self.settings.namespace)
+        self._client: redis.Redis | None = None
 
-    def client(self) -> redis.Redis:
+    def require_redis(self) -> str:
+        """The Redis URL, or a usage error saying how to give one."""
         if not self.settings.redis_url:
             raise click.UsageError("no Redis to talk to: set SIDECAR_REDIS_URL or pass --redis-url")
-        return redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        return self.settings.redis_url
+
+    def client(self) -> redis.Redis:
+        """A client for this command (closed when the command ends)."""
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.require_redis(), decode_responses=True)
+            click.get_current_context().call_on_close(self._client.close)
+        return self._client
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -114,7 +123,7 @@ def publish(obj: Context, topic: str, data: str) -> None:
         payload = json.loads(data)
     except ValueError:
         raise click.BadParameter("DATA must be JSON text, e.g. '{\"tempo\": 90}'") from None
-    obj.client()  # fail early without a Redis URL
+    obj.require_redis()
     from mixin import Agent, SidecarMixin
 
     class Cli(Agent, SidecarMixin):
@@ -137,7 +146,7 @@ def publish(obj: Context, topic: str, data: str) -> None:
 @pass_ctx
 def tail(obj: Context, pattern: str, count: int | None) -> None:
     """Print messages matching PATTERN as JSON lines until Ctrl-C (or --count)."""
-    obj.client()
+    obj.require_redis()
     from mixin import Agent, Message, SidecarMixin
 
     class Tail(Agent, SidecarMixin):
@@ -174,7 +183,7 @@ def tail(obj: Context, pattern: str, count: int | None) -> None:
 @pass_ctx
 def evict(obj: Context, peer_id: str, timeout: float) -> None:
     """Remove PEER_ID from the cluster now (a Celery task, visible in Flower)."""
-    obj.client()
+    obj.require_redis()
     from workers.tasks import evict as evict_task
 
     try:

@@ -149,12 +149,20 @@ class RedisServer(EmbeddedServer):
                 "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
 
     def ready(self) -> bool:
+        """True once *our* process answers (not another server that holds the port)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(b"INFO server\r\n")
+                data = b""
+                while b"process_id:" not in data or not data.endswith(b"\r\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
         except OSError:
             return False
+        found = re.search(rb"process_id:(\d+)", data)
+        return bool(found and self.process is not None and int(found.group(1)) == self.process.pid)
 
 
 class NatsServer(EmbeddedServer):
@@ -165,6 +173,14 @@ class NatsServer(EmbeddedServer):
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        """True once our process logged that it is ready and the port answers."""
+        try:
+            logged = "Server is ready" in self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return logged and super().ready()
 
     def command(self) -> list[str]:
         return [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",

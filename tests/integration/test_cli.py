@@ -1,0 +1,124 @@
+"""The click CLI against a real Redis with an in-process router: read commands, publish, tail."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from coordinator.cli import cli
+from coordinator.settings import Settings
+from coordinator.sidecar import ClusterSidecar
+from mixin import Agent, Message, SidecarMixin
+from tests.support import VENV_BIN, wait_for
+
+
+class Peer(Agent, SidecarMixin):
+    pass
+
+
+@pytest.fixture
+def sidecar(settings: Settings) -> Iterator[ClusterSidecar]:
+    sc = ClusterSidecar(settings=settings)
+    sc.start()
+    try:
+        yield sc
+    finally:
+        sc.stop()
+
+
+def run(settings: Settings, *args: str) -> str:
+    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace}
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_read_commands_report_the_cluster(settings: Settings, sidecar: ClusterSidecar) -> None:
+    async def scenario() -> str:
+        async with Peer(namespace=settings.namespace, settings=settings, role="tester") as peer:
+            await peer.cluster_subscribe("a.>", lambda m: None)
+            status = json.loads(run(settings, "status", "--json"))
+            assert status["cluster_size"] == 1
+            assert status["active_subscriptions"] >= 1
+            assert [m["id"] for m in status["members"]] == [peer.id]
+            peers = json.loads(run(settings, "peers", "--json"))
+            assert peers[0]["role"] == "tester"
+            return peer.id
+
+    peer_id = asyncio.run(scenario())
+    leader = json.loads(run(settings, "leader", "--json"))
+    events = [e["event"] for e in leader["events"]]
+    assert events[:2] == ["joined", "left"], events
+    assert any(e.get("peer") == peer_id for e in leader["events"])
+
+
+def test_publish_reaches_a_subscriber(settings: Settings, sidecar: ClusterSidecar) -> None:
+    got: list[Message] = []
+    ready = threading.Event()
+    done = threading.Event()
+
+    async def subscriber() -> None:
+        async with Peer(namespace=settings.namespace, settings=settings) as peer:
+            await peer.cluster_subscribe("conductor.set_tempo", got.append)
+            ready.set()
+            while not got:
+                await asyncio.sleep(0.01)
+        done.set()
+
+    thread = threading.Thread(target=asyncio.run, args=(subscriber(),))
+    thread.start()
+    assert ready.wait(20)
+    out = run(settings, "publish", "conductor.set_tempo", '{"tempo": 90}')
+    assert out.strip()  # the request's stream id
+    thread.join(20)
+    assert done.is_set()
+    assert got[0].data == {"tempo": 90}
+
+
+def test_publish_refuses_bad_json_and_wildcards(settings: Settings, sidecar: ClusterSidecar) -> None:
+    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace}
+    bad = CliRunner().invoke(cli, ["publish", "a.b", "{nope"], env=env)
+    assert bad.exit_code != 0 and "must be JSON" in bad.output
+    wildcard = CliRunner().invoke(cli, ["publish", "a.*", "1"], env=env)
+    assert wildcard.exit_code != 0 and "wildcard" in wildcard.output
+
+
+def test_doctor_reports_redis_and_timings(settings: Settings) -> None:
+    data = json.loads(run(settings, "doctor", "--json"))
+    levels = {c["name"]: c["level"] for c in data["checks"]}
+    assert levels["redis_version"] == "ok"
+    assert levels["maxmemory_policy"] == "ok"
+    assert data["timings"]["member_ttl_s"] == settings.member_ttl
+    assert "***" not in json.dumps(data["settings"]) or data["settings"]["peer_secret"] == "***"
+
+
+def test_read_command_without_redis_is_a_usage_error() -> None:
+    result = CliRunner().invoke(cli, ["status"], env={"SIDECAR_REDIS_URL": ""})
+    assert result.exit_code == 2
+    assert "SIDECAR_REDIS_URL" in result.output
+
+
+def test_tail_prints_json_lines(settings: Settings, sidecar: ClusterSidecar, client: redis.Redis) -> None:
+    env = {**os.environ, "SIDECAR_REDIS_URL": settings.redis_url or "",
+           "SIDECAR_NAMESPACE": settings.namespace}
+    tail = subprocess.Popen([str(VENV_BIN / "sidecar"), "tail", "x.>", "--count", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(f.endswith(" x.>") for f in client.hkeys(sidecar.keys.subs)), 20,
+                 what="tail's subscription")
+        run(settings, "publish", "x.one", "1")
+        run(settings, "publish", "x.two", '"two"')
+        out, err = tail.communicate(timeout=30)
+    finally:
+        tail.kill()
+    assert tail.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(m["topic"], m["data"]) for m in lines] == [("x.one", 1), ("x.two", "two")]
