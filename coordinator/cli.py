@@ -211,6 +211,29 @@ def doctor(obj: Context, as_json: bool) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Listen address; beyond loopback it needs SIDECAR_DASHBOARD_USER/PASSWORD.")
+@click.option("--port", default=8765, show_default=True, type=int)
+@pass_ctx
+def dashboard(obj: Context, host: str, port: int) -> None:
+    """Serve a read-only web page of the cluster (and /api/status, /api/policy as JSON)."""
+    from coordinator.dashboard import make_server
+
+    obj.require_redis()
+    try:
+        server = make_server(obj.settings, host, port)
+    except SidecarError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"dashboard on http://{host}:{server.server_address[1]}/")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:

@@ -1,0 +1,102 @@
+"""``sidecar dashboard``: a small read-only web page of the cluster (stdlib HTTP server).
+
+Serves ``/`` (an HTML page that refreshes itself), ``/api/status`` (cluster report with members)
+and ``/api/policy`` (rollout status) as JSON. It listens on loopback unless credentials are set;
+with credentials every request needs HTTP basic auth.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import html
+import ipaddress
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import redis
+
+from coordinator.errors import ConfigurationError
+from coordinator.keys import Keys
+from coordinator.policy_store import PolicyStore
+from coordinator.report import cluster_report, members_report, recent_events
+from coordinator.settings import Settings
+
+__all__ = ["make_server"]
+
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>sidecar {ns}</title>
+<meta http-equiv="refresh" content="2"><style>body{{font:14px sans-serif;margin:2em}}
+td,th{{padding:2px 10px;text-align:left}}</style></head><body><h1>Cluster {ns}</h1>{summary}
+<h2>Members</h2><table><tr><th>id</th><th>role</th><th>priority</th><th>last seen</th></tr>{rows}
+</table><h2>Recent events</h2><pre>{events}</pre></body></html>"""
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """A server for the dashboard; refuses a non-loopback ``host`` without credentials."""
+    user, password = settings.dashboard_user, settings.dashboard_password
+    if not _loopback(host) and not (user and password):
+        raise ConfigurationError(f"the dashboard may listen on {host} only with credentials: set "
+                                 "SIDECAR_DASHBOARD_USER and SIDECAR_DASHBOARD_PASSWORD")
+    client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    keys = Keys(settings.namespace)
+    expected = (base64.b64encode(f"{user}:{password}".encode()).decode()
+                if user and password else None)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # quiet; no credentials logged
+            return
+
+        def _authorized(self) -> bool:
+            if expected is None:
+                return True
+            header = self.headers.get("Authorization", "")
+            return header.startswith("Basic ") and hmac.compare_digest(header[6:], expected)
+
+        def _send(self, status: int, body: str, kind: str) -> None:
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            if status == 401:
+                self.send_header("WWW-Authenticate", 'Basic realm="sidecar"')
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if not self._authorized():
+                self._send(401, "credentials required\n", "text/plain")
+                return
+            if self.path == "/api/status":
+                report = cluster_report(client, keys)
+                report["members"] = members_report(client, keys)
+                self._send(200, json.dumps(report), "application/json")
+            elif self.path == "/api/policy":
+                self._send(200, json.dumps(PolicyStore(client, keys).status()), "application/json")
+            elif self.path == "/":
+                self._send(200, _render(client, keys), "text/html; charset=utf-8")
+            else:
+                self._send(404, "not found\n", "text/plain")
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def _render(client: Any, keys: Keys) -> str:
+    report = cluster_report(client, keys)
+    summary = "<ul>" + "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>"
+                               for k, v in report.items()) + "</ul>"
+    rows = "".join(f"<tr><td>{html.escape(m['id'])}</td><td>{html.escape(m['role'])}</td>"
+                   f"<td>{m['priority']}</td><td>{m['last_seen_s']}s</td></tr>"
+                   for m in members_report(client, keys))
+    events = html.escape("\n".join(" ".join(f"{k}={v}" for k, v in e.items())
+                                   for e in recent_events(client, keys)))
+    return _PAGE.format(ns=html.escape(keys.namespace), summary=summary, rows=rows, events=events)

@@ -1,0 +1,64 @@
+"""The dashboard: loopback by default, credentials required elsewhere, JSON and HTML views."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
+
+import pytest
+import redis
+
+from coordinator.dashboard import make_server
+from coordinator.errors import ConfigurationError
+from coordinator.keys import Keys
+from coordinator.membership import Membership
+from coordinator.settings import Settings
+
+
+def serve(server: ThreadingHTTPServer) -> Iterator[str]:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def open_dashboard(settings: Settings) -> Iterator[str]:
+    yield from serve(make_server(settings))
+
+
+def test_status_json_lists_members(open_dashboard: str, settings: Settings, client: redis.Redis) -> None:
+    Membership(client, Keys(settings.namespace)).register("01TESTPEER0000000000000000", role="probe")
+    with urllib.request.urlopen(open_dashboard + "/api/status", timeout=5) as resp:
+        data = json.load(resp)
+    assert data["cluster_size"] == 1
+    assert data["members"][0]["role"] == "probe"
+    with urllib.request.urlopen(open_dashboard + "/", timeout=5) as resp:
+        page = resp.read().decode()
+    assert "01TESTPEER0000000000000000" in page and "<table>" in page
+
+
+def test_non_loopback_without_credentials_is_refused(settings: Settings) -> None:
+    with pytest.raises(ConfigurationError, match="only with credentials"):
+        make_server(settings, host="0.0.0.0")
+
+
+def test_credentials_are_required_when_set(settings: Settings) -> None:
+    secured = settings.replace(dashboard_user="ops", dashboard_password="pa55word")
+    for base in serve(make_server(secured)):
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(base + "/api/status", timeout=5)
+        assert denied.value.code == 401
+        denied.value.close()
+        token = base64.b64encode(b"ops:pa55word").decode()
+        request = urllib.request.Request(base + "/api/status", headers={"Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert json.load(resp)["namespace"] == settings.namespace
