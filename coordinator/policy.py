@@ -29,11 +29,25 @@ from coordinator.errors import InvalidPolicy
 from coordinator.topics import check_pattern
 
 __all__ = [
-    "ACTIONS", "Decision", "InvalidPolicy", "Policy", "PolicyEngine", "Statement", "covers", "parse_policy",
+    "ACTIONS", "Decision", "InvalidPolicy", "Policy", "PolicyEngine", "Statement", "covers", "overlaps",
+    "parse_policy",
 ]
 
 ACTIONS = frozenset({"publish", "subscribe"})
 _STATEMENT_KEYS = frozenset({"id", "effect", "role_ids", "action", "resource", "condition"})
+
+
+def overlaps(a: str, b: str) -> bool:
+    """True if some topic matches both patterns."""
+    x, y = a.split("."), b.split(".")
+    for i in range(max(len(x), len(y))):
+        if i >= len(x) or i >= len(y):
+            return False
+        if x[i] == ">" or y[i] == ">":
+            return True
+        if x[i] != "*" and y[i] != "*" and x[i] != y[i]:
+            return False
+    return True
 
 
 def covers(resource: str, pattern: str) -> bool:
@@ -69,7 +83,10 @@ class Statement:
             return False
         if "*" not in self.actions and action not in self.actions:
             return False
-        if not any(covers(r, resource) for r in self.resources):
+        # An allow must cover everything requested; a deny applies as soon as it touches any of it,
+        # so a wider subscription cannot reach around a denied topic.
+        test = overlaps if self.effect == "deny" else covers
+        if not any(test(r, resource) for r in self.resources):
             return False
         wanted = self.condition.get("labels") or {}
         return all(labels.get(k) == v for k, v in wanted.items())
@@ -142,8 +159,10 @@ def parse_policy(document: Mapping[str, Any] | str, name: str | None = None) -> 
             except ValueError as exc:
                 raise InvalidPolicy(f"{where}.resource: {exc}") from None
         condition = st.get("condition") or {}
+        labels = condition.get("labels", {}) if isinstance(condition, Mapping) else None
         if not isinstance(condition, Mapping) or set(condition) - {"labels"} or not isinstance(
-                condition.get("labels", {}), Mapping):
+                labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in labels.items()):
             raise InvalidPolicy(f"{where}.condition may only hold 'labels': a mapping of strings")
         statements.append(Statement(sid, effect, frozenset(_strings(st.get("role_ids"),
                                     f"{where}.role_ids")), frozenset(actions), tuple(resources),

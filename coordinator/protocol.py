@@ -22,17 +22,20 @@ Response entry (``sidecar.responses.<peer_id>``), written by the router::
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CONTROL_KINDS", "KINDS", "Message", "dumps"]
+__all__ = ["CONTROL_KINDS", "KINDS", "PEER_ID_RE", "Message", "dumps"]
 
+PEER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""What a peer id may look like (a ULID does)."""
 KINDS = frozenset({"pub", "sub", "unsub", "reg", "leave", "hb", "pack"})
 CONTROL_KINDS = KINDS - {"pub"}
 
 
 def dumps(data: Any) -> str:
-    """Compact JSON text; raises TypeError for values JSON cannot carry."""
+    """Compact JSON text; TypeError for objects JSON cannot carry, ValueError for NaN/Infinity."""
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 

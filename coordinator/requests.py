@@ -21,7 +21,7 @@ from coordinator.errors import (
 )
 from coordinator.keys import REQUEST_GROUP
 from coordinator.membership import elect_call, heartbeat_call, leave_call, register_call
-from coordinator.protocol import KINDS, dumps
+from coordinator.protocol import KINDS, PEER_ID_RE, dumps
 from coordinator.topics import check_pattern, check_publish_topic
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class RequestHandler:
         if data is None:
             raise BadRequest("publish without a payload field 'd'")
         limit = r.settings.max_payload_bytes
-        if len(data) * 4 > limit and len(data.encode()) > limit:
+        if not trusted and len(data) * 4 > limit and len(data.encode()) > limit:
             raise PayloadTooLarge(f"payload of {len(data.encode())} bytes exceeds the {limit}-byte limit")
         try:
             json.loads(data)
@@ -236,7 +236,9 @@ class RequestHandler:
     def _subscribe(self, stream: str, eid: str, f: dict[str, str], *, add: bool) -> None:
         r = self.router
         sender, pattern = f["s"], check_pattern(f.get("t"))
-        if add:
+        if add and r.guard.enforce:
+            if str(r.client.get(r.keys.routing_version) or "0") != r.version:
+                r.refresh()  # judge the subscribe by the policies in force now, not cached ones
             r.guard.authorize(sender, "subscribe", pattern)
         keys = [r.keys.router_lease(self._partition(stream)), r.keys.subs, r.keys.routing_version,
                 stream, self._inbox_of(sender), r.keys.member(sender)]
@@ -262,6 +264,8 @@ class RequestHandler:
         sender = f["s"]
         if sender == SYSTEM_SENDER:
             raise BadRequest(f"{SYSTEM_SENDER!r} is the sidecar's own sender id; pick another peer id")
+        if not PEER_ID_RE.match(sender):
+            raise BadRequest(f"peer id {sender[:80]!r} must be 1-64 letters, digits, '_' or '-'")
         try:
             info = json.loads(f.get("m") or "{}")
             if not isinstance(info, dict):

@@ -98,6 +98,15 @@ class Router:
             try:
                 self.step()
                 backoff = 0.05
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    log.warning("router %s: Redis refused a command (%s)", self.name, exc)
+                    self._stop.wait(backoff)
+                    continue
+                # Redis lost our streams (a restart without persistence): own them afresh.
+                log.warning("router %s: consumer group gone; taking the partitions over again", self.name)
+                for p in list(self.leases):
+                    self._take_over(p)
             except RedisError as exc:
                 log.warning("router %s: Redis error (%s); retrying in %.2fs", self.name, exc, backoff)
                 self._stop.wait(backoff)
@@ -256,6 +265,9 @@ class Router:
         self.stats["batches"] += 1
         run: list[Entry] = []
         for entry in entries:
+            if run and entry[0] != run[0][0]:  # a run never mixes streams (trust, partition, ack)
+                self.handler.publish_run(run)
+                run = []
             if entry[2].get("k") == "pub":
                 run.append(entry)
                 continue

@@ -127,7 +127,7 @@ class Settings:
         for name in ("redis_url", "nats_url"):
             url = getattr(self, name)
             if url is not None and "://" not in url:
-                raise ConfigurationError(f"{name} {redact_url(url)!r} is not a URL")
+                raise ConfigurationError(f"{name} is not a URL (expected scheme://host:port/...)")
 
     # ------------------------------------------------------------------ derived timings
     @property

@@ -35,7 +35,7 @@ def _tokens(text: object, what: str) -> list[str]:
         raise InvalidTopic(f"{what} must be a non-empty string, got {text!r}")
     if len(text) > MAX_TOPIC_LENGTH:
         raise InvalidTopic(f"{what} is longer than {MAX_TOPIC_LENGTH} characters")
-    if any(ch in _FORBIDDEN for ch in text):
+    if any(ch in _FORBIDDEN or ch.isspace() for ch in text):
         raise InvalidTopic(f"{what} {text!r} contains whitespace or NUL")
     tokens = text.split(".")
     if "" in tokens:

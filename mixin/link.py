@@ -36,7 +36,8 @@ __all__ = ["SidecarLink"]
 
 _CONSUMER = "c"
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
-EntryHandler = Callable[[str, dict[str, str]], Awaitable[None]]
+EntryHandler = Callable[[str, dict[str, str]], Awaitable[bool]]
+"""Handles one inbox entry; returns False to leave it unacknowledged (the owner acks it later)."""
 Fields = dict[Any, Any]  # str -> str; typed loosely because redis-py wants its EncodableT union
 
 
@@ -226,13 +227,15 @@ class SidecarLink:
                 if cursor != ">" and not entries:
                     cursor = ">"
                     continue
+                done = []
                 for eid, fields in entries:
                     if fields.get("k") == "reply":
                         self._resolve(fields)
-                    else:
-                        await self.on_entry(eid, fields)
-                if entries:
-                    await self.redis.xack(self.inbox, PEER_GROUP, *[e for e, _ in entries])
+                        done.append(eid)
+                    elif await self.on_entry(eid, fields):
+                        done.append(eid)
+                if done:
+                    await self.redis.xack(self.inbox, PEER_GROUP, *done)
                     if cursor != ">":
                         cursor = entries[-1][0]
             except asyncio.CancelledError:
@@ -250,6 +253,11 @@ class SidecarLink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 cursor = "0"
+
+    async def ack(self, entry_ids: list[str]) -> None:
+        """Acknowledge inbox entries the owner finished with later."""
+        if entry_ids:
+            await self.redis.xack(self.inbox, PEER_GROUP, *entry_ids)
 
     def _resolve(self, fields: dict[str, str]) -> None:
         fut = self._replies.get(fields.get("r", ""))

@@ -70,6 +70,9 @@ class SidecarMixin(Lifecycle):
         self._leader: tuple[str, int] = ("", 0)
         self._leader_confirmed = 0.0
         self._hook_tasks: set[asyncio.Future[Any]] = set()
+        self._dispatch_lock = asyncio.Lock()
+        self._parked: list[tuple[str, dict[str, str]]] = []
+        self._park_until = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def setup(self, *args: Any, **kwargs: Any) -> None:
@@ -92,6 +95,10 @@ class SidecarMixin(Lifecycle):
                                  on_rejoin=self._resubscribe, on_heartbeat=self._on_heartbeat,
                                  logger=getattr(self, "logger", None), secret=self._secret)
         self._link.on_connected = self._on_connected
+        # Messages that waited in the inbox while this peer was away arrive before its handlers are
+        # back; they are parked (unacknowledged) for a grace period and handed to the handlers as
+        # they subscribe again, in order.
+        self._park_until = time.monotonic() + max(10.0, 2 * self.sidecar_settings.request_timeout)
         info = {"role": self.role, "labels": self.labels, "priority": self.priority,
                 "eligible": self.leader_eligible, "incarnation": str(time.time_ns()),
                 "pid": os.getpid()}
@@ -113,13 +120,22 @@ class SidecarMixin(Lifecycle):
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
         link = self._require_link()
-        if pattern not in self._handlers:
-            if pattern not in _INTERNAL:
+        new = pattern not in self._handlers
+        async with self._dispatch_lock:
+            if new:
+                self._patterns.add(pattern, pattern)
+                self._handlers[pattern] = []
+            self._handlers[pattern].append(handler)
+            self.cluster_subscriptions = len(self._handlers)
+            await self._release_parked()
+        if new and pattern not in _INTERNAL:
+            try:
                 await link.request("sub", t=pattern)
-            self._patterns.add(pattern, pattern)
-            self._handlers[pattern] = []
-        self._handlers[pattern].append(handler)
-        self.cluster_subscriptions = len(self._handlers)
+            except BaseException:
+                self._handlers.pop(pattern, None)
+                self._patterns.remove(pattern, pattern)
+                self.cluster_subscriptions = len(self._handlers)
+                raise
 
     async def cluster_unsubscribe(self, pattern: str) -> None:
         """Stop receiving ``pattern`` (every handler of it); returns once the router applied it."""
@@ -230,20 +246,45 @@ class SidecarMixin(Lifecycle):
             raise RuntimeError("call setup() (or setup_sidecar_communication()) first")
         return self._link
 
-    async def _on_entry(self, eid: str, fields: dict[str, str]) -> None:
+    async def _on_entry(self, eid: str, fields: dict[str, str]) -> bool:
+        async with self._dispatch_lock:
+            if self._parked and time.monotonic() > self._park_until:
+                await self._release_parked(expire=True)
+            return await self._dispatch(eid, fields)
+
+    async def _release_parked(self, *, expire: bool = False) -> None:
+        """Hand parked messages to the handlers that now match them (or drop them once expired)."""
+        keep, done = [], []
+        for eid, fields in self._parked:
+            if self._patterns.match(fields.get("t", "")) or expire:
+                await self._dispatch(eid, fields, park=False)
+                done.append(eid)
+            else:
+                keep.append((eid, fields))
+        self._parked = keep
+        if done and self._link is not None:
+            await self._link.ack(done)
+
+    async def _dispatch(self, eid: str, fields: dict[str, str], *, park: bool = True) -> bool:
+        """Run the handlers of one message; False if it was parked for handlers yet to come."""
         mid = fields.get("i") or eid
         if mid in self._seen:
-            return
+            return True
+        topic = fields.get("t", "")
+        sender = fields.get("s", "")
+        if (park and sender != "sidecar" and not self._patterns.match(topic)
+                and time.monotonic() < self._park_until):
+            self._parked.append((eid, fields))
+            return False
         self._seen[mid] = None
         if len(self._seen) > _SEEN_LIMIT:
             self._seen.popitem(last=False)
-        topic = fields.get("t", "")
         try:
             data = json.loads(fields.get("d", "null"))
         except ValueError:
             self.handler_errors += 1
-            return
-        message = Message(topic, data, fields.get("s", ""), mid, int(fields.get("ts", "0")) / 1000)
+            return True
+        message = Message(topic, data, sender, mid, int(fields.get("ts", "0")) / 1000)
         self.messages_received += 1
         if message.sender == "sidecar":
             if topic == "cluster.leader" and isinstance(data, dict):
@@ -253,6 +294,7 @@ class SidecarMixin(Lifecycle):
         for pattern in self._patterns.match(topic):
             for handler in list(self._handlers.get(pattern, ())):
                 await self._call(handler, message)
+        return True
 
     async def _call(self, handler: Handler, message: Message) -> None:
         try:

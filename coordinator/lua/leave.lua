@@ -23,10 +23,11 @@ local left = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[9], ARGV[1])
 redis.call('DEL', KEYS[2])
 local prefix = ARGV[1] .. ' '
+local glob = string.gsub(ARGV[1], '([%*%?%[%]\\])', '\\%1') .. ' *'
 local removed = 0
 local cursor = '0'
 repeat
-  local r = redis.call('HSCAN', KEYS[3], cursor, 'MATCH', ARGV[1] .. ' *', 'COUNT', 1000)
+  local r = redis.call('HSCAN', KEYS[3], cursor, 'MATCH', glob, 'COUNT', 1000)
   cursor = r[1]
   local flat = r[2]
   for i = 1, #flat, 2 do

@@ -125,9 +125,9 @@ def test_auth_value() -> None:
 
 @pytest.mark.parametrize("url", ["localhost:6379", "redis", "127.0.0.1"])
 def test_bad_url(url: str) -> None:
-    with pytest.raises(ConfigurationError, match=r"redis_url .* is not a URL"):
+    with pytest.raises(ConfigurationError, match=r"redis_url is not a URL"):
         Settings(redis_url=url)
-    with pytest.raises(ConfigurationError, match=r"nats_url .* is not a URL"):
+    with pytest.raises(ConfigurationError, match=r"nats_url is not a URL"):
         Settings(nats_url=url)
 
 
@@ -200,7 +200,7 @@ def test_validation_error_does_not_leak_password_of_a_valid_url() -> None:
     assert "s3cret" not in str(info.value)
 
 
-# SOURCE BUG (coordinator/settings.py, __post_init__, the "is not a URL" check): a malformed URL
+# Regression test, failed before the fix in (coordinator/settings.py, __post_init__, the "is not a URL" check): a malformed URL
 # that still carries credentials (here the ':' after the scheme is missing) is echoed back through
 # redact_url(), which only masks passwords urlsplit() can find, so the password lands in the error
 # message and from there in logs. Fix: never echo a malformed URL, or mask "user:<pw>@" with a
