@@ -202,7 +202,7 @@ async def test_seed_usage_example(monkeypatch: pytest.MonkeyPatch, redis_url: st
     assert len(conductor.id) == 26 and conductor.short_id == conductor.id[-6:]
 
 
-# Regression test, failed before the fix in (mixin/link.py SidecarLink.open + mixin/sidecar.py): a restarted peer starts reading
+# Regression (fixed) (mixin/link.py SidecarLink.open + mixin/sidecar.py): a restarted peer starts reading
 # its inbox before it can have any handler (cluster_subscribe needs the link that setup() opens),
 # so the messages that waited in its stream while it was away are read, matched against an empty
 # handler table and acked: silently lost. Fix: let cluster_subscribe() be called before setup()
@@ -231,7 +231,7 @@ async def test_restarted_peer_finds_messages_sent_while_away(cluster: Cluster,
     assert got == [0, 1, 2]
 
 
-# Regression test, failed before the fix in (coordinator/router.py Router._maintain/_take_over): after Redis restarts without
+# Regression (fixed) (coordinator/router.py Router._maintain/_take_over): after Redis restarts without
 # its data, the router still believes it holds partition 0 (lease_acquire simply re-creates the
 # free key), so it never re-runs _take_over and never re-creates the 'routers' consumer group;
 # every XREADGROUP then fails with NOGROUP and is retried forever, so nothing is routed again and

@@ -175,7 +175,7 @@ def test_bad_input_is_dead_lettered_and_good_traffic_flows(client: redis.Redis, 
     assert r.stats["rejected"] == len(expected)
 
 
-# Regression test, failed before the fix in (coordinator/router.py, Router.process): a run of publishes is not split when the
+# Regression (fixed) (coordinator/router.py, Router.process): a run of publishes is not split when the
 # stream changes, so one XREADGROUP batch holding a peer's publish AND a system event (here
 # cluster.member.joined) is routed as one run judged by the first entry's stream: the system
 # event is treated as an untrusted request ("sidecar" is not a member -> dead-lettered as

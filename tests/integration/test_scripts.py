@@ -218,7 +218,7 @@ def test_sweep_evicts_only_silent_members(client: redis.Redis, keys: Keys) -> No
     assert set(m.members()) == {"new"}
 
 
-# Regression test, failed before the fix in (coordinator/lua/leave.lua, the HSCAN ... MATCH ARGV[1] .. ' *' line): the peer id is
+# Regression (fixed) (coordinator/lua/leave.lua, the HSCAN ... MATCH ARGV[1] .. ' *' line): the peer id is
 # used as a glob without escaping, so a peer id containing glob characters ('[', ']', '*', '?',
 # '\\') leaves its subscriptions behind in the index after leave/evict. Fix: escape the id before
 # building the MATCH pattern, e.g. local glob = ARGV[1]:gsub('([%*%?%[%]\\])', '\\%1'), or refuse

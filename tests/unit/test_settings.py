@@ -200,7 +200,7 @@ def test_validation_error_does_not_leak_password_of_a_valid_url() -> None:
     assert "s3cret" not in str(info.value)
 
 
-# Regression test, failed before the fix in (coordinator/settings.py, __post_init__, the "is not a URL" check): a malformed URL
+# Regression (fixed) (coordinator/settings.py, __post_init__, the "is not a URL" check): a malformed URL
 # that still carries credentials (here the ':' after the scheme is missing) is echoed back through
 # redact_url(), which only masks passwords urlsplit() can find, so the password lands in the error
 # message and from there in logs. Fix: never echo a malformed URL, or mask "user:<pw>@" with a

@@ -38,7 +38,7 @@ def test_whitespace_and_nul_are_refused(bad: str) -> None:
         check_publish_topic(f"a.b{bad}c")
 
 
-# Regression test, failed before the fix in (coordinator/topics.py, _FORBIDDEN): only " \t\r\n\x00" are refused, so other
+# Regression (fixed) (coordinator/topics.py, _FORBIDDEN): only " \t\r\n\x00" are refused, so other
 # whitespace (vertical tab, form feed, NBSP, ...) slips into topics although the grammar says
 # "tokens without whitespace". This test fails until _tokens() also rejects ch.isspace().
 @pytest.mark.parametrize("bad", ["\v", "\f", "\u00a0", "\u2003"])
