@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ResponseError
 from ulid import ULID
 
 from coordinator.errors import AuthenticationFailed
@@ -128,12 +129,17 @@ class Identities:
         """A Redis user that may write requests and read only its own inbox."""
         user = f"sidecar-peer-{peer_id}"
         password = secrets.token_urlsafe(32)
-        self.client.acl_setuser(
-            user, enabled=True, reset_keys=True, reset_channels=True, reset_passwords=True,
-            passwords=[f"+{password}"],
-            keys=[f"%W~{self.keys.requests(0)}*", f"~{self.keys.responses(peer_id)}"],
-            commands=["-@all", "+xadd", "+xreadgroup", "+xack", "+xgroup|create", "+ping",
-                      "+client|setinfo", "+client|setname", "+hello", "+auth", "+select"])
+        commands = ["-@all", "+xadd", "+xreadgroup", "+xack", "+xgroup|create", "+ping",
+                    "+client|setname", "+hello", "+auth", "+select"]
+        keys = [f"%W~{self.keys.requests(0)}*", f"~{self.keys.responses(peer_id)}"]
+        try:  # Redis 7.2+ has CLIENT SETINFO, which clients send on connect
+            self.client.acl_setuser(user, enabled=True, reset_keys=True, reset_channels=True,
+                                    reset_passwords=True, passwords=[f"+{password}"], keys=keys,
+                                    commands=[*commands, "+client|setinfo"])
+        except ResponseError:
+            self.client.acl_setuser(user, enabled=True, reset_keys=True, reset_channels=True,
+                                    reset_passwords=True, passwords=[f"+{password}"], keys=keys,
+                                    commands=commands)
         return user, password
 
     def load(self) -> dict[str, Identity]:

@@ -126,6 +126,9 @@ class PolicyStore:
                    pipeline: Any = None) -> None:
         """Remember what ``peer`` did with ``version`` (called by the router)."""
         target = pipeline if pipeline is not None else self.client
+        known = self.client.hget(self.keys.policy_acks, peer)
+        if known is not None and int(json.loads(known).get("version", 0)) > version:
+            return  # a late answer about an older version; keep the newer state
         t = self.client.time()
         now = int(t[0]) * 1000 + int(t[1]) // 1000
         target.hset(self.keys.policy_acks, peer, dumps(

@@ -203,6 +203,8 @@ class SidecarMixin(Lifecycle):
         if not isinstance(data, dict):
             return
         version, nonce = int(data.get("version", 0)), str(data.get("nonce", ""))
+        if version < self._policy_version:
+            return  # an older set overtaken by the one we run; its distribution raced a newer one
         policies = data.get("policies") or {}
         fields = {"k": "pack", "s": link.peer_id, "pv": str(version), "pn": nonce}
         try:

@@ -1,0 +1,263 @@
+"""Security end to end: signed requests through a real worker, Redis ACL users, JSON-only Celery, no
+secrets in logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from redis.exceptions import NoPermissionError
+
+from coordinator.auth import FRESHNESS_MS, Identities, Signer, canonical
+from coordinator.embedded import RedisServer
+from coordinator.keys import PEER_GROUP, Keys
+from coordinator.settings import Settings
+from mixin import Agent, SidecarMixin
+from tests.e2e.helpers import Recorder, start_worker
+from tests.support import Processes, async_wait_for, sidecar_env, wait_for
+
+SIDECAR = Path(sys.executable).parent / "sidecar"
+DASHBOARD_PASSWORD = "dashboard-pa55word-never-logged"
+
+
+class Peer(Agent, SidecarMixin):
+    """A peer with nothing but the mixin."""
+
+
+def sidecar_cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([str(SIDECAR), *args], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"sidecar {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def sign_by_hand(secret: str, fields: dict[str, str]) -> dict[str, str]:
+    """``fields`` with a valid signature over whatever ``ts`` and ``n`` they already carry."""
+    return {**fields, "sig": hmac.new(secret.encode(), canonical(fields), hashlib.sha256).hexdigest()}
+
+
+def dead_letters(client: redis.Redis, keys: Keys) -> dict[str, dict[str, str]]:
+    """Dead-letter entries by the id of the request entry they refused."""
+    return {f["entry"]: f for _, f in client.xrange(keys.deadletter)}
+
+
+# ---------------------------------------------------------------------------------------- signed requests
+
+
+async def test_forged_tampered_replayed_and_unsigned_requests_are_refused(
+        procs: Processes, redis_url: str, namespace: str, client: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    keys = Keys(namespace)
+    ids = Identities(client, keys)
+    a_creds, b_creds = ids.add("a", ["conductor"]), ids.add("b", ["conductor"])
+    a_secret, b_secret = a_creds["SIDECAR_PEER_SECRET"], b_creds["SIDECAR_PEER_SECRET"]
+    env = sidecar_env(redis_url, namespace, auth="required", dashboard_user="admin",
+                      dashboard_password=DASHBOARD_PASSWORD)
+    worker = start_worker(procs, env, client, "w1")
+    st = Settings(redis_url=redis_url, namespace=namespace, auth="required", request_timeout=10.0)
+    a = Peer(namespace=namespace, id=a_creds["SIDECAR_PEER_ID"], settings=st, secret=a_secret)
+    b = Peer(namespace=namespace, id=b_creds["SIDECAR_PEER_ID"], settings=st, secret=b_secret)
+    async with a, b:
+        got = Recorder()
+        await a.cluster_subscribe("chat.>", got)
+        # an entry b really signed, captured from the request stream (retried if the router's
+        # periodic trim removed it before we read it)
+        captured: dict[str, str] = {}
+        sent: list[Any] = []
+        while not captured and len(sent) < 20:
+            sent.append({"n": len(sent)})
+            eid = await b.cluster_publish("chat.hello", sent[-1])
+            found = client.xrange(keys.requests(0), eid, eid)
+            captured = found[0][1] if found else {}
+        assert captured.get("sig"), "could not capture a signed entry"
+        await got.wait_for_data(sent[-1])
+
+        now_ms = int(time.time() * 1000)
+        stale = sign_by_hand(b_secret, {"k": "pub", "s": b.id, "t": "chat.stale", "d": '"stale"',
+                                        "ts": str(now_ms - 3 * FRESHNESS_MS), "n": str(now_ms * 10_000)})
+        tampered = {**Signer(b_secret).sign({"k": "pub", "s": b.id, "t": "chat.tampered", "d": '"a"'}),
+                    "d": '"tampered"'}
+        attacks: dict[str, tuple[dict[str, str], str]] = {
+            "forged sender": (Signer(a_secret).sign(
+                {"k": "pub", "s": b.id, "t": "chat.forged", "d": '"forged"'}), "bad signature"),
+            "bad signature": ({**captured, "t": "chat.badsig", "sig": "ab" * 32}, "bad signature"),
+            "tampered": (tampered, "bad signature"),
+            "replayed": (dict(captured), "replayed"),
+            "stale": (stale, "stale"),
+            "unsigned": ({"k": "pub", "s": b.id, "t": "chat.unsigned", "d": '"unsigned"'}, "unsigned"),
+            "unsigned subscribe": ({"k": "sub", "s": b.id, "t": "chat.>", "r": "sneaky"}, "unsigned"),
+            "forged leave": ({"k": "leave", "s": a.id}, "unsigned"),
+            "stranger": (Signer("guess").sign({"k": "pub", "s": "01STRANGER0000000000000000",
+                                               "t": "chat.x", "d": '"x"'}), "no identity"),
+        }
+        entry_ids = {client.xadd(keys.requests(0), fields): name for name, (fields, _) in attacks.items()}
+        await b.cluster_publish("chat.after", "after")
+        await got.wait_for_data("after")
+
+        assert got.data == [*sent, "after"], "a refused request reached a subscriber"
+        dead = dead_letters(client, keys)
+        assert set(entry_ids) <= set(dead)
+        for eid, name in entry_ids.items():
+            entry, expected = dead[eid], attacks[name][1]
+            assert entry["reason"] == "unauthenticated", (name, entry)
+            assert expected in entry["message"], (name, entry["message"])
+        # nothing the attacks asked for happened: a is still a member, b has no subscription
+        assert client.zscore(keys.members, a.id) is not None
+        assert sorted(client.hkeys(keys.subs)) == sorted([f"{a.id} chat.>", f"{a.id} cluster.leader",
+                                                         f"{b.id} cluster.leader"])
+        # good traffic between the two authenticated peers is unaffected, both ways
+        back = Recorder()
+        await b.cluster_subscribe("reply.>", back)
+        await a.cluster_publish("reply.to-b", "hi b")
+        await back.wait_for_data("hi b")
+
+    # no secret in the worker's log, the test's own log records, or the dead letters
+    log = procs.log(worker)
+    assert "rejected" in log  # it did log the refusals ...
+    for secret in (a_secret, b_secret, DASHBOARD_PASSWORD):
+        assert secret not in log  # ... but never a secret
+        assert secret not in caplog.text
+        assert all(secret not in json.dumps(f) for f in dead_letters(client, keys).values())
+
+
+def test_cli_never_prints_secrets(redis_url: str, namespace: str) -> None:
+    env = sidecar_env(redis_url, namespace, peer_secret="peer-secret-never-printed",
+                      dashboard_password=DASHBOARD_PASSWORD)
+    out = sidecar_cli(env, "doctor", "--json")
+    settings = json.loads(out)["settings"]
+    assert settings["peer_secret"] == "***" and settings["dashboard_password"] == "***"
+    assert "peer-secret-never-printed" not in out and DASHBOARD_PASSWORD not in out
+    settings_repr = repr(Settings.from_env(env))
+    assert "peer-secret-never-printed" not in settings_repr and DASHBOARD_PASSWORD not in settings_repr
+
+
+# ---------------------------------------------------------------------------------------- Redis ACL
+
+
+def acl_env(out: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines printed by ``sidecar peer add`` as a dict."""
+    return dict(line.split("=", 1) for line in out.strip().splitlines())
+
+
+async def test_redis_acl_confines_each_peer_to_its_own_inbox(
+        procs: Processes, fresh_redis: RedisServer, namespace: str) -> None:
+    keys = Keys(namespace)
+    admin = redis.Redis.from_url(fresh_redis.url, decode_responses=True)
+    env = sidecar_env(fresh_redis.url, namespace, auth="required")
+    a_env = acl_env(sidecar_cli(env, "peer", "add", "a", "--role", "conductor", "--redis-acl"))
+    b_env = acl_env(sidecar_cli(env, "peer", "add", "b", "--role", "conductor", "--redis-acl"))
+    assert set(a_env) == {"SIDECAR_PEER_ID", "SIDECAR_PEER_SECRET", "SIDECAR_REDIS_USER",
+                          "SIDECAR_REDIS_PASSWORD"}
+    a_id, b_id = a_env["SIDECAR_PEER_ID"], b_env["SIDECAR_PEER_ID"]
+    start_worker(procs, env, admin, "w1")
+
+    def as_user(creds: dict[str, str]) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=fresh_redis.port, username=creds["SIDECAR_REDIS_USER"],
+                           password=creds["SIDECAR_REDIS_PASSWORD"], decode_responses=True)
+
+    def url_of(creds: dict[str, str]) -> str:
+        return (f"redis://{creds['SIDECAR_REDIS_USER']}:{creds['SIDECAR_REDIS_PASSWORD']}"
+                f"@127.0.0.1:{fresh_redis.port}/0")
+
+    # the peers themselves run entirely as their ACL users
+    st = Settings(namespace=namespace, auth="required", request_timeout=10.0)
+    a = Peer(namespace=namespace, id=a_id, settings=st.replace(redis_url=url_of(a_env)),
+             secret=a_env["SIDECAR_PEER_SECRET"])
+    b = Peer(namespace=namespace, id=b_id, settings=st.replace(redis_url=url_of(b_env)),
+             secret=b_env["SIDECAR_PEER_SECRET"])
+    spy = as_user(a_env)
+    try:
+        async with a, b:
+            got = Recorder()
+            await b.cluster_subscribe("to-b.>", got)
+            await a.cluster_publish("to-b.hello", "for b only")
+            await got.wait_for_data("for b only")
+            assert spy.ping()
+
+            # a reading b's inbox: refused, by group read and by range read
+            with pytest.raises(NoPermissionError):
+                spy.xreadgroup(PEER_GROUP, "spy", {keys.responses(b_id): "0"})
+            with pytest.raises(NoPermissionError):
+                spy.xrange(keys.responses(b_id))
+            with pytest.raises(NoPermissionError):
+                spy.xgroup_create(keys.responses(b_id), "spy", id="0")
+            # ... nor writing into it (forged deliveries), nor reading requests or identities,
+            # nor running scripts (membership changes go through the router)
+            with pytest.raises(NoPermissionError):
+                spy.xadd(keys.responses(b_id), {"k": "msg", "t": "to-b.x", "d": "1", "s": "sidecar"})
+            with pytest.raises(NoPermissionError):
+                spy.xreadgroup("routers", "spy", {keys.requests(0): "0"})
+            with pytest.raises(NoPermissionError):
+                spy.hgetall(keys.identities)
+            with pytest.raises(NoPermissionError):
+                spy.eval("return 1", 0)
+            with pytest.raises(NoPermissionError):
+                spy.xadd(keys.system, {"k": "pub", "s": "sidecar", "t": "cluster.leader", "d": "{}"})
+
+            # a reading its own inbox works (a private group, so a's own reader loses nothing)
+            spy.xgroup_create(keys.responses(a_id), "probe", id="0")
+            own = spy.xreadgroup("probe", "probe", {keys.responses(a_id): ">"}, count=100)
+            assert own and own[0][1], "a could not read its own inbox"
+            # ... and writing requests works (unsigned, so the router dead-letters it)
+            eid = spy.xadd(keys.requests(0), {"k": "pub", "s": a_id, "t": "to-b.probe", "d": "1"})
+            await async_wait_for(lambda: eid in dead_letters(admin, keys), what="the probe refused")
+            assert dead_letters(admin, keys)[eid]["reason"] == "unauthenticated"
+            assert got.data == ["for b only"]
+    finally:
+        spy.close()
+        admin.close()
+
+
+# ---------------------------------------------------------------------------------------- JSON only
+
+
+@pytest.fixture
+def sender_app(redis_url: str, namespace: str) -> Iterator[Celery]:
+    """A Celery client configured like workers.application, except that it may send pickle."""
+    keys = Keys(namespace)
+    app = Celery("pickle-sender", set_as_current=False)
+    app.conf.update(
+        broker_url=redis_url, result_backend=redis_url,
+        broker_transport_options={"global_keyprefix": keys.celery_prefix},
+        result_backend_transport_options={"global_keyprefix": keys.celery_prefix},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=f"sidecar.{namespace}",
+        task_serializer="json", result_serializer="json",
+        accept_content=["json", "pickle"], result_accept_content=["json"],
+    )
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+def test_pickled_task_is_refused_while_json_round_trips(
+        procs: Processes, redis_url: str, namespace: str, client: redis.Redis, sender_app: Celery) -> None:
+    worker = start_worker(procs, sidecar_env(redis_url, namespace), client, "w1")
+    pickled = sender_app.send_task("sidecar.ping", args=[{"via": "pickle"}], serializer="pickle")
+    assert pickled.backend is not None
+    # one queue, one solo worker: once a JSON task sent after it round-trips, the pickled one was
+    # taken off the queue and dealt with
+    as_json = sender_app.send_task("sidecar.ping", args=[{"via": "json"}])
+    assert as_json.get(timeout=30) == {"via": "json"}
+    wait_for(lambda: f"Task sidecar.ping[{as_json.id}] succeeded" in procs.log(worker), 10,
+             what="the worker to log the JSON task")
+    log = procs.log(worker)
+    assert "Refusing to deserialize untrusted content of type pickle" in log, log[-3000:]
+    assert pickled.state == "PENDING"  # never executed: no result, no failure recorded
+    assert pickled.id not in log  # it never became a task (received, started or succeeded)
+    assert worker.poll() is None  # and the worker carries on
+    again = sender_app.send_task("sidecar.ping", args=[2])
+    assert again.get(timeout=30) == 2

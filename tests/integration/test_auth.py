@@ -1,0 +1,319 @@
+"""Signed requests: Signer and verify, identities in Redis, and a router with SIDECAR_AUTH=required."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis
+
+from coordinator import ClusterSidecar, Keys, Settings
+from coordinator.auth import FRESHNESS_MS, Identities, Identity, Signer, canonical, verify
+from coordinator.errors import AuthenticationFailed, PolicyRejected
+from coordinator.guard import Guard
+from coordinator.policy_store import PolicyStore
+from mixin import Agent, Message, SidecarMixin
+from tests.support import async_wait_for
+
+SECRET = "s3cret-of-peer-a-0123456789abcdef"
+OTHER = "s3cret-of-peer-b-fedcba9876543210"
+PEER_A = "01AAAAAAAAAAAAAAAAAAAAAAAA"
+PEER_B = "01BBBBBBBBBBBBBBBBBBBBBBBB"
+
+
+def ident(peer: str = PEER_A, secret: str = SECRET, roles: tuple[str, ...] = ("conductor",)) -> Identity:
+    return Identity(peer, "a", roles, secret)
+
+
+def signed(secret: str = SECRET, sender: str = PEER_A, **extra: str) -> dict[str, str]:
+    return Signer(secret).sign({"k": "pub", "s": sender, "t": "a.b", "d": '{"x":1}', **extra})
+
+
+def reason(fields: dict[str, str], identity: Identity | None = None, entry_ms: int | None = None,
+           last_nonce: int = 0) -> str:
+    """The AuthenticationFailed message ``verify`` gives for ``fields``."""
+    when = int(fields.get("ts", "0")) if entry_ms is None else entry_ms
+    with pytest.raises(AuthenticationFailed) as info:
+        verify(ident() if identity is None else identity, fields, when, last_nonce)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------- verify
+
+
+def test_good_signature_passes_and_returns_the_nonce() -> None:
+    fields = signed()
+    assert set(fields) == {"k", "s", "t", "d", "ts", "n", "sig"}
+    nonce = verify(ident(), fields, int(fields["ts"]) + 5, 0)
+    assert nonce == int(fields["n"])
+    assert verify(ident(), fields, int(fields["ts"]), nonce - 1) == nonce
+
+
+@pytest.mark.parametrize("field", ["k", "s", "t", "d", "ts", "n"])
+def test_tampered_field_fails_the_signature(field: str) -> None:
+    fields = signed()
+    fields[field] = fields[field] + "0"
+    assert "bad signature" in reason(fields, ident(fields["s"]))
+
+
+def test_added_or_removed_field_fails_the_signature() -> None:
+    added = signed()
+    added["f"] = "7"  # e.g. a fence term slipped in after signing
+    assert "bad signature" in reason(added)
+    removed = signed(r="req-1")
+    del removed["r"]
+    assert "bad signature" in reason(removed)
+
+
+def test_wrong_secret_fails_the_signature() -> None:
+    assert "bad signature for sender" in reason(signed(secret=OTHER))
+
+
+def test_forged_sender_fails_the_signature() -> None:
+    # A signs an entry that claims to come from B: checked with B's secret, it fails.
+    forged = signed(secret=SECRET, sender=PEER_B)
+    msg = reason(forged, ident(PEER_B, OTHER))
+    assert "bad signature" in msg and PEER_B in msg
+
+
+def test_missing_signature_fails() -> None:
+    fields = signed()
+    del fields["sig"]
+    assert "unsigned request" in reason(fields)
+    plain = {"k": "pub", "s": PEER_A, "t": "a.b", "d": "{}"}
+    assert "unsigned request" in reason(plain, entry_ms=0)
+
+
+def test_unknown_sender_fails() -> None:
+    fields = signed()
+    with pytest.raises(AuthenticationFailed, match="no identity for sender"):
+        verify(None, fields, int(fields["ts"]), 0)
+
+
+@pytest.mark.parametrize("skew", [FRESHNESS_MS + 1, -(FRESHNESS_MS + 1), 10 * FRESHNESS_MS])
+def test_stale_timestamp_fails(skew: int) -> None:
+    fields = signed()
+    ts = int(fields["ts"])
+    assert "stale request" in reason(fields, entry_ms=ts + skew)
+    assert verify(ident(), fields, ts + (FRESHNESS_MS if skew > 0 else -FRESHNESS_MS), 0)
+
+
+def test_replayed_nonce_fails() -> None:
+    fields = signed()
+    nonce = int(fields["n"])
+    assert "replayed request" in reason(fields, last_nonce=nonce)
+    assert "replayed request" in reason(fields, last_nonce=nonce + 1)
+
+
+def test_non_numeric_ts_or_nonce_fails() -> None:
+    fields = {"k": "pub", "s": PEER_A, "t": "a.b", "d": "{}", "ts": "soon", "n": "1"}
+    fields["sig"] = hmac.new(SECRET.encode(), canonical(fields), hashlib.sha256).hexdigest()
+    assert "numeric" in reason(fields, entry_ms=0)
+
+
+def test_each_failure_has_its_own_reason() -> None:
+    good = signed()
+    ts = int(good["ts"])
+    tampered = {**good, "d": "{}"}
+    unsigned = {k: v for k, v in good.items() if k != "sig"}
+    reasons = {
+        "tampered": reason(tampered),
+        "wrong secret": reason(signed(secret=OTHER)),
+        "unsigned": reason(unsigned),
+        "stale": reason(good, entry_ms=ts + 2 * FRESHNESS_MS),
+        "replayed": reason(good, last_nonce=int(good["n"])),
+    }
+    kinds = {name: next(k for k in ("bad signature", "unsigned", "stale", "replayed") if k in msg)
+             for name, msg in reasons.items()}
+    assert kinds == {"tampered": "bad signature", "wrong secret": "bad signature",
+                     "unsigned": "unsigned", "stale": "stale", "replayed": "replayed"}
+    for msg in reasons.values():
+        assert SECRET not in msg and OTHER not in msg
+
+
+def test_signer_nonces_always_grow() -> None:
+    signer = Signer(SECRET)
+    nonces = [int(signer.sign({"k": "hb", "s": PEER_A})["n"]) for _ in range(2000)]
+    assert nonces == sorted(set(nonces))  # strictly increasing even within one microsecond
+    last = 0
+    for n in nonces:  # so a router accepts every one of them in order
+        assert n > last
+        last = n
+
+
+def test_canonical_form_is_unambiguous_and_ignores_the_signature() -> None:
+    assert canonical({"ab": "c"}) != canonical({"a": "bc"})
+    assert canonical({"a": "1:b"}) != canonical({"a": "1", "b": ""})
+    assert canonical({"b": "2", "a": "1"}) == canonical({"a": "1", "b": "2", "sig": "x"})
+
+
+# ---------------------------------------------------------------------------------------- reprs
+
+
+def test_no_secret_in_any_repr() -> None:
+    signer = Signer(SECRET)
+    identity = ident()
+    settings = Settings(redis_url="redis://user:hunter2@localhost:6379/0", peer_secret=SECRET,
+                        dashboard_user="admin", dashboard_password="dash-pa55word")
+    texts = [repr(signer), str(signer), repr(identity), str(identity), repr(settings), str(settings),
+             json.dumps(settings.describe()), f"{settings!r} {identity!r} {signer!r}"]
+    for text in texts:
+        for secret in (SECRET, "dash-pa55word", "hunter2"):
+            assert secret not in text, text
+    assert "***" in repr(signer)
+    assert "peer_id='01AAAAAAAAAAAAAAAAAAAAAAAA'" in repr(identity) and "conductor" in repr(identity)
+    described = settings.describe()
+    assert described["peer_secret"] == "***" and described["dashboard_password"] == "***"
+    assert described["dashboard_user"] == "admin"
+
+
+# ---------------------------------------------------------------------------------------- identities
+
+
+@pytest.fixture
+def keys(namespace: str) -> Keys:
+    return Keys(namespace)
+
+
+def test_identities_add_and_load(client: redis.Redis, keys: Keys) -> None:
+    store = Identities(client, keys)
+    before = int(client.get(keys.routing_version) or 0)
+    out = store.add("conductor-1", ["conductor", "admin"])
+    assert set(out) == {"SIDECAR_PEER_ID", "SIDECAR_PEER_SECRET"}
+    peer_id, secret = out["SIDECAR_PEER_ID"], out["SIDECAR_PEER_SECRET"]
+    assert len(peer_id) == 26 and len(secret) >= 32
+    other = store.add("player-1", ["player"])
+    assert other["SIDECAR_PEER_SECRET"] != secret and other["SIDECAR_PEER_ID"] != peer_id
+    assert int(client.get(keys.routing_version)) == before + 2  # routers reload identities
+
+    client.hset(keys.identities, "01BROKEN", "not json")  # a damaged record is skipped, not fatal
+    loaded = store.load()
+    assert set(loaded) == {peer_id, other["SIDECAR_PEER_ID"]}
+    me = loaded[peer_id]
+    assert (me.peer_id, me.name, me.roles, me.secret) == (peer_id, "conductor-1",
+                                                          ("conductor", "admin"), secret)
+    assert secret not in repr(me) and secret not in repr(loaded)
+
+
+def test_guard_authenticates_against_identities_in_redis(client: redis.Redis, keys: Keys,
+                                                         namespace: str, redis_url: str) -> None:
+    guard = Guard(client, keys, Settings(redis_url=redis_url, namespace=namespace, auth="required"))
+    guard.refresh(set())
+    # created after the guard loaded its identities: it reloads on an unknown sender
+    creds = Identities(client, keys).add("late", ["player"])
+    peer, signer = creds["SIDECAR_PEER_ID"], Signer(creds["SIDECAR_PEER_SECRET"])
+
+    def entry_id(fields: dict[str, str]) -> str:
+        return f"{fields['ts']}-0"
+
+    first = signer.sign({"k": "pub", "s": peer, "t": "a", "d": "1"})
+    guard.authenticate(first, entry_id(first))
+    second = signer.sign({"k": "pub", "s": peer, "t": "a", "d": "2"})
+    guard.authenticate(second, entry_id(second))
+    with pytest.raises(AuthenticationFailed, match="replayed"):
+        guard.authenticate(first, entry_id(second))  # an exact copy written again
+    stale_id = f"{int(second['ts']) + FRESHNESS_MS + 1000}-0"
+    third = signer.sign({"k": "pub", "s": peer, "t": "a", "d": "3"})
+    with pytest.raises(AuthenticationFailed, match="stale"):
+        guard.authenticate(third, stale_id)
+    with pytest.raises(AuthenticationFailed, match="no identity"):
+        guard.authenticate(Signer("x").sign({"k": "pub", "s": "01NOBODY", "t": "a", "d": "1"}),
+                           entry_id(third))
+    # a guard that is off lets anything through
+    off = Guard(client, keys, Settings(redis_url=redis_url, namespace=namespace))
+    off.authenticate({"k": "pub", "s": "anyone"}, "1-0")
+
+
+# ---------------------------------------------------------------------------------------- a router
+
+
+class P(Agent, SidecarMixin):
+    """The smallest peer application."""
+
+
+def auth_settings(settings: Settings, **extra: Any) -> Settings:
+    return settings.replace(auth="required", router_lease=0.6, heartbeat_interval=0.3,
+                            member_ttl=1.5, request_timeout=3.0, **extra)
+
+
+@pytest.fixture
+async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
+    sc = ClusterSidecar(settings=auth_settings(settings, enforce_policy=True))
+    await sc.setup()
+    try:
+        yield sc
+    finally:
+        await sc.teardown()
+
+
+async def test_signed_peers_talk_and_unsigned_ones_are_refused(
+        sidecar: ClusterSidecar, client: redis.Redis, keys: Keys, settings: Settings) -> None:
+    PolicyStore(client, keys).set("open", {"statements": [
+        {"id": "all", "effect": "allow", "role_ids": "*", "action": "*", "resource": ">"}]})
+    st = auth_settings(settings)
+    ids = Identities(client, keys)
+    a_creds, b_creds = ids.add("a", ["conductor"]), ids.add("b", ["player"])
+    a = P(namespace=st.namespace, id=a_creds["SIDECAR_PEER_ID"], settings=st,
+          secret=a_creds["SIDECAR_PEER_SECRET"])
+    b = P(namespace=st.namespace, id=b_creds["SIDECAR_PEER_ID"], settings=st,
+          secret=b_creds["SIDECAR_PEER_SECRET"])
+    async with a, b:
+        got: list[Message] = []
+        await a.cluster_subscribe("tempo.>", got.append)
+        await b.cluster_publish("tempo.set", {"bpm": 120})
+        await async_wait_for(lambda: got, what="b's publish at a")
+        assert (got[0].sender, got[0].data) == (b.id, {"bpm": 120})
+        # heartbeats go through the router when signing (no scripts for peers): membership holds
+        joined = float(client.zscore(keys.members, a.id) or 0)
+        await async_wait_for(lambda: float(client.zscore(keys.members, a.id) or 0) > joined,
+                             what="a heartbeat stamped by the router")
+
+        # an identity nobody runs yet (a running peer would consume the replies of its own inbox)
+        spare = ids.add("c", ["conductor"])["SIDECAR_PEER_ID"]
+        for label, kwargs, expected in [
+            ("no secret", {"id": spare}, "unsigned request"),
+            ("wrong secret", {"id": spare, "secret": b_creds["SIDECAR_PEER_SECRET"]}, "bad signature"),
+            ("no identity", {"secret": "made-up"}, "no identity"),
+        ]:
+            intruder = P(namespace=st.namespace, settings=st, **kwargs)
+            with pytest.raises(AuthenticationFailed, match=expected):
+                await intruder.setup()
+            assert intruder._link is None, label  # nothing left running
+
+        await b.cluster_publish("tempo.set", {"bpm": 130})  # good traffic is unaffected
+        await async_wait_for(lambda: len(got) == 2, what="the second publish")
+    dead = [f for _, f in client.xrange(keys.deadletter)]
+    assert [f["reason"] for f in dead] == ["unauthenticated"] * 3
+    for f in dead:
+        for secret in (a_creds["SIDECAR_PEER_SECRET"], b_creds["SIDECAR_PEER_SECRET"]):
+            assert secret not in json.dumps(f)
+
+
+async def test_identity_roles_win_over_the_role_a_peer_claims(
+        sidecar: ClusterSidecar, client: redis.Redis, keys: Keys, settings: Settings) -> None:
+    PolicyStore(client, keys).set("conductors", {"statements": [
+        {"id": "conductors-talk", "effect": "allow", "role_ids": "conductor", "action": "*",
+         "resource": "conductor.>"}]})
+    st = auth_settings(settings)
+    ids = Identities(client, keys)
+    real, liar_creds = ids.add("real", ["conductor"]), ids.add("liar", ["player"])
+    conductor = P(namespace=st.namespace, id=real["SIDECAR_PEER_ID"], settings=st,
+                  secret=real["SIDECAR_PEER_SECRET"], role="player")
+    liar = P(namespace=st.namespace, id=liar_creds["SIDECAR_PEER_ID"], settings=st,
+             secret=liar_creds["SIDECAR_PEER_SECRET"], role="conductor")
+    async with conductor, liar:
+        got: list[Any] = []
+        await conductor.cluster_subscribe("conductor.>", lambda m: got.append(m.data))
+        with pytest.raises(PolicyRejected, match="no statement allows"):
+            await liar.cluster_subscribe("conductor.>", got.append)
+        await liar.cluster_publish("conductor.tempo", "from the liar")
+        await conductor.cluster_publish("conductor.tempo", "from the conductor")
+        await async_wait_for(lambda: got, what="the conductor's own publish")
+        await async_wait_for(lambda: client.xlen(keys.deadletter) >= 2, what="the liar's publish refused")
+        assert got == ["from the conductor"]
+    reasons = {f["reason"] for _, f in client.xrange(keys.deadletter)}
+    assert reasons == {"policy_rejected"}
