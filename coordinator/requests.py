@@ -152,8 +152,10 @@ class RequestHandler:
         if not trusted and sender not in r.members:
             raise UnknownPeer(f"peer {sender!r} is not a registered member; register before publishing")
         topic = f.get("t")
-        if topic not in self._valid_topics:
-            check_publish_topic(topic, allow_reserved=trusted)
+        if trusted:  # the sidecar's own events: checked apart, never cached for peers
+            check_publish_topic(topic, allow_reserved=True)
+        elif topic not in self._valid_topics:
+            check_publish_topic(topic)
             if len(self._valid_topics) > _CACHE_LIMIT:
                 self._valid_topics.clear()
             self._valid_topics.add(topic)  # type: ignore[arg-type]
