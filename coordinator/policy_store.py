@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from coordinator.errors import InvalidPolicy
-from coordinator.keys import Keys
+from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.policy import Policy, PolicyEngine, parse_policy
 from coordinator.protocol import dumps
 from coordinator.scripts import scripts_for
@@ -122,17 +122,16 @@ class PolicyStore:
             out.execute()
         return sends
 
-    def record_ack(self, peer: str, version: int, nonce: str, ok: bool, error: str,
-                   pipeline: Any = None) -> None:
-        """Remember what ``peer`` did with ``version`` (called by the router)."""
-        target = pipeline if pipeline is not None else self.client
-        known = self.client.hget(self.keys.policy_acks, peer)
-        if known is not None and int(json.loads(known).get("version", 0)) > version:
-            return  # a late answer about an older version; keep the newer state
-        t = self.client.time()
-        now = int(t[0]) * 1000 + int(t[1]) // 1000
-        target.hset(self.keys.policy_acks, peer, dumps(
-            {"version": version, "nonce": nonce, "ok": ok, "error": error[:1000], "at": now}))
+    def record_ack(self, peer: str, version: int, nonce: str, ok: bool, error: str, *,
+                   stream: str = "", entry_id: str = "") -> bool:
+        """Remember what ``peer`` did with ``version``, unless a newer answer is known.
+
+        The router passes the request ``stream`` and ``entry_id`` so the ack of the entry happens
+        in the same atomic step. Returns False if a newer version was already recorded.
+        """
+        return bool(self.scripts.policy_ack(
+            keys=[self.keys.policy_acks, stream or self.keys.requests(0)],
+            args=[peer, version, nonce, "1" if ok else "0", error[:1000], REQUEST_GROUP, entry_id]))
 
     def status(self) -> list[dict[str, Any]]:
         """Each live peer: SYNCED, STALE or NACKED, with version, error and when."""

@@ -317,11 +317,8 @@ class RequestHandler:
             version = int(f.get("pv", ""))
         except ValueError:
             raise BadRequest("policy ack without a numeric version 'pv'") from None
-        pipe = r.client.pipeline(transaction=False)
         r.guard.store.record_ack(f["s"], version, f.get("pn", ""), f.get("ok") == "1",
-                                 f.get("e", ""), pipeline=pipe)
-        pipe.xack(stream, REQUEST_GROUP, eid)
-        pipe.execute()
+                                 f.get("e", ""), stream=stream, entry_id=eid)
 
     def _leave(self, stream: str, eid: str, f: dict[str, str]) -> None:
         r = self.router

@@ -25,6 +25,7 @@ SCRIPT_NAMES = (
     "sweep",
     "elect",
     "policy_set",
+    "policy_ack",
 )
 
 
@@ -47,6 +48,7 @@ class Scripts:
     sweep: Any
     elect: Any
     policy_set: Any
+    policy_ack: Any
 
     def __init__(self, client: Any) -> None:
         for name in SCRIPT_NAMES:
