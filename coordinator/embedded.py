@@ -90,8 +90,10 @@ class EmbeddedServer:
     def start(self, timeout: float = 15.0) -> Self:
         """Start the server and wait until it answers; raise with its log if it does not."""
         log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the process)
+        # Its own session: a Ctrl-C meant for the command that owns it must not kill it first.
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, cwd=self.dir)
+                                        stdin=subprocess.DEVNULL, cwd=self.dir,
+                                        start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -127,10 +127,23 @@ class Router:
             return 0
         block = max(1, min(self.settings.router_block_ms,
                            int((self._next_maintenance - time.monotonic()) * 1000)))
-        streams = {s: ">" for s in self._streams()}
-        reply = self.client.xreadgroup(REQUEST_GROUP, self.name, streams,
-                                       count=self.settings.batch_size, block=block)
+        streams = self._streams()
+        # The pending summaries ride in the same round trip, answered right after the read: if a
+        # router deposed while paused read entries before noticing (its script calls are fenced,
+        # so it routed none of them), they are older than ours and must go first.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xreadgroup(REQUEST_GROUP, self.name, {s: ">" for s in streams},
+                        count=self.settings.batch_size, block=block)
+        for stream in streams:
+            pipe.xpending(stream, REQUEST_GROUP)
+        reply, *summaries = pipe.execute()
         entries = _flatten(reply)
+        foreign = [s for s, summary in zip(streams, summaries, strict=True) if _foreign(summary, self.name)]
+        if foreign:
+            for stream in foreign:
+                self._claim_pending(stream)
+            mine = {s for s in streams if s not in foreign}
+            entries = [e for e in entries if e[0] in mine]
         if entries:
             self.process(entries)
         return len(entries)
@@ -174,6 +187,9 @@ class Router:
             if lease.acquire():
                 self.leases[p] = lease
                 self._take_over(p)
+        for stream in self._streams():  # entries a deposed router read while no new ones arrive
+            if _foreign(self.client.xpending(stream, REQUEST_GROUP), self.name):
+                self._claim_pending(stream)
         if time.monotonic() - self._last_trim > 5.0:
             self._last_trim = time.monotonic()
             self._trim_requests()
@@ -198,21 +214,24 @@ class Router:
                 if "BUSYGROUP" not in str(exc):
                     raise
         for stream in streams:
-            start = "0-0"
-            while partition in self.leases:
-                nxt, claimed, deleted = _autoclaim(self.client.xautoclaim(
-                    stream, REQUEST_GROUP, self.name, min_idle_time=0, start_id=start,
-                    count=self.settings.batch_size))
-                if deleted:
-                    self.client.xack(stream, REQUEST_GROUP, *deleted)
-                if claimed:
-                    log.info("router %s re-routes %d pending entries of %s", self.name,
-                             len(claimed), stream)
-                    self.process([(stream, eid, fields) for eid, fields in claimed])
-                if nxt == "0-0":
-                    break
-                start = nxt
+            self._claim_pending(stream)
         log.info("router %s owns partition %d", self.name, partition)
+
+    def _claim_pending(self, stream: str) -> None:
+        """Route every entry pending on ``stream`` (ours or a predecessor's), oldest first."""
+        start = "0-0"
+        while self.leases:
+            nxt, claimed, deleted = _autoclaim(self.client.xautoclaim(
+                stream, REQUEST_GROUP, self.name, min_idle_time=0, start_id=start,
+                count=self.settings.batch_size))
+            if deleted:
+                self.client.xack(stream, REQUEST_GROUP, *deleted)
+            if claimed:
+                log.info("router %s re-routes %d pending entries of %s", self.name, len(claimed), stream)
+                self.process([(stream, eid, fields) for eid, fields in claimed])
+            if nxt == "0-0":
+                break
+            start = nxt
 
     def _trim_requests(self) -> None:
         """Drop routed entries from owned request streams (keep anything still pending)."""
@@ -310,6 +329,13 @@ def _flatten(reply: Any) -> list[Entry]:
         for eid, fields in records:
             out.append((str(stream), str(eid), fields or {}))
     return out
+
+
+def _foreign(summary: Any, me: str) -> bool:
+    """Whether an XPENDING summary shows entries pending under a consumer other than ``me``."""
+    if not summary or not summary.get("pending"):
+        return False
+    return any(c.get("name") != me and int(c.get("pending") or 0) for c in summary.get("consumers") or ())
 
 
 def _autoclaim(reply: Any) -> tuple[str, list[tuple[str, dict[str, str]]], list[str]]:

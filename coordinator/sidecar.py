@@ -1,9 +1,11 @@
 """``ClusterSidecar``: the sidecar as an object.
 
-``await sidecar.setup()`` starts a :class:`~coordinator.router.Router` in the calling process, so
-the seed's usage example runs with no Celery process at all; each Celery worker hosts one through a
-bootstep (sync ``start()``/``stop()``). Several sidecars on one Redis form one highly available
-sidecar: the routers share the request partitions under leases.
+``await sidecar.setup()`` starts a :class:`~coordinator.router.Router` and the periodic duties
+(:class:`~coordinator.duty_loop.DutyLoop`, gated by the same lease as celery beat) in the calling
+process, so the seed's usage example runs with no Celery process at all; each Celery worker hosts a
+router-only ClusterSidecar through a bootstep (sync ``start()``/``stop()``), beat doing the duties.
+Several sidecars on one Redis form one highly available sidecar: the routers share the request
+partitions under leases.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import redis
 
+from coordinator.duty_loop import DutyLoop
 from coordinator.keys import Keys
 from coordinator.membership import Membership
 from coordinator.router import Router
@@ -37,7 +40,7 @@ class ClusterSidecar(StatusMixin):
 
     def __init__(self, namespace: str | None = None, logger: logging.Logger | None = None, *,
                  settings: Settings | None = None, redis_url: str | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, run_duties: bool = True) -> None:
         base = settings or Settings.from_env()
         self.settings = base.replace(**{k: v for k, v in (("namespace", namespace),
                                                          ("redis_url", redis_url)) if v})
@@ -50,16 +53,21 @@ class ClusterSidecar(StatusMixin):
                                            socket_keepalive=True)
         self.membership = Membership(self.client, self.keys)
         self.router = Router(self.client, self.settings, name=name)
+        self.duty_loop = DutyLoop(self.client, self.settings) if run_duties else None
         self._managed: list[str] = []
 
     # ------------------------------------------------------------------ sync lifecycle (bootstep)
     def start(self) -> None:
-        """Start routing in a background thread (returns at once)."""
+        """Start routing (and, unless a beat does them, the periodic duties) in background threads."""
         self.router.start()
+        if self.duty_loop is not None:
+            self.duty_loop.start()
         self.logger.info("sidecar %s routing namespace %r", self.router.name, self.namespace)
 
     def stop(self) -> None:
-        """Stop routing and release the router's leases."""
+        """Stop routing and the duties, releasing their leases."""
+        if self.duty_loop is not None:
+            self.duty_loop.stop()
         self.router.stop()
 
     # ------------------------------------------------------------------ async lifecycle (seed API)

@@ -27,7 +27,7 @@ class SidecarConductor(Agent, SidecarMixin):
     musical_position = StatusField(0, doc="beats since the start")
     time_signature = StatusField((4, 4))
 
-    def __init__(self, namespace: str = "default", logger: logging.Logger | None = None,
+    def __init__(self, namespace: str | None = None, logger: logging.Logger | None = None,
                  **kwargs: Any) -> None:
         super().__init__(namespace=namespace, logger=logger, role="conductor", priority=10, **kwargs)
 
@@ -58,7 +58,7 @@ class SidecarFollower(Agent, SidecarMixin):
     musical_position = StatusField(0)
     beats_heard = StatusField(0)
 
-    def __init__(self, namespace: str = "default", logger: logging.Logger | None = None,
+    def __init__(self, namespace: str | None = None, logger: logging.Logger | None = None,
                  nudge_every: int = 0, **kwargs: Any) -> None:
         super().__init__(namespace=namespace, logger=logger, role="follower", **kwargs)
         self.nudge_every = nudge_every
@@ -88,7 +88,19 @@ async def run(peer: Agent, interval: float = 1.0) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with peer:
         while not stop.is_set():
-            await peer.update()
+            # An update waits while Redis is away; a stop request must not wait with it.
+            work = asyncio.ensure_future(peer.update())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+                stopping.cancel()
+                break
+            stopping.cancel()
+            if work.exception() is not None:
+                peer.logger.warning("update failed: %s", work.exception())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from types import TracebackType
 from typing import Any, Self
 
 from ulid import ULID
 
+from coordinator.protocol import PEER_ID_RE
 from mixin.status import StatusMixin
 
 __all__ = ["Agent", "Lifecycle"]
@@ -30,11 +32,13 @@ class Lifecycle:
 class Agent(Lifecycle, StatusMixin):
     """A peer with a ULID identity in a namespace. Use as ``async with Agent(...) as a:``."""
 
-    def __init__(self, namespace: str = "default", logger: logging.Logger | None = None, *,
+    def __init__(self, namespace: str | None = None, logger: logging.Logger | None = None, *,
                  id: str | None = None, **kwargs: Any) -> None:
-        self.namespace = namespace
+        self.namespace = namespace or os.environ.get("SIDECAR_NAMESPACE") or "default"
         self.logger = logger or logging.getLogger(f"sidecar.peer.{type(self).__name__}")
         self._id = str(ULID()) if id is None else str(id)
+        if not PEER_ID_RE.match(self._id):
+            raise ValueError(f"peer id {self._id[:80]!r} must be 1-64 letters, digits, '_' or '-'")
         super().__init__(**kwargs)
 
     @property

@@ -282,7 +282,11 @@ class SidecarLink:
             status, leader, term = reply.get("status"), reply.get("leader", ""), reply.get("term", "0")
         else:
             keys, args = heartbeat_call(self.keys, self.peer_id, extra)
-            status, _now, leader, term = await self.scripts.heartbeat(keys=keys, args=args)
+            try:
+                status, _now, leader, term = await self.scripts.heartbeat(keys=keys, args=args)
+            except _TRANSIENT as exc:
+                self.connected = False
+                raise SidecarUnavailable(f"cannot reach the sidecar's Redis: {exc}") from exc
         self.connected = True
         if status == "evicted":
             self._schedule_rejoin()
@@ -298,7 +302,7 @@ class SidecarLink:
                 await self.heartbeat()
             except asyncio.CancelledError:
                 raise
-            except _TRANSIENT:
+            except (*_TRANSIENT, SidecarUnavailable):
                 self.connected = False
             except (RedisError, SidecarError) as exc:
                 self.log.warning("peer %s: heartbeat failed: %s", self.peer_id, exc)

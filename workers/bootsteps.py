@@ -25,7 +25,7 @@ class RouterStep(bootsteps.StartStopStep):
         from coordinator.sidecar import ClusterSidecar
         from workers.application import settings
 
-        self.sidecar = ClusterSidecar(settings=settings,
+        self.sidecar = ClusterSidecar(settings=settings, run_duties=False,  # beat runs those
                                       name=f"{getattr(parent, 'hostname', 'worker')}")
         self.sidecar.start()
         log.info("sidecar router %s started for namespace %r", self.sidecar.router.name,

@@ -30,7 +30,7 @@ class Cluster:
         self.sidecars: list[ClusterSidecar] = []
 
     async def sidecar(self) -> ClusterSidecar:
-        s = ClusterSidecar(settings=self.settings)
+        s = ClusterSidecar(settings=self.settings, run_duties=False)  # routing only: no sweeps here
         self.sidecars.append(s)
         await s.setup()
         return s

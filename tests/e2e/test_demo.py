@@ -1,0 +1,113 @@
+"""`sidecar up` with no SIDECAR_REDIS_URL: embedded Redis, worker, beat and three demo peers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import VENV_BIN, Processes, wait_for
+
+
+def _related(pid: int, markers: tuple[str, ...]) -> str | None:
+    """The command line of ``pid`` if its command line, environment or working directory mentions one
+    of ``markers``."""
+    proc = Path("/proc") / str(pid)
+    try:
+        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        environ = (proc / "environ").read_bytes().decode(errors="replace")
+        cwd = os.readlink(proc / "cwd")
+    except OSError:  # gone meanwhile, or not ours to read
+        return None
+    # redis-server rewrites its command line ("redis-server 127.0.0.1:<port>"), but runs in its dir
+    text = "\0".join((cmdline, environ, cwd))
+    return cmdline if any(m in text for m in markers) else None
+
+
+def leftovers(markers: tuple[str, ...]) -> dict[int, str]:
+    """Live processes (not this one) that belong to the run identified by ``markers``."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            cmdline = _related(int(entry.name), markers)
+            if cmdline:  # zombies have an empty command line: they are gone, only unreaped
+                out[int(entry.name)] = cmdline
+    return out
+
+
+def assert_nothing_left(out: str) -> tuple[str, str, Path]:
+    """Find the run's Redis and log folder in its output; fail if any of its processes lives on.
+
+    Returns (embedded Redis URL, its port, the folder of the children's logs).
+    """
+    redis_line = re.search(r"embedded Redis on (redis://127\.0\.0\.1:(\d+)/0) \(log: (\S+)\)", out)
+    logs_line = re.search(r"logs in (\S+)", out)
+    assert redis_line and logs_line, out
+    url = redis_line.group(1)
+    markers = (f"SIDECAR_REDIS_URL={url}", str(Path(redis_line.group(3)).parent), logs_line.group(1))
+    left = leftovers(markers)
+    for pid in left:  # clean up before failing, so nothing outlives the test
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of `sidecar up` still alive: {left}"
+    return url, redis_line.group(2), Path(logs_line.group(1))
+
+
+@pytest.mark.timeout(90)
+def test_sidecar_up_runs_the_demo_and_leaves_nothing_behind(procs: Processes) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    up = procs.start([str(VENV_BIN / "sidecar"), "up", "--duration", "6", "--no-flower"], env, "up")
+    try:
+        code = up.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`sidecar up --duration 6` still running after 60s:\n{procs.log(up)}")
+    out = procs.log(up)
+
+    url, port, logs_dir = assert_nothing_left(out)
+    assert code == 0, out
+    status = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in out.splitlines()
+              if line.startswith("peers=")]
+    assert status, out
+    assert any(s["peers"] == "3" for s in status), out          # conductor and two followers
+    assert max(int(s["routed"]) for s in status) > 0, out      # conductor.heartbeat was routed
+    assert max(int(s["delivered"]) for s in status) > 0, out   # ...and reached the followers
+    assert any(s["leader"] != "none" for s in status), out     # beat elected a leader
+    assert all(s["rejected"] == "0" for s in status), out
+    assert "settings:" in out and f":{port}" in url
+    # the worker, beat and peers wrote their logs where `sidecar up` said
+    logs = {p.name for p in logs_dir.iterdir()}
+    assert {"worker.log", "beat.log", "conductor.log", "follower-1.log", "follower-2.log"} <= logs
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_stops_sidecar_up_and_every_child(procs: Processes) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    up = procs.start([str(VENV_BIN / "sidecar"), "up", "--no-flower"], env, "up")
+    wait_for(lambda: up.poll() is not None or "peers=3" in procs.log(up), timeout=45,
+             what="`sidecar up` to report three peers")
+    assert up.poll() is None, procs.log(up)
+    os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    stopped = time.monotonic()
+    try:
+        up.wait(30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`sidecar up` ignored Ctrl-C for 30s:\n{procs.log(up)}")
+    took = time.monotonic() - stopped
+    out = procs.log(up)
+    _, _, logs_dir = assert_nothing_left(out)
+    # BUG (coordinator/embedded.py EmbeddedServer.start): the embedded redis-server is started in
+    # `sidecar up`'s own process group, so Ctrl-C kills Redis before the peers are asked to stop.
+    # The conductor then hangs in cluster_publish (the link retries the write forever) until the
+    # supervisor SIGKILLs it after 10s, and the followers die with a ConnectionError traceback from
+    # publish_heartbeat: the orderly "peers first, so they leave cleanly" shutdown never happens.
+    assert "did not stop" not in out, out
+    assert took < 10, f"Ctrl-C took {took:.1f}s:\n{out}"
+    for name in ("conductor", "follower-1", "follower-2"):
+        log = (logs_dir / f"{name}.log").read_text(errors="replace")
+        assert "Traceback" not in log, f"{name}:\n{log[-3000:]}"
