@@ -101,7 +101,7 @@ def test_ctrl_c_stops_sidecar_up_and_every_child(procs: Processes) -> None:
     took = time.monotonic() - stopped
     out = procs.log(up)
     _, _, logs_dir = assert_nothing_left(out)
-    # BUG (coordinator/embedded.py EmbeddedServer.start): the embedded redis-server is started in
+    # Regression (fixed) (coordinator/embedded.py EmbeddedServer.start): redis-server was started in
     # `sidecar up`'s own process group, so Ctrl-C kills Redis before the peers are asked to stop.
     # The conductor then hangs in cluster_publish (the link retries the write forever) until the
     # supervisor SIGKILLs it after 10s, and the followers die with a ConnectionError traceback from
