@@ -92,7 +92,7 @@ async def test_paused_router_is_fenced_off_and_nothing_is_lost_or_routed_twice(
     # reach the subscriber exactly once, in order. The two workers take turns being paused while
     # two paced publishers keep a stream going.
     #
-    # Regression (fixed) (coordinator/router.py, Router.step): the XREADGROUP was not fenced. A router paused past
+    # Regression (fixed) (coordinator/router.py, Router.step): XREADGROUP was not fenced. A router paused past
     # its lease reads one more batch (up to batch_size entries) into its own pending list when it
     # wakes, before it notices the lease is gone; route.lua answers "lost", Router.lost() drops the
     # batch, and it stays stranded in the deposed router's PEL, because the new owner XAUTOCLAIMs
