@@ -1,4 +1,4 @@
-"""The sidecar's benchmark suite: ``python -m bench`` (``make bench``) writes ``bench/results.json``.
+"""The sidecar's benchmark suite: ``python -m bench`` (``make bench``) -> ``bench/results.json``.
 
 Every figure is measured against real processes started for the run (a private ``redis-server`` and
 ``celery -A workers worker`` processes, peers in their own processes) and expressed next to anchors

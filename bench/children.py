@@ -19,7 +19,7 @@ import multiprocessing as mp
 import queue as queue_mod
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -51,8 +51,8 @@ class Channel:
             raise TimeoutError(f"{self.name}: no go signal within {timeout}s")
 
 
-ChildFn = Callable[[Channel, Any], Awaitable[dict[str, Any]]]
-"""A child: ``async def fn(channel, params) -> result`` defined at module level (spawn pickles it)."""
+ChildFn = Callable[[Channel, Any], Coroutine[Any, Any, dict[str, Any]]]
+"""A child: ``async def fn(channel, params) -> result`` at module level (spawn pickles it)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _child_main(fn: ChildFn, name: str, queue: Any, go: Any, params: Any) -> Non
     """Entry point of a spawned child: run ``fn`` in a fresh event loop, report the outcome."""
     logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(levelname)s %(message)s")
     try:
-        result = asyncio.run(fn(Channel(name, queue, go), params))
+        result: dict[str, Any] = asyncio.run(fn(Channel(name, queue, go), params))
     except BaseException:  # report everything, KeyboardInterrupt included, then exit
         queue.put(("error", name, traceback.format_exc()))
         return
@@ -98,8 +98,9 @@ def _collect(queue: Any, procs: dict[str, BaseProcess], waiting: set[str], kind:
                 try:
                     what, name, payload = queue.get(timeout=1.0)
                 except queue_mod.Empty:
+                    codes = [procs[n].exitcode for n in dead]
                     raise ScenarioFailed(f"{scenario}: {dead} exited without a report "
-                                         f"(exit codes {[procs[n].exitcode for n in dead]})") from None
+                                         f"(exit codes {codes})") from None
             else:
                 continue
         if what == "error":
@@ -110,29 +111,39 @@ def _collect(queue: Any, procs: dict[str, BaseProcess], waiting: set[str], kind:
             waiting.discard(name)
 
 
-def run_stages(scenario: str, stages: Sequence[Sequence[Role]],
-               timeout: float) -> dict[str, dict[str, Any]]:
-    """Run the children of ``stages`` (see the module docstring); returns ``{role name: result}``."""
+def run_stages(scenario: str, stages: Sequence[Sequence[Role]], timeout: float, *,
+               before_go: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the children of ``stages`` (see the module docstring); returns ``{role name: result}``.
+
+    ``before_go`` runs in the parent once every child is ready, before they are released.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     go = ctx.Event()
     procs: dict[str, BaseProcess] = {}
     results: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
+    finished = False
     try:
         for stage in stages:
             for role in stage:
-                proc = ctx.Process(target=_child_main, name=f"bench-{role.name}", daemon=True,
-                                   args=(role.fn, role.name, queue, go, role.params))
+                proc: BaseProcess = ctx.Process(
+                    target=_child_main, name=f"bench-{role.name}", daemon=True,
+                    args=(role.fn, role.name, queue, go, role.params))
                 proc.start()
                 procs[role.name] = proc
             _collect(queue, procs, {r.name for r in stage}, "ready", deadline, results, scenario)
+        if before_go is not None:
+            before_go()
         go.set()
         _collect(queue, procs, set(procs) - set(results), "result", deadline, results, scenario)
+        finished = True
         return results
     finally:
+        # after a success the children are exiting; after a failure nothing is worth waiting for
+        grace = min(10.0, deadline - time.monotonic()) if finished else 0.0
         for proc in procs.values():
-            proc.join(timeout=max(0.1, min(10.0, deadline - time.monotonic())))
+            proc.join(timeout=max(0.1, grace))
             if proc.is_alive():
                 log.warning("%s: terminating leftover child %s (pid %s)", scenario, proc.name,
                             proc.pid)

@@ -112,7 +112,8 @@ def run_failover(url: str, settings: dict[str, Any], timeout: float = 60.0) -> d
         peers = [procs.spawn("-m", "bench.ha_peer", str(f)) for f in files]
 
         def settled() -> tuple[str, int] | None:
-            leader, term = client.hmget(keys.leader, "id", "term")
+            leader, term = (str(v) if v is not None else None
+                            for v in client.hmget(keys.leader, "id", "term"))
             if not leader:
                 return None
             views = [[r for r in _lines(f) if "leader" in r] for f in files]
@@ -165,7 +166,7 @@ def run_beat_ha(url: str, settings: dict[str, Any], duration: float = 15.0,
         by_term: dict[int, str] = {}
         last = 0
         while not stop.is_set():
-            leader, term = sampler.hmget(keys.leader, "id", "term")
+            leader, term = (str(v) if v is not None else "" for v in sampler.hmget(keys.leader, "id", "term"))
             t = int(term or 0)
             stats["samples"] += 1
             if t < last or (t in by_term and by_term[t] != (leader or "")):

@@ -1,9 +1,9 @@
-"""Cost of ``SubscriptionIndex.match`` with 10 and with 10,000 subscriptions, in process.
+"""Cost of ``SubscriptionIndex.match`` with 10 and with 10,000 subscriptions (and more), in process.
 
 Subscriptions look like a real deployment's: topics ``<app>.<entity>.<id>.<event>``; most patterns
 are literal topics, some end in ``*`` or ``>``, some have ``*`` in the middle, and 2,000 peers share
 them. The small index is the first ten subscriptions of the large one. The probe topics come from
-the same distribution (so most subscriptions do not match a probe) and are the same for both sizes.
+the same distribution (so most subscriptions do not match a probe) and are the same for every size.
 Timings alternate between the sizes; each figure is the median over the repetitions.
 """
 
@@ -13,10 +13,11 @@ import gc
 import random
 import statistics
 import time
+from dataclasses import dataclass
 
 from coordinator.topics import SubscriptionIndex
 
-__all__ = ["build_index", "measure_match", "probe_topics", "subscriptions"]
+__all__ = ["MatchTiming", "build_index", "measure_match", "probe_topics", "subscriptions"]
 
 APPS = ("orders", "billing", "users", "inventory", "shipping", "search", "auth", "media", "chat",
         "metrics")
@@ -24,6 +25,15 @@ ENTITIES = ("item", "account", "session", "invoice", "cart", "profile", "device"
 EVENTS = ("created", "updated", "deleted", "viewed", "failed", "retried")
 IDS = 1_000
 PEERS = 2_000
+
+
+@dataclass(frozen=True)
+class MatchTiming:
+    """Timing of one index size: median microseconds per call, every repetition, hits per probe."""
+
+    us: float
+    runs: list[float]
+    mean_matches: float
 
 
 def _topic(rng: random.Random) -> str:
@@ -85,8 +95,8 @@ def _time_once(index: SubscriptionIndex, probes: list[str], seconds: float) -> f
 
 
 def measure_match(seconds: float, repeats: int,
-                  sizes: tuple[int, ...] = (10, 10_000)) -> dict[int, dict[str, object]]:
-    """Per size: ``us`` (median microseconds per call), ``runs`` and ``mean_matches`` per probe."""
+                  sizes: tuple[int, ...] = (10, 10_000)) -> dict[int, MatchTiming]:
+    """A :class:`MatchTiming` per index size (number of subscriptions)."""
     probes = probe_topics()
     indexes = {n: build_index(n) for n in sizes}
     runs: dict[int, list[float]] = {n: [] for n in sizes}
@@ -101,6 +111,6 @@ def measure_match(seconds: float, repeats: int,
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {n: {"us": statistics.median(runs[n]), "runs": runs[n],
-                "mean_matches": sum(len(indexes[n].match(t)) for t in probes) / len(probes)}
+    return {n: MatchTiming(statistics.median(runs[n]), runs[n],
+                           sum(len(indexes[n].match(t)) for t in probes) / len(probes))
             for n in sizes}

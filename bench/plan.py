@@ -32,10 +32,14 @@ class Plan:
     match_seconds: float
     """Minimum time of one SubscriptionIndex timing repetition."""
     match_repeats: int
+    match_sizes: tuple[int, ...]
+    """Index sizes timed: 10 and 10,000 carry the target, any others show the trend."""
     idle_peers: int
     idle_procs: int
     settle_s: float
-    """Wait before reading Redis memory, so heartbeats and replies have landed."""
+    """Least wait before reading Redis memory, so heartbeats and replies have landed."""
+    settle_max_s: float
+    """Longest wait for Redis memory to become steady."""
     scenario_timeout_s: float
     """Bound on one scenario repetition, processes included."""
 
@@ -45,17 +49,19 @@ class Plan:
         return self.fanout_procs * self.fanout_peers_per_proc
 
 
-FULL = Plan(name="full", reps=5, raw_msgs=5_000, route_msgs=5_000, pipelined_msgs=20_000,
-            pipeline_chunk=2_000, celery_tasks=2_000, fanout_msgs=1_000, fanout_procs=4,
-            fanout_peers_per_proc=25, latency_msgs=2_000, latency_rate=1_000.0, latency_reps=3,
-            warmup_fraction=0.1, match_seconds=0.3, match_repeats=5, idle_peers=200, idle_procs=4,
-            settle_s=2.0, scenario_timeout_s=60.0)
+FULL = Plan(name="full", reps=5, raw_msgs=8_000, route_msgs=8_000, pipelined_msgs=30_000,
+            pipeline_chunk=2_000, celery_tasks=3_000, fanout_msgs=1_000, fanout_procs=4,
+            fanout_peers_per_proc=25, latency_msgs=3_000, latency_rate=1_000.0, latency_reps=3,
+            warmup_fraction=0.1, match_seconds=0.3, match_repeats=5,
+            match_sizes=(10, 1_000, 10_000, 100_000), idle_peers=200, idle_procs=4,
+            settle_s=2.0, settle_max_s=20.0, scenario_timeout_s=60.0)
 
 QUICK = Plan(name="quick", reps=1, raw_msgs=200, route_msgs=200, pipelined_msgs=1_000,
              pipeline_chunk=250, celery_tasks=50, fanout_msgs=20, fanout_procs=2,
              fanout_peers_per_proc=5, latency_msgs=100, latency_rate=1_000.0, latency_reps=1,
-             warmup_fraction=0.0, match_seconds=0.02, match_repeats=2, idle_peers=10, idle_procs=1,
-             settle_s=0.5, scenario_timeout_s=30.0)
+             warmup_fraction=0.0, match_seconds=0.02, match_repeats=2,
+             match_sizes=(10, 10_000), idle_peers=10, idle_procs=1,
+             settle_s=0.5, settle_max_s=3.0, scenario_timeout_s=30.0)
 
 
 @dataclass(frozen=True)

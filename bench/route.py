@@ -6,8 +6,8 @@ what their handler sees. A run ends when every subscriber peer has every message
 messages (or deliveries) over the time from the first publish to the last handler call anywhere.
 
 Publisher modes: ``sequential`` awaits each ``cluster_publish``; ``paced`` does the same at a fixed
-rate (latency runs); ``pipelined`` keeps ``chunk`` publishes in flight with ``asyncio.gather``, which
-the mixin coalesces into pipelines.
+rate (latency runs); ``pipelined`` keeps ``chunk`` publishes in flight with ``asyncio.gather``,
+which the mixin coalesces into pipelines.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ PATTERN = "bench.>"
 
 class BenchPeer(Agent, SidecarMixin):
     """A peer with nothing but the mixin."""
+
+
+def _payload(index: int) -> dict[str, int]:
+    """What every benchmark message carries: its index and its send time (CLOCK_MONOTONIC ns)."""
+    return {"i": index, "t": time.monotonic_ns()}
 
 
 @dataclass(frozen=True)
@@ -107,13 +112,13 @@ async def route_publisher(channel: Channel, p: PeerParams) -> dict[str, Any]:
         start_ns = time.monotonic_ns()
         if p.mode == "pipelined":
             for first in range(0, p.count, p.chunk):
-                await asyncio.gather(*(peer.cluster_publish(TOPIC, {"i": i, "t": time.monotonic_ns()})
-                                       for i in range(first, min(p.count, first + p.chunk))))
+                chunk = range(first, min(p.count, first + p.chunk))
+                await asyncio.gather(*(peer.cluster_publish(TOPIC, _payload(i)) for i in chunk))
         else:
             for i in range(p.count):
                 if p.rate:
                     await pace(start_ns, i, p.rate)
-                await peer.cluster_publish(TOPIC, {"i": i, "t": time.monotonic_ns()})
+                await peer.cluster_publish(TOPIC, _payload(i))
         sent_ns = time.monotonic_ns()
     finally:
         await peer.teardown()
