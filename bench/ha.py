@@ -118,7 +118,7 @@ def run_failover(url: str, settings: dict[str, Any], timeout: float = 60.0) -> d
                 return None
             views = [[r for r in _lines(f) if "leader" in r] for f in files]
             if all(v and v[-1]["leader"] == leader for v in views):
-                return str(leader), int(term)
+                return str(leader), int(term or 0)
             return None
 
         old, old_term = _wait(settled, timeout, "three peers agreeing on a leader")
