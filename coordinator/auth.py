@@ -129,7 +129,7 @@ class Identities:
         """A Redis user that may write requests and read only its own inbox."""
         user = f"sidecar-peer-{peer_id}"
         password = secrets.token_urlsafe(32)
-        commands = ["-@all", "+xadd", "+xreadgroup", "+xack", "+xgroup|create", "+ping",
+        commands = ["-@all", "+xadd", "+xreadgroup", "+xack", "+xdel", "+xgroup|create", "+ping",
                     "+client|setname", "+hello", "+auth", "+select"]
         keys = [f"%W~{self.keys.requests(0)}*", f"~{self.keys.responses(peer_id)}"]
         try:  # Redis 7.2+ has CLIENT SETINFO, which clients send on connect

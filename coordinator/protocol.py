@@ -2,7 +2,8 @@
 
 Request entry (``sidecar.requests[.<k>]``), written by the mixin::
 
-    k    kind: pub | sub | unsub | reg | leave | hb (heartbeat) | pack (policy ack)
+    k    kind: pub | pubs (folded publishes) | sub | unsub | reg | leave | hb (heartbeat) | pack (policy ack)
+    b    pubs only: JSON list of [topic, payload json text, fence term or null], in publish order
     s    sender peer id
     t    topic (pub) or pattern (sub, unsub)
     d    payload as JSON text (pub)
@@ -26,12 +27,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CONTROL_KINDS", "KINDS", "PEER_ID_RE", "Message", "dumps"]
+__all__ = ["CONTROL_KINDS", "KINDS", "PEER_ID_RE", "PUBLISH_KINDS", "Message", "dumps"]
 
 PEER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """What a peer id may look like (a ULID does)."""
-KINDS = frozenset({"pub", "sub", "unsub", "reg", "leave", "hb", "pack"})
-CONTROL_KINDS = KINDS - {"pub"}
+KINDS = frozenset({"pub", "pubs", "sub", "unsub", "reg", "leave", "hb", "pack"})
+PUBLISH_KINDS = frozenset({"pub", "pubs"})
+CONTROL_KINDS = KINDS - PUBLISH_KINDS
 
 
 def dumps(data: Any) -> str:

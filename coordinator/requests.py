@@ -9,6 +9,7 @@ identified, and an ack, so bad input never stops the router and never blocks goo
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ class Rejection:
     code: str
     message: str
     reply_to: str | None
+    ack: bool = True
+    """False for one message of a batch entry: the entry itself is acked with the batch."""
 
     @property
     def sender(self) -> str | None:
@@ -114,20 +117,19 @@ class RequestHandler:
         deliveries: list[int] = []
         rejections: list[Rejection] = []
         tag = "s" if trusted else stream.rsplit(".", 1)[-1] if stream != r.keys.requests(0) else "0"
-        for _, eid, f in run:
+        for eid, msg_id, f in self._publishes(run, stream, rejections, acks):
             try:
                 topic, data, sender = self._check_publish(f, trusted)
             except SidecarError as exc:
-                rejections.append(self._rejection(stream, eid, f, exc))
+                rejections.append(self._rejection(stream, eid, f, exc, part=msg_id))
                 continue
-            acks.append(eid)
             targets = self._targets.get(topic)
             if targets is None:
                 targets = self._match(topic)
             if not targets:
                 continue
             m = len(msgs) // 5 + 1
-            msgs += (f"{tag}:{eid}", topic, data, sender, eid.partition("-")[0])
+            msgs += (f"{tag}:{msg_id}", topic, data, sender, eid.partition("-")[0])
             for inbox in targets:
                 i = inboxes.get(inbox)
                 if i is None:
@@ -143,6 +145,35 @@ class RequestHandler:
         args += msgs
         args += deliveries
         return keys, args, rejections, len(msgs) // 5
+
+    def _publishes(self, run: list[Entry], stream: str, rejections: list[Rejection],
+                   acks: list[str]) -> Iterator[tuple[str, str, dict[str, str]]]:
+        """(entry id, message id, publish fields) of every publish in ``run``, batches unfolded.
+
+        A ``pubs`` entry (publishes a peer folded together) carries ``b``: a JSON list of
+        ``[topic, payload json, fence or null]``; its messages are ``<entry id>:<n>``.
+        """
+        for _, eid, f in run:
+            if f.get("k") == "pub":
+                acks.append(eid)
+                yield eid, eid, f
+                continue
+            try:
+                items = json.loads(f.get("b") or "")
+                if not isinstance(items, list) or not all(
+                        isinstance(i, list) and len(i) == 3 for i in items):
+                    raise ValueError
+            except ValueError:
+                rejections.append(self._rejection(stream, eid, f, BadRequest(
+                    "batch field 'b' must be a JSON list of [topic, payload, fence]")))
+                continue
+            acks.append(eid)
+            sender = f.get("s", "")
+            for n, (topic, data, fence) in enumerate(items):
+                one = {"k": "pub", "s": sender, "t": topic, "d": data}
+                if fence is not None:
+                    one["f"] = str(fence)
+                yield eid, f"{eid}:{n}", one
 
     def _check_publish(self, f: dict[str, str], trusted: bool) -> tuple[str, str, str]:
         r = self.router
@@ -161,8 +192,8 @@ class RequestHandler:
             self._valid_topics.add(topic)  # type: ignore[arg-type]
         assert topic is not None
         data = f.get("d")
-        if data is None:
-            raise BadRequest("publish without a payload field 'd'")
+        if not isinstance(data, str):
+            raise BadRequest("publish without a payload field 'd' (JSON text)")
         limit = r.settings.max_payload_bytes
         if not trusted and len(data) * 4 > limit and len(data.encode()) > limit:
             raise PayloadTooLarge(f"payload of {len(data.encode())} bytes exceeds the {limit}-byte limit")
@@ -200,13 +231,16 @@ class RequestHandler:
             return 0
         return int(stream.rsplit(".", 1)[-1])
 
-    def _rejection(self, stream: str, eid: str, f: dict[str, str], exc: SidecarError) -> Rejection:
+    def _rejection(self, stream: str, eid: str, f: dict[str, str], exc: SidecarError, *,
+                   part: str | None = None) -> Rejection:
         r = self.router
         sender = f.get("s")
         reply_to = None
         if sender and stream != r.keys.system and (
                 sender in r.members or r.client.exists(r.keys.responses(sender))):
             reply_to = sender
+        if part is not None and part != eid:  # one message of a batch entry the script acks
+            return Rejection(stream, part, dict(f), exc.code, str(exc), reply_to, ack=False)
         return Rejection(stream, eid, dict(f), exc.code, str(exc), reply_to)
 
     # ------------------------------------------------------------------ control requests

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 from coordinator.guard import Guard
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.leases import Lease
+from coordinator.protocol import PUBLISH_KINDS
 from coordinator.requests import Rejection, RequestHandler
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
@@ -287,7 +288,7 @@ class Router:
             if run and entry[0] != run[0][0]:  # a run never mixes streams (trust, partition, ack)
                 self.handler.publish_run(run)
                 run = []
-            if entry[2].get("k") == "pub":
+            if entry[2].get("k") in PUBLISH_KINDS:
                 run.append(entry)
                 continue
             if run:
@@ -308,7 +309,8 @@ class Router:
             if r.reply_to:
                 pipe.xadd(self.keys.responses(r.reply_to), r.reply_fields(),
                           maxlen=self.settings.inbox_maxlen, approximate=True)
-            pipe.xack(r.stream, REQUEST_GROUP, r.entry_id)
+            if r.ack:
+                pipe.xack(r.stream, REQUEST_GROUP, r.entry_id)
         pipe.hincrby(self.keys.stats, "rejected", len(rejections))
         pipe.execute()
         self.stats["rejected"] += len(rejections)

@@ -35,6 +35,7 @@ class Agent(Lifecycle, StatusMixin):
     def __init__(self, namespace: str | None = None, logger: logging.Logger | None = None, *,
                  id: str | None = None, **kwargs: Any) -> None:
         self.namespace = namespace or os.environ.get("SIDECAR_NAMESPACE") or "default"
+        self.namespace_given = namespace is not None
         self.logger = logger or logging.getLogger(f"sidecar.peer.{type(self).__name__}")
         self._id = str(ULID()) if id is None else str(id)
         if not PEER_ID_RE.match(self._id):

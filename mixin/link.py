@@ -20,9 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.auth import Signer
 from coordinator.errors import SidecarError, SidecarTimeout, SidecarUnavailable, error_from_code
@@ -31,11 +29,12 @@ from coordinator.membership import heartbeat_call
 from coordinator.protocol import dumps
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
+from mixin.outbox import TRANSIENT, Outbox
 
 __all__ = ["SidecarLink"]
 
 _CONSUMER = "c"
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+_TRANSIENT = TRANSIENT
 EntryHandler = Callable[[str, dict[str, str]], Awaitable[bool]]
 """Handles one inbox entry; returns False to leave it unacknowledged (the owner acks it later)."""
 Fields = dict[Any, Any]  # str -> str; typed loosely because redis-py wants its EncodableT union
@@ -60,6 +59,8 @@ class SidecarLink:
                                              health_check_interval=0, socket_keepalive=True)
         self.scripts = scripts_for(self.redis)
         self.signer = Signer(secret) if secret else None
+        self.outbox = Outbox(self.redis, self.stream, limit=settings.publish_buffer,
+                             signer=self.signer, on_state=self._on_outbox, log=self.log)
         self.on_entry = on_entry
         self.on_rejoin = on_rejoin
         self.on_heartbeat = on_heartbeat
@@ -67,11 +68,10 @@ class SidecarLink:
         self._connected = False
         self.member_info: dict[str, Any] = {}
         self.extra: Any = None
-        self._queue: list[tuple[Fields, asyncio.Future[str]]] = []
-        self._writing = False
         self._replies: dict[str, asyncio.Future[dict[str, str]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._leaving = False
         self._rejoining = False
 
     @property
@@ -86,6 +86,10 @@ class SidecarLink:
             if self.on_connected is not None:
                 self.on_connected(up)
 
+    def _on_outbox(self, up: bool) -> None:
+        if not self._closing and self.member_info:
+            self.connected = up
+
     # ------------------------------------------------------------------ lifecycle
     async def open(self, member_info: dict[str, Any]) -> dict[str, str]:
         """Create the inbox group, start reading, register; returns the register reply."""
@@ -99,12 +103,17 @@ class SidecarLink:
 
     async def close(self, *, leave: bool = True) -> None:
         """Leave the cluster (when ``leave``), stop the tasks and close the connection."""
+        self._leaving = True  # a heartbeat answered after our leave must not rejoin us
+        for task in self._tasks:
+            if task.get_name().startswith(("hb-", "rejoin-")):
+                task.cancel()
         if leave and self.connected:
             try:
                 await self.request("leave", timeout=min(2.0, self.settings.request_timeout))
             except (SidecarTimeout, SidecarUnavailable, RedisError, OSError) as exc:
                 self.log.warning("peer %s: leave not confirmed (%s)", self.peer_id, exc)
         self._closing = True
+        self.outbox.closing = True
         self.connected = False
         for task in self._tasks:
             task.cancel()
@@ -117,73 +126,8 @@ class SidecarLink:
 
     # ------------------------------------------------------------------ writing
     async def write(self, fields: Fields) -> str:
-        """Append one request entry; returns its stream id once Redis has it.
-
-        Writes made while another is in flight are sent together in one pipeline. While Redis is
-        unreachable at most ``publish_buffer`` writes wait; more raise SidecarUnavailable.
-        """
-        if self.signer is not None:
-            fields = self.signer.sign(dict(fields))
-        if self._writing:
-            if not self._connected and len(self._queue) >= self.settings.publish_buffer:
-                raise SidecarUnavailable(
-                    f"{len(self._queue)} requests already wait for Redis (publish_buffer); retry later")
-            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            self._queue.append((fields, fut))
-            return await fut
-        self._writing = True
-        handed_off = False
-        try:
-            eid: str = await self._retrying(lambda: self.redis.xadd(self.stream, fields))
-            if self._queue:
-                handed_off = True
-                asyncio.get_running_loop().create_task(self._drain())
-            return eid
-        finally:
-            if not handed_off:
-                self._writing = False
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                live = [(f, fut) for f, fut in batch if not fut.done()]
-
-                async def send(live: list[tuple[Fields, asyncio.Future[str]]] = live) -> Any:
-                    pipe = self.redis.pipeline(transaction=False)
-                    for f, _ in live:
-                        pipe.xadd(self.stream, f)
-                    return await pipe.execute()
-
-                try:
-                    ids = await self._retrying(send)
-                except Exception as exc:
-                    for _, fut in live:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, fut), eid in zip(live, ids, strict=True):
-                    if not fut.done():
-                        fut.set_result(eid)
-        finally:
-            self._writing = False
-
-    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        delay = 0.05
-        while True:
-            try:
-                result = await call()
-                if not self.connected and not self._closing and self.member_info:
-                    self.connected = True
-                return result
-            except _TRANSIENT as exc:
-                if self._closing:
-                    raise SidecarUnavailable("the link is closing") from exc
-                if self.connected:
-                    self.log.warning("peer %s: Redis unreachable (%s); retrying", self.peer_id, exc)
-                self.connected = False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        """Append one request entry; returns its stream id once Redis has it (see Outbox)."""
+        return await self.outbox.write(fields)
 
     # ------------------------------------------------------------------ control requests
     async def request(self, kind: str, *, timeout: float | None = None,
@@ -217,27 +161,32 @@ class SidecarLink:
     async def _read_loop(self) -> None:
         cursor = "0"  # pending entries first: whatever we read but did not ack before a restart
         delay = 0.05
+        done: list[str] = []
         while not self._closing:
             try:
                 block = None if cursor == "0" else 1000
-                reply = await self.redis.xreadgroup(PEER_GROUP, _CONSUMER, {self.inbox: cursor},
-                                                    count=256, block=block)
+                # Entries handled in the last round are acknowledged and deleted (an inbox keeps
+                # only what is not yet handled) in the same round trip as the next read.
+                pipe = self.redis.pipeline(transaction=False)
+                if done:
+                    pipe.xack(self.inbox, PEER_GROUP, *done)
+                    pipe.xdel(self.inbox, *done)
+                pipe.xreadgroup(PEER_GROUP, _CONSUMER, {self.inbox: cursor}, count=256, block=block)
+                reply = (await pipe.execute())[-1]
+                done = []
                 delay = 0.05
                 entries = _entries(reply)
                 if cursor != ">" and not entries:
                     cursor = ">"
                     continue
-                done = []
                 for eid, fields in entries:
                     if fields.get("k") == "reply":
                         self._resolve(fields)
                         done.append(eid)
                     elif await self.on_entry(eid, fields):
                         done.append(eid)
-                if done:
-                    await self.redis.xack(self.inbox, PEER_GROUP, *done)
-                    if cursor != ">":
-                        cursor = entries[-1][0]
+                if entries and cursor != ">":
+                    cursor = entries[-1][0]
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
@@ -255,9 +204,12 @@ class SidecarLink:
                 cursor = "0"
 
     async def ack(self, entry_ids: list[str]) -> None:
-        """Acknowledge inbox entries the owner finished with later."""
+        """Acknowledge (and delete) inbox entries the owner finished with later."""
         if entry_ids:
-            await self.redis.xack(self.inbox, PEER_GROUP, *entry_ids)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xack(self.inbox, PEER_GROUP, *entry_ids)
+            pipe.xdel(self.inbox, *entry_ids)
+            await pipe.execute()
 
     def _resolve(self, fields: dict[str, str]) -> None:
         fut = self._replies.get(fields.get("r", ""))
@@ -309,7 +261,7 @@ class SidecarLink:
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     def _schedule_rejoin(self) -> None:
-        if self._rejoining or self._closing:
+        if self._rejoining or self._closing or self._leaving:
             return
         self._rejoining = True
         self._tasks.append(asyncio.create_task(self._rejoin(), name=f"rejoin-{self.peer_id}"))

@@ -53,9 +53,13 @@ class SidecarMixin(Lifecycle):
                  role: str = "peer", labels: dict[str, str] | None = None, priority: int = 0,
                  leader_eligible: bool = True, secret: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # An explicit namespace= wins; else the settings' own; else SIDECAR_NAMESPACE (the Agent's).
         namespace = getattr(self, "namespace", None)
+        if settings is not None and not getattr(self, "namespace_given", True):
+            namespace = settings.namespace
         self.sidecar_settings = (settings or Settings.from_env()).replace(
             **{k: v for k, v in (("namespace", namespace), ("redis_url", redis_url)) if v})
+        self.namespace = self.sidecar_settings.namespace
         self.role = role
         self.labels = dict(labels or {})
         self.priority = priority

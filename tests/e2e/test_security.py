@@ -206,10 +206,12 @@ async def test_redis_acl_confines_each_peer_to_its_own_inbox(
             with pytest.raises(NoPermissionError):
                 spy.xadd(keys.system, {"k": "pub", "s": "sidecar", "t": "cluster.leader", "d": "{}"})
 
-            # a reading its own inbox works (a private group, so a's own reader loses nothing)
-            spy.xgroup_create(keys.responses(a_id), "probe", id="0")
+            # a reading its own inbox works (a private group, so a's own reader loses nothing). The
+            # peer deletes what it handled, so put a probe entry there first (its own key: allowed).
+            spy.xgroup_create(keys.responses(a_id), "probe", id="$")
+            probe_id = spy.xadd(keys.responses(a_id), {"k": "probe"})
             own = spy.xreadgroup("probe", "probe", {keys.responses(a_id): ">"}, count=100)
-            assert own and own[0][1], "a could not read its own inbox"
+            assert own and [e[0] for e in own[0][1]] == [probe_id], "a could not read its own inbox"
             # ... and writing requests works (unsigned, so the router dead-letters it)
             eid = spy.xadd(keys.requests(0), {"k": "pub", "s": a_id, "t": "to-b.probe", "d": "1"})
             await async_wait_for(lambda: eid in dead_letters(admin, keys), what="the probe refused")
