@@ -5,6 +5,16 @@ are literal topics, some end in ``*`` or ``>``, some have ``*`` in the middle, a
 them. The small index is the first ten subscriptions of the large one. The probe topics come from
 the same distribution (so most subscriptions do not match a probe) and are the same for every size.
 Timings alternate between the sizes; each figure is the median over the repetitions.
+
+Two workloads. *mixed*: the index of size N is the first N subscriptions of that distribution, so a
+larger index also matches more (13.5 hits per probe at 10,000) and builds a larger answer, while
+with 10 subscriptions most probes stop at the root (nothing shares their first token).
+*same answer* (the target figure, ``match_us_<n>_subs``): the design promises that matching costs
+grow with topic depth, not with the number of subscriptions. So both indexes hold the same ten
+subscriptions (literal, ``*`` and ``>`` patterns), the large one adds 9,990 realistic subscriptions
+that match none of the probes, and every probe is a topic those ten match: each probe walks the
+whole depth in either index and gets the same answer. The ratio is the price of the extra
+subscriptions alone.
 """
 
 from __future__ import annotations
@@ -15,9 +25,10 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from coordinator.topics import SubscriptionIndex
+from coordinator.topics import SubscriptionIndex, matches
 
-__all__ = ["MatchTiming", "build_index", "measure_match", "probe_topics", "subscriptions"]
+__all__ = ["MatchTiming", "build_index", "measure_match", "probe_topics", "same_answer_workload",
+           "subscriptions"]
 
 APPS = ("orders", "billing", "users", "inventory", "shipping", "search", "auth", "media", "chat",
         "metrics")
@@ -79,6 +90,28 @@ def build_index(count: int) -> SubscriptionIndex:
     return SubscriptionIndex(subscriptions(count))
 
 
+def same_answer_workload(sizes: tuple[int, ...]) -> tuple[dict[int, SubscriptionIndex], list[str]]:
+    """Indexes of each size and probes that every index answers alike (see module docstring)."""
+    rng = random.Random(3)
+    hits: list[tuple[str, str]] = []
+    for k, topic in enumerate(probe_topics(10, seed=5)):
+        app, entity, ident, event = topic.split(".")
+        pattern = (topic, f"{app}.{entity}.{ident}.*", f"{app}.{entity}.*.{event}",
+                   f"{app}.{entity}.>")[k % 4]
+        hits.append((f"hit{k}", pattern))
+    candidates = probe_topics(20_000, seed=13) + [
+        f"{p.replace('.*', f'.{rng.choice(EVENTS)}').replace('.>', '.x.y')}" for _, p in hits]
+    probes = [t for t in candidates if any(matches(p, t) for _, p in hits)][:200]
+    filler = [(peer, pattern) for peer, pattern in subscriptions(max(sizes) * 2, seed=23)
+              if not any(matches(pattern, t) for t in probes)]
+    out = {}
+    for n in sizes:
+        index = SubscriptionIndex(hits[:min(n, 10)] + filler[:max(0, n - 10)])
+        assert len(index) == n, f"not enough non-matching subscriptions for {n}"
+        out[n] = index
+    return out, probes
+
+
 def _time_once(index: SubscriptionIndex, probes: list[str], seconds: float) -> float:
     """Microseconds per ``match`` call, looping over ``probes`` for at least ``seconds``."""
     match = index.match
@@ -94,11 +127,13 @@ def _time_once(index: SubscriptionIndex, probes: list[str], seconds: float) -> f
             return elapsed / calls / 1e3
 
 
-def measure_match(seconds: float, repeats: int,
-                  sizes: tuple[int, ...] = (10, 10_000)) -> dict[int, MatchTiming]:
-    """A :class:`MatchTiming` per index size (number of subscriptions)."""
-    probes = probe_topics()
-    indexes = {n: build_index(n) for n in sizes}
+def measure_match(seconds: float, repeats: int, sizes: tuple[int, ...] = (10, 10_000), *,
+                  same_answer: bool = False) -> dict[int, MatchTiming]:
+    """A :class:`MatchTiming` per index size (number of subscriptions), either workload."""
+    if same_answer:
+        indexes, probes = same_answer_workload(sizes)
+    else:
+        indexes, probes = {n: build_index(n) for n in sizes}, probe_topics()
     runs: dict[int, list[float]] = {n: [] for n in sizes}
     for index in indexes.values():  # warm up
         _time_once(index, probes, seconds / 10)

@@ -1,10 +1,12 @@
-"""Redis memory per idle peer: start N peers (registered, one subscription each), read INFO memory.
+"""Redis memory per idle peer: start N peers (registered, one subscription each), then measure.
 
-``used_memory`` is read before the peers start and once it is steady after they are set up (see
-:func:`_settled_memory`); the difference over N is the figure. The same difference is split into
-what Redis holds for the peers' connections (``mem_clients_normal``) and the dataset (member
-records, inbox streams and their groups, subscription fields); a few keys are sized with MEMORY
-USAGE.
+``redis_bytes_per_idle_peer`` is the state Redis keeps for one idle peer, as the issue counts it
+("a peer's stream, group, member hash and index entry"): MEMORY USAGE of each sampled peer's inbox
+stream (with its group) and member hash, plus its share of the namespace's members, electorate
+and subscription keys. ``used_memory`` is also read before and after (once steady, see
+:func:`_settled_memory`) and reported per peer as context, split into what Redis holds for the
+peers' connections (``mem_clients_normal``: buffers of up to three connections per peer) and the
+dataset, which also holds bounded shared logs (request, system and event streams) the joins filled.
 """
 
 from __future__ import annotations
@@ -78,17 +80,21 @@ def _settled_memory(client: redis.Redis, min_s: float, max_s: float,
         time.sleep(interval)
 
 
-def _key_sizes(client: redis.Redis, keys: Keys) -> dict[str, float]:
-    """MEMORY USAGE of one idle peer's inbox and member record, and the subscription hash."""
-    out: dict[str, float] = {}
-    inbox = next(iter(client.scan_iter(match=keys.responses_prefix + "*", count=1000)), None)
-    if inbox is not None:
-        peer = str(inbox)[len(keys.responses_prefix):]
-        out["redis_idle_inbox_stream_bytes"] = float(client.memory_usage(inbox, samples=0) or 0)
-        out["redis_idle_member_hash_bytes"] = float(
-            client.memory_usage(keys.member(peer), samples=0) or 0)
-    out["redis_idle_subs_hash_bytes"] = float(client.memory_usage(keys.subs, samples=0) or 0)
-    return out
+def _key_sizes(client: redis.Redis, keys: Keys, peers: int, sample: int = 20) -> dict[str, float]:
+    """MEMORY USAGE of idle peers' own keys (mean over ``sample`` peers) and of shared keys."""
+    def usage(key: str) -> float:
+        return float(client.memory_usage(key, samples=0) or 0)
+
+    ids = [str(p) for p in client.zrange(keys.members, 0, sample - 1)]
+    inbox = statistics.mean(usage(keys.responses(p)) for p in ids) if ids else 0.0
+    member = statistics.mean(usage(keys.member(p)) for p in ids) if ids else 0.0
+    shared = {"members": usage(keys.members), "electorate": usage(keys.electorate),
+              "subs": usage(keys.subs)}
+    return {"redis_bytes_per_idle_peer": inbox + member + sum(shared.values()) / peers,
+            "redis_idle_inbox_stream_bytes": inbox, "redis_idle_member_hash_bytes": member,
+            "redis_idle_members_zset_bytes_per_peer": shared["members"] / peers,
+            "redis_idle_electorate_zset_bytes_per_peer": shared["electorate"] / peers,
+            "redis_idle_subs_hash_bytes_per_peer": shared["subs"] / peers}
 
 
 def run_idle_memory(url: str, namespace: str, peers: int, procs: int, settle_s: float,
@@ -115,7 +121,7 @@ def run_idle_memory(url: str, namespace: str, peers: int, procs: int, settle_s: 
             after.update(memory)
             waited.append(wait)
             clients.append(int(client.info("clients")["connected_clients"]))
-            sizes.update(_key_sizes(client, Keys(namespace)))
+            sizes.update(_key_sizes(client, Keys(namespace), peers))
 
         run_stages("idle-peers", [roles], timeout + settle_max_s + 30, before_go=measure)
         time.sleep(settle_s)  # every peer left; none should be a member any more
@@ -125,7 +131,7 @@ def run_idle_memory(url: str, namespace: str, peers: int, procs: int, settle_s: 
     def per_peer(field: str) -> float:
         return (after[field] - before[field]) / peers
 
-    out = {"redis_bytes_per_idle_peer": per_peer("used_memory"),
+    out = {"redis_used_memory_per_idle_peer": per_peer("used_memory"),
            "redis_client_bytes_per_idle_peer": per_peer("mem_clients_normal"),
            "redis_dataset_bytes_per_idle_peer": per_peer("used_memory_dataset"),
            "redis_connections_per_idle_peer": (clients[1] - clients[0]) / peers,

@@ -78,10 +78,14 @@ class Run:
             self.say(f"WARNING: load average {self.load_start[0]:.1f} on {cpus} CPUs: "
                      "other work competes with the benchmark, expect noisy figures")
         self.say(f"plan {p.name}: matching against {p.match_sizes} subscriptions")
-        matched = measure_match(p.match_seconds, p.match_repeats, p.match_sizes)
-        for size, timing in matched.items():
+        same = measure_match(p.match_seconds, p.match_repeats, p.match_sizes, same_answer=True)
+        for size, timing in same.items():
             self.runs[f"match_us_{size}_subs"] = timing.runs
             self.extra[f"match_mean_hits_{size}_subs"] = timing.mean_matches
+        mixed = measure_match(p.match_seconds, p.match_repeats, p.match_sizes)
+        for size, timing in mixed.items():
+            self.runs[f"match_us_{size}_subs_mixed"] = timing.runs
+            self.extra[f"match_mean_hits_{size}_subs_mixed"] = timing.mean_matches
         self.say("starting Redis and one worker per scenario namespace")
         with Services(SCENARIOS) as svc:
             self.say(f"Redis at {svc.url}; workers log to {svc.dir}")
@@ -197,6 +201,9 @@ class Run:
         for size in self.plan.match_sizes:
             if size not in (10, 10_000):
                 figures[f"match_us_{size}_subs"] = m.get(f"match_us_{size}_subs")
+            figures[f"match_us_{size}_subs_mixed"] = m.get(f"match_us_{size}_subs_mixed")
+        figures["match_cost_ratio_10000_vs_10_mixed"] = ratio(
+            m.get("match_us_10000_subs_mixed"), m.get("match_us_10_subs_mixed"))
         figures.update({k: v for k, v in self.extra.items() if k.startswith("match_mean_hits_")})
         figures.update({k: v for k, v in self.extra.items() if k.startswith("redis_")})
         p = self.plan

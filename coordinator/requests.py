@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import NoScriptError
+
 from coordinator.errors import (
     BadRequest,
     NotLeader,
@@ -28,11 +30,30 @@ from coordinator.topics import check_pattern, check_publish_topic
 if TYPE_CHECKING:
     from coordinator.router import Entry, Router
 
-__all__ = ["SYSTEM_SENDER", "Rejection", "RequestHandler"]
+__all__ = ["SYSTEM_SENDER", "Rejection", "RequestHandler", "Rerouted"]
 
 SYSTEM_SENDER = "sidecar"
 """Sender id of the sidecar's own events (only scripts write the system stream)."""
 _CACHE_LIMIT = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredRoute:
+    """A computed route.lua call waiting to ride along with the router's next read."""
+
+    run: list[Entry]
+    stream: str
+    keys: list[str]
+    args: list[Any]
+    messages: int
+
+    @property
+    def n(self) -> int:
+        return self.messages
+
+
+class Rerouted(Exception):
+    """The rest of the batch was routed by claiming every pending entry; stop processing it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,18 +91,25 @@ class RequestHandler:
         self._targets: dict[str, tuple[str, ...]] = {}
         self._valid_topics: set[str] = set()
         self._inbox: dict[str, str] = {}
+        self.deferred: DeferredRoute | None = None
 
     def invalidate(self) -> None:
         """Forget matches computed from an older subscription index."""
         self._targets.clear()
 
     # ------------------------------------------------------------------ publishes
-    def publish_run(self, run: list[Entry]) -> None:
-        """Deliver a run of publish entries from one stream with one fenced script call."""
+    def publish_run(self, run: list[Entry], *, defer: bool = False,
+                    authenticated: bool = False) -> None:
+        """Deliver a run of publish entries from one stream with one fenced script call.
+
+        With ``defer`` the script call is kept in :attr:`deferred` for the router to send in the
+        same round trip as its next read (the run's outcome is settled then); a run with
+        rejections is never deferred, so dead letters and error replies go out at once.
+        """
         r = self.router
         stream = run[0][0]
         refused: list[Rejection] = []
-        if r.guard.auth and stream != r.keys.system:
+        if r.guard.auth and stream != r.keys.system and not authenticated:
             signed = []
             for entry in run:  # once per entry: a nonce must not be "replayed" by our own retry
                 try:
@@ -90,23 +118,47 @@ class RequestHandler:
                 except SidecarError as exc:
                     refused.append(self._rejection(stream, entry[1], entry[2], exc))
             run = signed
-        for _attempt in range(5):
+        for attempt in range(5):
             if r.version is None:
                 r.refresh()
             keys, args, rejections, n = self._route_call(run, stream)
             rejections += refused
-            result = r.scripts.route(keys=keys, args=args)
-            status = str(result[0])
-            if status == "ok":
-                r.stats["routed"] += n
-                r.stats["delivered"] += int(result[1])
-                r.reject(rejections)
+            if defer and attempt == 0 and not rejections:
+                self.deferred = DeferredRoute(run, stream, keys, args, n)
                 return
-            if status == "lost":
-                r.lost(stream)
+            if self._settle(r.scripts.route(keys=keys, args=args), stream, n, rejections):
                 return
-            r.version = None  # stale: someone changed members or subscriptions; reload and redo
         raise RuntimeError("routing version kept changing under five consecutive attempts")
+
+    def _settle(self, result: Any, stream: str, n: int, rejections: list[Rejection]) -> bool:
+        """Act on a route.lua answer; False when the run must be computed again (stale)."""
+        r = self.router
+        status = str(result[0])
+        if status == "ok":
+            r.stats["routed"] += n
+            r.stats["delivered"] += int(result[1])
+            r.reject(rejections)
+            return True
+        if status == "lost":
+            r.lost(stream)
+            return True
+        if status == "foreign":  # a deposed router's reads are older: route them, then ours
+            r.claim_pending(stream)
+            raise Rerouted
+        r.version = None  # stale: someone changed members or subscriptions; reload and redo
+        return False
+
+    def finish_deferred(self, result: Any) -> None:
+        """Settle the deferred run with the answer its script call got (or the error it raised)."""
+        d, self.deferred = self.deferred, None
+        if d is None:
+            return
+        if isinstance(result, NoScriptError):  # Redis restarted: the synchronous path reloads it
+            self.publish_run(d.run, authenticated=True)
+        elif isinstance(result, Exception):
+            raise result
+        elif not self._settle(result, d.stream, d.n, []):
+            self.publish_run(d.run, authenticated=True)
 
     def _route_call(self, run: list[Entry], stream: str) -> tuple[list[str], list[Any], list[Rejection], int]:
         r = self.router
@@ -136,10 +188,9 @@ class RequestHandler:
                     i = inboxes[inbox] = len(inboxes) + 1
                 deliveries += (m, i)
         partition = self._partition(stream)
-        keys = [r.keys.router_lease(partition), r.keys.routing_version, r.keys.stats, stream,
-                *inboxes]
+        keys = [r.keys.router_lease(partition), r.keys.routing_version, stream, *inboxes]
         args: list[Any] = [r.token, r.version, REQUEST_GROUP, r.settings.inbox_maxlen, 1,
-                           len(acks), len(msgs) // 5]
+                           len(acks), len(msgs) // 5, r.name]
         for eid in acks:
             args += (1, eid)
         args += msgs

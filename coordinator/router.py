@@ -27,11 +27,13 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
+from coordinator import resp
 from coordinator.guard import Guard
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.leases import Lease
 from coordinator.protocol import PUBLISH_KINDS
-from coordinator.requests import Rejection, RequestHandler
+from coordinator.requests import DeferredRoute, Rejection, RequestHandler, Rerouted
+from coordinator.resp import RespConnection
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 from coordinator.topics import SubscriptionIndex
@@ -61,9 +63,12 @@ class Router:
         self.stats = {"routed": 0, "delivered": 0, "rejected": 0, "batches": 0, "takeovers": 0}
         self.guard = Guard(client, self.keys, settings)
         self.handler = RequestHandler(self)
+        url = settings.redis_url
+        self.fast = RespConnection(url) if url and resp.supports(url) else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_maintenance = 0.0
+        self._flushed: dict[str, int] = {}
         self._last_trim = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -82,6 +87,8 @@ class Router:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self.fast is not None:
+            self.fast.close()
 
     @property
     def running(self) -> bool:
@@ -115,7 +122,13 @@ class Router:
             except Exception:  # never let one bad batch kill routing
                 log.exception("router %s: unexpected error; carrying on", self.name)
                 self._stop.wait(backoff)
+        try:
+            self.flush()
+        except (RedisError, Rerouted):
+            pass
         self._release_all()
+        if self.fast is not None:
+            self.fast.close()
 
     def step(self) -> int:
         """Maintain leases when due, then route one batch. Returns the entries handled."""
@@ -128,26 +141,46 @@ class Router:
             return 0
         block = max(1, min(self.settings.router_block_ms,
                            int((self._next_maintenance - time.monotonic()) * 1000)))
-        streams = self._streams()
-        # The pending summaries ride in the same round trip, answered right after the read: if a
-        # router deposed while paused read entries before noticing (its script calls are fenced,
-        # so it routed none of them), they are older than ours and must go first.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xreadgroup(REQUEST_GROUP, self.name, {s: ">" for s in streams},
-                        count=self.settings.batch_size, block=block)
-        for stream in streams:
-            pipe.xpending(stream, REQUEST_GROUP)
-        reply, *summaries = pipe.execute()
-        entries = _flatten(reply)
-        foreign = [s for s, summary in zip(streams, summaries, strict=True) if _foreign(summary, self.name)]
-        if foreign:
-            for stream in foreign:
-                self._claim_pending(stream)
-            mine = {s for s in streams if s not in foreign}
-            entries = [e for e in entries if e[0] in mine]
+        deferred = self.handler.deferred
+        routed, reply = self._read({s: ">" for s in self._streams()}, block, deferred)
+        if deferred is not None:
+            try:
+                self.handler.finish_deferred(routed)
+            except Rerouted:
+                return 0  # every pending entry, this read's included, was claimed and routed
+        if isinstance(reply, Exception):
+            raise reply
+        entries = reply
         if entries:
-            self.process(entries)
+            self.process(entries, defer_last=True)
         return len(entries)
+
+    def _read(self, streams: dict[str, str], block: int,
+              deferred: DeferredRoute | None) -> tuple[Any, list[Entry] | Exception]:
+        """One round trip: the last batch's fan-out (if deferred), then a blocking read.
+
+        Returns (the fan-out's answer or error, the entries read or the read's error).
+        """
+        count = self.settings.batch_size
+        if self.fast is not None:
+            commands: list[tuple[Any, ...]] = []
+            if deferred is not None:
+                commands.append(("EVALSHA", self.scripts.route.sha, len(deferred.keys),
+                                 *deferred.keys, *deferred.args))
+            commands.append(("XREADGROUP", "GROUP", REQUEST_GROUP, self.name, "COUNT", count,
+                             "BLOCK", block, "STREAMS", *streams, *streams.values()))
+            replies = self.fast.pipeline(commands, timeout=block / 1000 + 10)
+            read = replies[-1]
+            return (replies[0] if deferred is not None else None,
+                    read if isinstance(read, Exception) else _flatten_raw(read))
+        pipe = self.client.pipeline(transaction=False)
+        if deferred is not None:
+            pipe.evalsha(self.scripts.route.sha, len(deferred.keys), *deferred.keys, *deferred.args)
+        pipe.xreadgroup(REQUEST_GROUP, self.name, streams, count=count, block=block)
+        replies = pipe.execute(raise_on_error=False)
+        read = replies[-1]
+        return (replies[0] if deferred is not None else None,
+                read if isinstance(read, Exception) else _flatten(read))
 
     # ------------------------------------------------------------------ leases
     def _streams(self) -> list[str]:
@@ -190,10 +223,28 @@ class Router:
                 self._take_over(p)
         for stream in self._streams():  # entries a deposed router read while no new ones arrive
             if _foreign(self.client.xpending(stream, REQUEST_GROUP), self.name):
-                self._claim_pending(stream)
+                self.claim_pending(stream)
+        self._flush_stats()
         if time.monotonic() - self._last_trim > 5.0:
             self._last_trim = time.monotonic()
             self._trim_requests()
+
+    def flush(self) -> None:
+        """Send a deferred fan-out now and write the counters (before stopping, and in tests)."""
+        deferred = self.handler.deferred
+        if deferred is not None:
+            self.handler.deferred = None
+            self.handler.publish_run(deferred.run, authenticated=True)
+        self._flush_stats()
+
+    def _flush_stats(self) -> None:
+        counts = {k: self.stats[k] - self._flushed.get(k, 0) for k in ("routed", "delivered")}
+        if any(counts.values()):
+            pipe = self.client.pipeline(transaction=False)
+            for key, delta in counts.items():
+                pipe.hincrby(self.keys.stats, key, delta)
+            pipe.execute()
+            self._flushed.update({k: self.stats[k] for k in counts})
 
     def _release_all(self) -> None:
         for lease in self.leases.values():
@@ -215,24 +266,35 @@ class Router:
                 if "BUSYGROUP" not in str(exc):
                     raise
         for stream in streams:
-            self._claim_pending(stream)
+            self.claim_pending(stream)
         log.info("router %s owns partition %d", self.name, partition)
 
-    def _claim_pending(self, stream: str) -> None:
-        """Route every entry pending on ``stream`` (ours or a predecessor's), oldest first."""
+    def claim_pending(self, stream: str) -> None:
+        """Route every entry pending on ``stream`` (ours or a predecessor's), oldest first.
+
+        Used when taking a partition over, and when the route script finds entries pending under
+        another consumer: a router deposed while paused may read one more batch before its fenced
+        writes are refused, and those entries are older than anything read since.
+        """
         start = "0-0"
-        while self.leases:
+        claimed_all: list[Entry] = []
+        while True:  # claim everything first, so routing them never finds a foreign entry again
             nxt, claimed, deleted = _autoclaim(self.client.xautoclaim(
                 stream, REQUEST_GROUP, self.name, min_idle_time=0, start_id=start,
-                count=self.settings.batch_size))
+                count=self.settings.batch_size * 4))
             if deleted:
                 self.client.xack(stream, REQUEST_GROUP, *deleted)
-            if claimed:
-                log.info("router %s re-routes %d pending entries of %s", self.name, len(claimed), stream)
-                self.process([(stream, eid, fields) for eid, fields in claimed])
+            claimed_all += [(stream, eid, fields) for eid, fields in claimed]
             if nxt == "0-0":
                 break
             start = nxt
+        if claimed_all:
+            log.info("router %s re-routes %d pending entries of %s", self.name, len(claimed_all), stream)
+        size = self.settings.batch_size
+        for i in range(0, len(claimed_all), size):
+            if not self.leases:
+                break
+            self.process(claimed_all[i:i + size])
 
     def _trim_requests(self) -> None:
         """Drop routed entries from owned request streams (keep anything still pending)."""
@@ -278,25 +340,32 @@ class Router:
         self.guard.refresh(self.members)
         self.handler.invalidate()
 
-    def process(self, entries: list[Entry]) -> None:
-        """Route ``entries`` in order: runs of publishes in one script call, control one by one."""
+    def process(self, entries: list[Entry], *, defer_last: bool = False) -> None:
+        """Route ``entries`` in order: runs of publishes in one script call, control one by one.
+
+        With ``defer_last`` a final run of publishes may leave its script call for the next read's
+        round trip (see RequestHandler.publish_run).
+        """
         if self.version is None:
             self.refresh()
         self.stats["batches"] += 1
         run: list[Entry] = []
-        for entry in entries:
-            if run and entry[0] != run[0][0]:  # a run never mixes streams (trust, partition, ack)
-                self.handler.publish_run(run)
-                run = []
-            if entry[2].get("k") in PUBLISH_KINDS:
-                run.append(entry)
-                continue
+        try:
+            for entry in entries:
+                if run and entry[0] != run[0][0]:  # a run never mixes streams (trust, partition, ack)
+                    self.handler.publish_run(run)
+                    run = []
+                if entry[2].get("k") in PUBLISH_KINDS:
+                    run.append(entry)
+                    continue
+                if run:
+                    self.handler.publish_run(run)
+                    run = []
+                self.handler.control(entry)
             if run:
-                self.handler.publish_run(run)
-                run = []
-            self.handler.control(entry)
-        if run:
-            self.handler.publish_run(run)
+                self.handler.publish_run(run, defer=defer_last)
+        except Rerouted:
+            pass  # the rest of this batch was claimed and routed, in order, with the older entries
 
     def reject(self, rejections: list[Rejection]) -> None:
         """Dead-letter rejected entries, tell identifiable senders why, and ack them."""
@@ -330,6 +399,16 @@ def _flatten(reply: Any) -> list[Entry]:
             records = records[0]
         for eid, fields in records:
             out.append((str(stream), str(eid), fields or {}))
+    return out
+
+
+def _flatten_raw(reply: Any) -> list[Entry]:
+    """A raw RESP2 XREADGROUP reply (lists of field/value lists) as one ordered list of entries."""
+    out: list[Entry] = []
+    for stream, records in reply or ():
+        for eid, flat in records:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+            out.append((stream, eid, fields))
     return out
 
 

@@ -180,19 +180,21 @@ class SubscriptionIndex:
     def match(self, topic: str) -> set[str]:
         """Every subscriber with a pattern matching literal ``topic``."""
         out: set[str] = set()
-        tokens = topic.split(".")
-        last = len(tokens)
-        stack = [(self._root, 0)]
-        while stack:
-            node, i = stack.pop()
-            if i == last:
+        level = [self._root]  # every node the topic's first i tokens lead to (at most 2**i)
+        for token in topic.split("."):
+            following = []
+            for node in level:
+                if node.rest:
+                    out |= node.rest
+                child = node.children.get(token)
+                if child is not None:
+                    following.append(child)
+                if node.star is not None:
+                    following.append(node.star)
+            if not following:
+                return out
+            level = following
+        for node in level:
+            if node.here:
                 out |= node.here
-                continue
-            if node.rest:
-                out |= node.rest
-            child = node.children.get(tokens[i])
-            if child is not None:
-                stack.append((child, i + 1))
-            if node.star is not None:
-                stack.append((node.star, i + 1))
         return out

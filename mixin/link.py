@@ -162,20 +162,27 @@ class SidecarLink:
         cursor = "0"  # pending entries first: whatever we read but did not ack before a restart
         delay = 0.05
         done: list[str] = []
+        handled: list[str] = []
+        idle = False
         while not self._closing:
             try:
                 block = None if cursor == "0" else 1000
-                # Entries handled in the last round are acknowledged and deleted (an inbox keeps
-                # only what is not yet handled) in the same round trip as the next read.
+                # Entries handled in the last round are acknowledged in the same round trip as the
+                # next read; they are deleted (an idle inbox keeps nothing) once the inbox goes
+                # quiet or a thousand have gathered, so a busy peer pays no extra command for it.
                 pipe = self.redis.pipeline(transaction=False)
                 if done:
                     pipe.xack(self.inbox, PEER_GROUP, *done)
-                    pipe.xdel(self.inbox, *done)
+                    handled += done
+                if handled and (idle or len(handled) >= 1000):
+                    pipe.xdel(self.inbox, *handled)
+                    handled = []
                 pipe.xreadgroup(PEER_GROUP, _CONSUMER, {self.inbox: cursor}, count=256, block=block)
                 reply = (await pipe.execute())[-1]
                 done = []
                 delay = 0.05
                 entries = _entries(reply)
+                idle = not entries
                 if cursor != ">" and not entries:
                     cursor = ">"
                     continue

@@ -62,7 +62,10 @@ class Outbox:
         handed_off = False
         try:
             entry = self._signed(fields)
-            eid: str = await self._retrying(lambda: self.redis.xadd(self.stream, entry))
+            try:
+                eid: str = await self.redis.xadd(self.stream, entry)
+            except TRANSIENT:
+                eid = await self._retrying(lambda: self.redis.xadd(self.stream, entry))
             if self._queue:
                 handed_off = True
                 asyncio.get_running_loop().create_task(self._drain())

@@ -75,6 +75,7 @@ class SidecarMixin(Lifecycle):
         self._leader_confirmed = 0.0
         self._hook_tasks: set[asyncio.Future[Any]] = set()
         self._dispatch_lock = asyncio.Lock()
+        self._valid_topics: set[str] = set()
         self._parked: list[tuple[str, dict[str, str]]] = []
         self._park_until = 0.0
 
@@ -158,7 +159,10 @@ class SidecarMixin(Lifecycle):
         With ``fenced=True`` the message carries this peer's leader term and is delivered only if
         this peer is still the leader of that term.
         """
-        check_publish_topic(topic)
+        if topic not in self._valid_topics:
+            check_publish_topic(topic)
+            if len(self._valid_topics) < 10_000:
+                self._valid_topics.add(topic)
         payload = dumps(data)  # TypeError for anything JSON cannot carry, at the call
         link = self._require_link()
         fields = {"k": "pub", "s": link.peer_id, "t": topic, "d": payload}

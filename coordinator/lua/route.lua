@@ -1,20 +1,22 @@
 -- route.lua: fan a batch of publishes out to subscriber inboxes and acknowledge the request entries,
--- atomically, fenced by the router lease and the subscription index version.
+-- atomically, fenced by the router lease and the routing version.
 --
 -- KEYS[1]   router lease of the partition (string: owner token)
 -- KEYS[2]   routing version (string counter: members and subscriptions)
--- KEYS[3]   stats hash
--- KEYS[4..] request streams the acked entries came from, then target inbox streams
+-- KEYS[3..] request streams the acked entries came from, then target inbox streams
 -- ARGV[1]   lease token of the calling router
--- ARGV[2]   subscription index version the fan-out was computed with
+-- ARGV[2]   routing version the fan-out was computed with
 -- ARGV[3]   consumer group of the request streams
 -- ARGV[4]   inbox MAXLEN (approximate)
--- ARGV[5]   number of request streams S (KEYS[4..3+S])
--- ARGV[6]   number of acks A; ARGV[7] number of messages M
+-- ARGV[5]   number of request streams S (KEYS[3..2+S])
+-- ARGV[6]   number of acks A; ARGV[7] number of messages M; ARGV[8] the router's consumer name
 -- then A pairs (request stream index 1..S, entry id)
 -- then M quintets (message id, topic, data json, sender, timestamp ms)
--- then pairs (message index 1..M, inbox index 1..) up to the end; inbox i is KEYS[3+S+i]
+-- then pairs (message index 1..M, inbox index 1..) up to the end; inbox i is KEYS[2+S+i]
 -- Returns {"ok", deliveries} | {"lost"} when the lease is not ours | {"stale", version}
+--   | {"foreign"} when another consumer holds pending entries of a request stream: a router deposed
+--     while paused read them before its writes were refused; they are older, so the caller must
+--     claim and route them first (nothing is written)
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {'lost'}
 end
@@ -26,22 +28,28 @@ local maxlen = ARGV[4]
 local nstreams = tonumber(ARGV[5])
 local nacks = tonumber(ARGV[6])
 local nmsgs = tonumber(ARGV[7])
-local a = 8
+for s = 1, nstreams do
+  local summary = redis.call('XPENDING', KEYS[2 + s], ARGV[3])
+  if summary[4] then
+    for _, c in ipairs(summary[4]) do
+      if c[1] ~= ARGV[8] and tonumber(c[2]) > 0 then
+        return {'foreign'}
+      end
+    end
+  end
+end
+local a = 9
 local msgbase = a + 2 * nacks
 local p = msgbase + 5 * nmsgs
 local n = 0
 while p < #ARGV do
   local m = msgbase + 5 * (tonumber(ARGV[p]) - 1)
-  redis.call('XADD', KEYS[3 + nstreams + tonumber(ARGV[p + 1])], 'MAXLEN', '~', maxlen, '*',
+  redis.call('XADD', KEYS[2 + nstreams + tonumber(ARGV[p + 1])], 'MAXLEN', '~', maxlen, '*',
     'k', 'msg', 'i', ARGV[m], 't', ARGV[m + 1], 'd', ARGV[m + 2], 's', ARGV[m + 3], 'ts', ARGV[m + 4])
   n = n + 1
   p = p + 2
 end
 for i = 0, nacks - 1 do
-  redis.call('XACK', KEYS[3 + tonumber(ARGV[a + 2 * i])], ARGV[3], ARGV[a + 2 * i + 1])
-end
-if nmsgs > 0 then
-  redis.call('HINCRBY', KEYS[3], 'routed', nmsgs)
-  redis.call('HINCRBY', KEYS[3], 'delivered', n)
+  redis.call('XACK', KEYS[2 + tonumber(ARGV[a + 2 * i])], ARGV[3], ARGV[a + 2 * i + 1])
 end
 return {'ok', n}

@@ -263,8 +263,8 @@ def test_subscribe_script(client: redis.Redis, keys: Keys) -> None:
 # -------------------------------------------------------------------------------------- route
 
 
-def route_args(token: str, version: str, eid: str) -> list[Any]:
-    return [token, version, REQUEST_GROUP, 1000, 1, 1, 1, 1, eid,
+def route_args(token: str, version: str, eid: str, consumer: str = "me") -> list[Any]:
+    return [token, version, REQUEST_GROUP, 1000, 1, 1, 1, consumer, 1, eid,
             f"0:{eid}", "a.b", '{"x":1}', "p1", "1700000000000", 1, 1]
 
 
@@ -274,21 +274,28 @@ def test_route_is_fenced_by_lease_and_version(client: redis.Redis, keys: Keys) -
     inbox = keys.responses("p2")
     eid = pending_entry(client, stream, {"k": "pub", "s": "p1", "t": "a.b", "d": '{"x":1}'})
     client.set(keys.router_lease(0), "tok")
-    ks = [keys.router_lease(0), keys.routing_version, keys.stats, stream, inbox]
+    ks = [keys.router_lease(0), keys.routing_version, stream, inbox]
     assert s.route(keys=ks, args=route_args("tok", "1", eid)) == ["stale", "0"]  # no key: 0
     client.set(keys.routing_version, "3")
 
     assert s.route(keys=ks, args=route_args("wrong", "3", eid)) == ["lost"]
     assert s.route(keys=ks, args=route_args("tok", "2", eid)) == ["stale", "3"]
-    assert client.exists(inbox, keys.stats) == 0  # neither call wrote anything
+    # the entry is pending under another consumer (a deposed router read it): route it first
+    assert s.route(keys=ks, args=route_args("tok", "3", eid, consumer="other")) == ["foreign"]
+    assert client.exists(inbox) == 0  # none of these calls wrote anything
     assert pending_count(client, stream) == 1
 
-    assert s.route(keys=ks, args=route_args("tok", "3", eid)) == ["ok", 1]
+    assert s.route(keys=ks, args=route_args("tok", "3", eid, consumer=consumer_of(client, stream)))\
+        == ["ok", 1]
     assert pending_count(client, stream) == 0
     (_, msg), = client.xrange(inbox)
     assert msg == {"k": "msg", "i": f"0:{eid}", "t": "a.b", "d": '{"x":1}', "s": "p1",
                    "ts": "1700000000000"}
-    assert client.hgetall(keys.stats) == {"routed": "1", "delivered": "1"}
+
+
+def consumer_of(client: redis.Redis, stream: str) -> str:
+    (entry,) = client.xpending_range(stream, REQUEST_GROUP, "-", "+", 10)
+    return str(entry["consumer"])
 
 
 # -------------------------------------------------------------------------------------- elect
