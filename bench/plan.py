@@ -42,6 +42,12 @@ class Plan:
     """Longest wait for Redis memory to become steady."""
     scenario_timeout_s: float
     """Bound on one scenario repetition, processes included."""
+    failover_reps: int = 3
+    """SIGKILLs of the leader, with default and with tuned timings each."""
+    beat_ha_s: float = 15.0
+    """How long two beats run under membership churn (the beat is killed halfway)."""
+    policy_peers: int = 1_000
+    policy_procs: int = 4
 
     @property
     def fanout_peers(self) -> int:
@@ -61,7 +67,8 @@ QUICK = Plan(name="quick", reps=1, raw_msgs=200, route_msgs=200, pipelined_msgs=
              fanout_peers_per_proc=5, latency_msgs=100, latency_rate=1_000.0, latency_reps=1,
              warmup_fraction=0.0, match_seconds=0.02, match_repeats=2,
              match_sizes=(10, 10_000), idle_peers=10, idle_procs=1,
-             settle_s=0.5, settle_max_s=3.0, scenario_timeout_s=30.0)
+             settle_s=0.5, settle_max_s=3.0, scenario_timeout_s=30.0, failover_reps=1,
+             beat_ha_s=4.0, policy_peers=50, policy_procs=1)
 
 
 @dataclass(frozen=True)
@@ -87,4 +94,10 @@ TARGETS = (
     Target("route_pipelined_vs_raw", ">=", 5.0),
     Target("match_cost_ratio_10000_vs_10", "<=", 1.5),
     Target("redis_bytes_per_idle_peer", "<=", 2048.0),
+    Target("failover_s", "<=", 4.0),
+    Target("failover_tuned_s", "<=", 1.0),
+    Target("beat_takeover_s", "<=", 2.0),
+    Target("dual_leader_samples", "<=", 0.0),
+    Target("policy_convergence_1000_peers_s", "<=", 2.0),
+    Target("route_secure_vs_raw_throughput", ">=", 0.8),
 )

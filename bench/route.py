@@ -17,7 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from bench.children import Channel, Role, pace, run_stages
+from coordinator.auth import Identities
+from coordinator.keys import Keys
+from coordinator.policy_store import PolicyStore
 from coordinator.protocol import Message
 from mixin import Agent, SidecarMixin
 
@@ -51,6 +56,15 @@ class PeerParams:
     """Subscriber: peers in this process, each subscribed to ``bench.>``."""
     keep_latency: bool = False
     timeout: float = 60.0
+    credentials: tuple[tuple[str, str], ...] = ()
+    """(peer id, secret) for each peer of this process, when the sidecar requires signing."""
+
+
+def _peer(p: PeerParams, k: int = 0) -> BenchPeer:
+    if p.credentials:
+        peer_id, secret = p.credentials[k]
+        return BenchPeer(namespace=p.namespace, redis_url=p.url, id=peer_id, secret=secret)
+    return BenchPeer(namespace=p.namespace, redis_url=p.url)
 
 
 class _Tally:
@@ -80,7 +94,7 @@ class _Tally:
 
 async def route_subscriber(channel: Channel, p: PeerParams) -> dict[str, Any]:
     """Set up ``peers`` subscriber peers, then wait until each has ``count`` messages."""
-    peers = [BenchPeer(namespace=p.namespace, redis_url=p.url) for _ in range(p.peers)]
+    peers = [_peer(p, k) for k in range(p.peers)]
     done = asyncio.Event()
     remaining = [p.peers]
     tallies = [_Tally(p.count, p.keep_latency, done, remaining) for _ in peers]
@@ -104,7 +118,7 @@ async def route_subscriber(channel: Channel, p: PeerParams) -> dict[str, Any]:
 
 async def route_publisher(channel: Channel, p: PeerParams) -> dict[str, Any]:
     """Publish ``count`` messages in ``mode``; returns the time of the first publish."""
-    peer = BenchPeer(namespace=p.namespace, redis_url=p.url)
+    peer = _peer(p)
     await peer.setup()
     try:
         channel.ready()
@@ -125,19 +139,40 @@ async def route_publisher(channel: Channel, p: PeerParams) -> dict[str, Any]:
     return {"start_ns": start_ns, "sent_ns": sent_ns}
 
 
+BENCH_POLICY = {"statements": [{"id": "bench", "effect": "allow", "role_ids": ["bench"],
+                                "action": ["publish", "subscribe"], "resource": ["bench.>"]}]}
+
+
+def secure_identities(url: str, namespace: str, count: int) -> list[tuple[str, str]]:
+    """``count`` signing identities with role ``bench``, and a policy letting them use bench.>."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        keys = Keys(namespace)
+        store = PolicyStore(client, keys)
+        if store.get("bench") is None:
+            store.set("bench", BENCH_POLICY, by="bench")
+        made = [Identities(client, keys).add(f"bench{k}", ["bench"]) for k in range(count)]
+    finally:
+        client.close()
+    return [(m["SIDECAR_PEER_ID"], m["SIDECAR_PEER_SECRET"]) for m in made]
+
+
 def run_route(url: str, namespace: str, count: int, *, mode: str = "sequential",
               rate: float | None = None, chunk: int = 1, procs: int = 1, peers_per_proc: int = 1,
-              timeout: float = 60.0) -> dict[str, Any]:
+              timeout: float = 60.0, secure: bool = False) -> dict[str, Any]:
     """One route run with ``procs`` x ``peers_per_proc`` subscribers and one publisher.
 
     Returns ``msgs_per_s`` (messages published over time to the last delivery), ``deliveries_per_s``
     (the same times the subscriber count), ``send_per_s`` and, for paced runs, latencies in ns.
     """
     keep = mode == "paced"
-    sub = PeerParams(url, namespace, count, peers=peers_per_proc, keep_latency=keep,
-                     timeout=timeout)
-    pub = PeerParams(url, namespace, count, mode=mode, rate=rate, chunk=chunk, timeout=timeout)
-    subscribers = [Role(f"sub{k}", route_subscriber, sub) for k in range(procs)]
+    creds = secure_identities(url, namespace, procs * peers_per_proc + 1) if secure else []
+    subscribers = [Role(f"sub{k}", route_subscriber, PeerParams(
+        url, namespace, count, peers=peers_per_proc, keep_latency=keep, timeout=timeout,
+        credentials=tuple(creds[k * peers_per_proc:(k + 1) * peers_per_proc])))
+        for k in range(procs)]
+    pub = PeerParams(url, namespace, count, mode=mode, rate=rate, chunk=chunk, timeout=timeout,
+                     credentials=tuple(creds[-1:]))
     res = run_stages(f"route-{mode}", [subscribers, [Role("pub", route_publisher, pub)]],
                      timeout + 30)
     start = res["pub"]["start_ns"]

@@ -13,6 +13,7 @@ with no successful repetition is reported as missing (null) and fails its target
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -23,9 +24,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench.celery_anchor import run_celery
+from bench.ha import run_beat_ha, run_failover
 from bench.match import measure_match
 from bench.memory import run_idle_memory
 from bench.plan import Plan
+from bench.policy_conv import run_policy_convergence
 from bench.raw import run_raw
 from bench.report import median, percentile, ratio, targets_section
 from bench.route import run_route
@@ -34,7 +37,7 @@ from bench.services import Services
 __all__ = ["SCENARIOS", "Run"]
 
 log = logging.getLogger("bench")
-SCENARIOS = ["route", "pipelined", "fanout", "celery", "latency", "idle"]
+SCENARIOS = ["route", "secure", "pipelined", "fanout", "celery", "latency", "idle"]
 """One namespace and one worker each."""
 
 
@@ -101,7 +104,33 @@ class Run:
                 p.settle_max_s, p.scenario_timeout_s))
             if idle is not None:
                 self.extra.update(idle)
+            self.availability(svc)
         return self.results()
+
+    def availability(self, svc: Services) -> None:
+        """Failover, detection, beat takeover, dual-leader checks and policy convergence."""
+        p = self.plan
+        tuned: dict[str, Any] = {"heartbeat_interval": 0.2, "member_ttl": 0.6}
+        default: dict[str, Any] = {}
+        for rep in range(p.failover_reps):
+            for suffix, settings in (("", default), ("_tuned", tuned)):
+                res = self.attempt(f"failover{suffix} {rep + 1}", functools.partial(
+                    run_failover, svc.url, settings, p.scenario_timeout_s))
+                if res is not None:
+                    self.record(f"failover{suffix}_s", res["failover_s"])
+                    self.record(f"detection{suffix}_s", res["detection_s"])
+        self.say(f"failover: {self.runs.get('failover_s')} tuned {self.runs.get('failover_tuned_s')}")
+        beat = self.attempt("two beats", lambda: run_beat_ha(svc.url, tuned, p.beat_ha_s))
+        if beat is not None:
+            for key, value in beat.items():
+                self.record(key, value)
+        self.say(f"beat: {beat}")
+        conv = self.attempt("policy convergence", lambda: run_policy_convergence(
+            svc.url, p.policy_peers, p.policy_procs, p.scenario_timeout_s * 2))
+        if conv is not None:
+            for key, value in conv.items():
+                self.record(key, value)
+        self.say(f"policy: {conv}")
 
     def throughput_round(self, svc: Services, label: str, scale: float, *, record: bool) -> None:
         """Raw, route, pipelined, Celery and fan-out throughput, once each, in that order."""
@@ -115,6 +144,8 @@ class Run:
             svc.url, f"bench:{svc.tag}:raw:{_slug(label)}", n(p.raw_msgs), timeout=t))
         route = self.attempt(f"{label} route", lambda: run_route(
             svc.url, svc.namespace("route"), n(p.route_msgs), timeout=t))
+        secure = self.attempt(f"{label} route (signed, enforced)", lambda: run_route(
+            svc.url, svc.namespace("secure"), n(p.route_msgs), timeout=t, secure=True))
         piped = self.attempt(f"{label} pipelined", lambda: run_route(
             svc.url, svc.namespace("pipelined"), n(p.pipelined_msgs), mode="pipelined",
             chunk=min(p.pipeline_chunk, n(p.pipelined_msgs)), timeout=t))
@@ -123,7 +154,8 @@ class Run:
         fanout = self.attempt(f"{label} fan-out", lambda: run_route(
             svc.url, svc.namespace("fanout"), n(p.fanout_msgs), procs=p.fanout_procs,
             peers_per_proc=p.fanout_peers_per_proc, timeout=t))
-        got = {"raw": raw, "route": route, "pipelined": piped, "celery": celery, "fanout": fanout}
+        got = {"raw": raw, "route": route, "secure": secure, "pipelined": piped, "celery": celery,
+               "fanout": fanout}
         self.say(f"{label}: " + ", ".join(
             f"{k} {v['deliveries_per_s' if k == 'fanout' else 'msgs_per_s']:,.0f}/s"
             for k, v in got.items() if v is not None))
@@ -134,6 +166,9 @@ class Run:
         self.record("raw_hop_send_per_s", raw["send_per_s"] if raw else None)
         self.record("route_msgs_per_s", route["msgs_per_s"] if route else None)
         self.record("route_send_per_s", route["send_per_s"] if route else None)
+        self.record("route_secure_msgs_per_s", secure["msgs_per_s"] if secure else None)
+        self.record("route_secure_vs_raw_throughput",
+                    ratio(secure["msgs_per_s"] if secure else None, raw_rate))
         self.record("route_pipelined_msgs_per_s", piped["msgs_per_s"] if piped else None)
         self.record("route_pipelined_send_per_s", piped["send_per_s"] if piped else None)
         self.record("celery_task_msgs_per_s", celery["msgs_per_s"] if celery else None)
@@ -179,6 +214,16 @@ class Run:
             "match_us_10_subs": m.get("match_us_10_subs"),
             "match_us_10000_subs": m.get("match_us_10000_subs"),
             "redis_bytes_per_idle_peer": self.extra.get("redis_bytes_per_idle_peer"),
+            "route_secure_msgs_per_s": m.get("route_secure_msgs_per_s"),
+            "failover_s": m.get("failover_s"),
+            "failover_tuned_s": m.get("failover_tuned_s"),
+            "detection_s": m.get("detection_s"),
+            "detection_tuned_s": m.get("detection_tuned_s"),
+            "beat_takeover_s": m.get("beat_takeover_s"),
+            "dual_leader_samples": m.get("dual_leader_samples"),
+            "leader_samples": m.get("leader_samples"),
+            f"policy_convergence_{self.plan.policy_peers}_peers_s":
+                m.get(f"policy_convergence_{self.plan.policy_peers}_peers_s"),
         }
         figures.update({
             "route_vs_raw_throughput": ratio(figures["route_msgs_per_s"],
@@ -192,6 +237,8 @@ class Run:
                                             figures["raw_hop_msgs_per_s"]),
             "match_cost_ratio_10000_vs_10": ratio(figures["match_us_10000_subs"],
                                                   figures["match_us_10_subs"]),
+            "route_secure_vs_raw_throughput": ratio(figures["route_secure_msgs_per_s"],
+                                                    figures["raw_hop_msgs_per_s"]),
             "route_vs_raw_throughput_median_of_reps": m.get("route_vs_raw_throughput"),
             "route_pipelined_vs_raw_median_of_reps": m.get("route_pipelined_vs_raw"),
             "route_send_per_s": m.get("route_send_per_s"),

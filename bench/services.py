@@ -22,7 +22,10 @@ import redis
 from coordinator.embedded import RedisServer
 from coordinator.keys import Keys
 
-__all__ = ["Services"]
+__all__ = ["SCENARIO_ENV", "Services"]
+
+SCENARIO_ENV = {"secure": {"SIDECAR_AUTH": "required", "SIDECAR_ENFORCE_POLICY": "1"}}
+"""Settings a scenario's worker runs with beyond the defaults."""
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +80,7 @@ class Services:
     def _worker(self, name: str) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         env.update(SIDECAR_REDIS_URL=self.url, SIDECAR_NAMESPACE=self.namespace(name),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", **SCENARIO_ENV.get(name, {}))
         celery = Path(sys.executable).parent / "celery"
         cmd = [str(celery), "-A", "workers", "worker", "-n", f"bench-{name}@%h", "-P", "solo",
                "-l", "warning", "--without-mingle", "--without-gossip"]
