@@ -30,6 +30,7 @@ from coordinator.protocol import dumps
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 from mixin.outbox import TRANSIENT, Outbox
+from mixin.resp import AsyncResp, supports
 
 __all__ = ["SidecarLink"]
 
@@ -59,8 +60,11 @@ class SidecarLink:
                                              health_check_interval=0, socket_keepalive=True)
         self.scripts = scripts_for(self.redis)
         self.signer = Signer(secret) if secret else None
+        fast = supports(settings.redis_url)
+        self.fast_read = AsyncResp(settings.redis_url) if fast else None
         self.outbox = Outbox(self.redis, self.stream, limit=settings.publish_buffer,
-                             signer=self.signer, on_state=self._on_outbox, log=self.log)
+                             signer=self.signer, on_state=self._on_outbox, log=self.log,
+                             fast=AsyncResp(settings.redis_url) if fast else None)
         self.on_entry = on_entry
         self.on_rejoin = on_rejoin
         self.on_heartbeat = on_heartbeat
@@ -122,6 +126,9 @@ class SidecarLink:
         for fut in self._replies.values():
             if not fut.done():
                 fut.cancel()
+        if self.fast_read is not None:
+            await self.fast_read.close()
+        await self.outbox.close()
         await self.redis.aclose()
 
     # ------------------------------------------------------------------ writing
@@ -159,29 +166,33 @@ class SidecarLink:
                 raise
 
     async def _read_loop(self) -> None:
+        """Read the inbox until closed. Nothing but cancellation ends it: errors back off and retry."""
         cursor = "0"  # pending entries first: whatever we read but did not ack before a restart
         delay = 0.05
         done: list[str] = []
         handled: list[str] = []
         idle = False
+        regroup = False
         while not self._closing:
             try:
+                if regroup:  # Redis lost our group (a restart without persistence): make it again
+                    await self._ensure_group()
+                    regroup, cursor = False, "0"
+                    self._schedule_rejoin()
                 block = None if cursor == "0" else 1000
                 # Entries handled in the last round are acknowledged in the same round trip as the
                 # next read; they are deleted (an idle inbox keeps nothing) once the inbox goes
                 # quiet or a thousand have gathered, so a busy peer pays no extra command for it.
-                pipe = self.redis.pipeline(transaction=False)
+                commands: list[tuple[Any, ...]] = []
                 if done:
-                    pipe.xack(self.inbox, PEER_GROUP, *done)
+                    commands.append(("XACK", self.inbox, PEER_GROUP, *done))
                     handled += done
                 if handled and (idle or len(handled) >= 1000):
-                    pipe.xdel(self.inbox, *handled)
+                    commands.append(("XDEL", self.inbox, *handled))
                     handled = []
-                pipe.xreadgroup(PEER_GROUP, _CONSUMER, {self.inbox: cursor}, count=256, block=block)
-                reply = (await pipe.execute())[-1]
+                entries = await self._read(commands, cursor, block)
                 done = []
                 delay = 0.05
-                entries = _entries(reply)
                 idle = not entries
                 if cursor != ">" and not entries:
                     cursor = ">"
@@ -196,27 +207,55 @@ class SidecarLink:
                     cursor = entries[-1][0]
             except asyncio.CancelledError:
                 raise
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis lost our group (restart without persistence)
-                    await self._ensure_group()
-                    cursor = "0"
-                    self._schedule_rejoin()
-                    continue
-                self.log.exception("peer %s: inbox read failed", self.peer_id)
-                await asyncio.sleep(delay)
             except _TRANSIENT:
                 self.connected = False
+                cursor = "0"
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-                cursor = "0"
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    regroup = True
+                    continue
+                self.log.warning("peer %s: inbox read refused: %s", self.peer_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except Exception:
+                self.log.exception("peer %s: inbox reader error; carrying on", self.peer_id)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def ack(self, entry_ids: list[str]) -> None:
         """Acknowledge (and delete) inbox entries the owner finished with later."""
         if entry_ids:
+            await self._read([("XACK", self.inbox, PEER_GROUP, *entry_ids),
+                              ("XDEL", self.inbox, *entry_ids)], cursor=None, block=None)
+
+    async def _read(self, commands: list[tuple[Any, ...]], cursor: str | None,
+                    block: int | None) -> list[tuple[str, dict[str, str]]]:
+        """Send ``commands`` and (unless ``cursor`` is None) the inbox read in one round trip.
+
+        Returns the entries read. Only the reader task reads; ``ack`` (the owner's late acks) uses
+        redis-py so it never shares the reader's connection.
+        """
+        if cursor is None:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(self.inbox, PEER_GROUP, *entry_ids)
-            pipe.xdel(self.inbox, *entry_ids)
+            for command in commands:
+                pipe.execute_command(*command)
             await pipe.execute()
+            return []
+        read = ("XREADGROUP", "GROUP", PEER_GROUP, _CONSUMER, "COUNT", 256,
+                *(("BLOCK", block) if block is not None else ()), "STREAMS", self.inbox, cursor)
+        if self.fast_read is not None:
+            replies = await self.fast_read.pipeline([*commands, read])
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return _entries_raw(replies[-1])
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        pipe.xreadgroup(PEER_GROUP, _CONSUMER, {self.inbox: cursor}, count=256, block=block)
+        return _entries((await pipe.execute())[-1])
 
     def _resolve(self, fields: dict[str, str]) -> None:
         fut = self._replies.get(fields.get("r", ""))
@@ -301,4 +340,13 @@ def _entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
             records = records[0]
         for eid, fields in records:
             out.append((str(eid), fields or {}))
+    return out
+
+
+def _entries_raw(reply: Any) -> list[tuple[str, dict[str, str]]]:
+    """A raw RESP2 XREADGROUP reply (field/value lists) as (id, fields) pairs."""
+    out: list[tuple[str, dict[str, str]]] = []
+    for _stream, records in reply or ():
+        for eid, flat in records:
+            out.append((eid, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}))
     return out

@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from coordinator.auth import Signer
 from coordinator.errors import SidecarUnavailable
 from coordinator.protocol import dumps
+from mixin.resp import AsyncResp
 
 __all__ = ["MAX_FOLD", "TRANSIENT", "Outbox"]
 
@@ -37,13 +38,15 @@ class Outbox:
     """Writes request entries for one peer to ``stream`` on ``redis``."""
 
     def __init__(self, redis: Any, stream: str, *, limit: int, signer: Signer | None,
-                 on_state: Callable[[bool], None], log: logging.Logger | None = None) -> None:
+                 on_state: Callable[[bool], None], log: logging.Logger | None = None,
+                 fast: AsyncResp | None = None) -> None:
         self.redis = redis
         self.stream = stream
         self.limit = limit
         self.signer = signer
         self.on_state = on_state
         self.log = log or logging.getLogger("sidecar.outbox")
+        self.fast = fast
         self.up = True
         self.closing = False
         self._queue: list[tuple[Fields, asyncio.Future[str]]] = []
@@ -63,9 +66,9 @@ class Outbox:
         try:
             entry = self._signed(fields)
             try:
-                eid: str = await self.redis.xadd(self.stream, entry)
+                eid: str = await self._send_one(entry)
             except TRANSIENT:
-                eid = await self._retrying(lambda: self.redis.xadd(self.stream, entry))
+                eid = await self._retrying(lambda: self._send_one(entry))
             if self._queue:
                 handed_off = True
                 asyncio.get_running_loop().create_task(self._drain())
@@ -73,6 +76,20 @@ class Outbox:
         finally:
             if not handed_off:
                 self._busy = False
+
+    def _xadd(self, entry: Fields) -> tuple[str, ...]:
+        return ("XADD", self.stream, "*", *(x for kv in entry.items() for x in kv))
+
+    async def _send_one(self, entry: Fields) -> str:
+        if self.fast is not None:
+            return str(await self.fast.call(*self._xadd(entry)))
+        return str(await self.redis.xadd(self.stream, entry))
+
+    async def close(self) -> None:
+        """Close the outbox's own connection (the shared client is its owner's to close)."""
+        self.closing = True
+        if self.fast is not None:
+            await self.fast.close()
 
     def _signed(self, fields: Fields) -> Fields:
         return self.signer.sign(dict(fields)) if self.signer is not None else fields
@@ -112,6 +129,12 @@ class Outbox:
                 entries = self._fold(batch)
 
                 async def send(entries: list[tuple[Fields, list[asyncio.Future[str]]]] = entries) -> Any:
+                    if self.fast is not None:
+                        replies = await self.fast.pipeline([self._xadd(e) for e, _ in entries])
+                        for reply in replies:
+                            if isinstance(reply, Exception):
+                                raise reply
+                        return replies
                     pipe = self.redis.pipeline(transaction=False)
                     for entry, _ in entries:
                         pipe.xadd(self.stream, entry)

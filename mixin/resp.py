@@ -1,0 +1,125 @@
+"""A lean asyncio RESP connection for a peer's two hot paths: writing requests, reading its inbox.
+
+redis-py's asyncio client costs tens of microseconds of CPU per call beyond the socket work, and a
+peer makes one call per publish and one per inbox read. This connection packs commands with
+``hiredis.pack_command`` and parses replies with a ``hiredis.Reader``; it raises redis-py's own
+exception types, so the callers' error handling (reconnect with backoff, NOGROUP, NOPERM) is the
+same as with redis-py. One caller at a time uses a connection (the outbox writes one batch at a
+time; the inbox has one reader), so it needs no locking. Plain ``redis://`` TCP URLs only; other
+URLs keep using redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import hiredis
+from redis.connection import parse_url
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+__all__ = ["AsyncResp", "supports"]
+
+
+def supports(url: str | None) -> bool:
+    """True for the URLs this connection handles (plain TCP ``redis://``)."""
+    return bool(url) and str(url).startswith("redis://")
+
+
+def _error(reply: hiredis.ReplyError) -> RedisError:
+    text = str(reply)
+    if text.startswith("NOSCRIPT"):
+        return NoScriptError(text)
+    if text.startswith("NOPERM"):
+        return NoPermissionError(text)
+    if text.startswith(("WRONGPASS", "NOAUTH")):
+        return AuthenticationError(text)
+    return ResponseError(text)
+
+
+class AsyncResp:
+    """One asyncio connection; ``pipeline(commands)`` sends them in one write, returns every reply."""
+
+    def __init__(self, url: str) -> None:
+        opts = parse_url(url)  # type: ignore[no-untyped-call]
+        self.host = str(opts.get("host") or "127.0.0.1")
+        self.port = int(opts.get("port") or 6379)
+        self.username = opts.get("username")
+        self.password = opts.get("password")
+        self.db = int(opts.get("db") or 0)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
+
+    async def _connect(self) -> None:
+        try:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        except OSError as exc:
+            raise RedisConnectionError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
+        setup: list[tuple[Any, ...]] = []
+        if self.password is not None:
+            setup.append(("AUTH", self.username, self.password) if self.username else
+                         ("AUTH", self.password))
+        if self.db:
+            setup.append(("SELECT", self.db))
+        if setup:
+            for reply in await self._roundtrip(setup):
+                if isinstance(reply, Exception):
+                    await self.close()
+                    raise reply
+
+    async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Each command's reply, or the ResponseError that command got (raised for nothing)."""
+        if self._writer is None:
+            await self._connect()
+        return await self._roundtrip(commands)
+
+    async def call(self, *command: Any) -> Any:
+        """One command; raises its error."""
+        (reply,) = await self.pipeline([command])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def _roundtrip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        reader, writer = self._reader, self._writer
+        assert reader is not None and writer is not None
+        try:
+            writer.write(b"".join(hiredis.pack_command(c) for c in commands))
+            replies: list[Any] = []
+            while len(replies) < len(commands):
+                reply = self._parser.gets()
+                if reply is False:
+                    data = await reader.read(1 << 16)
+                    if not data:
+                        raise ConnectionResetError("Redis closed the connection")
+                    self._parser.feed(data)
+                    continue
+                replies.append(_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+            return replies
+        except asyncio.CancelledError:
+            await self.close()  # a reply may be half read: never reuse this connection
+            raise
+        except OSError as exc:
+            await self.close()
+            raise RedisConnectionError(f"lost the connection to Redis: {exc}") from exc
+
+    async def close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"AsyncResp({self.host}:{self.port}/{self.db})"
