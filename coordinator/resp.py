@@ -15,27 +15,38 @@ from typing import Any
 
 import hiredis
 from redis.connection import parse_url
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["RespConnection", "supports"]
+__all__ = ["Endpoint", "RespConnection", "reply_error", "supports"]
 
 
-def supports(url: str) -> bool:
-    """True for the URLs this connection handles (plain TCP ``redis://``)."""
-    return url.startswith("redis://")
+def supports(url: str | None) -> bool:
+    """True for the URLs the lean connections handle (plain TCP ``redis://``)."""
+    return bool(url) and str(url).startswith("redis://")
 
 
-def _error(reply: hiredis.ReplyError) -> ResponseError:
+def reply_error(reply: hiredis.ReplyError) -> RedisError:
+    """The redis-py exception a RESP error reply stands for."""
     text = str(reply)
     if text.startswith("NOSCRIPT"):
         return NoScriptError(text)
+    if text.startswith("NOPERM"):
+        return NoPermissionError(text)
+    if text.startswith(("WRONGPASS", "NOAUTH")):
+        return AuthenticationError(text)
     return ResponseError(text)
 
 
-class RespConnection:
-    """One socket to Redis; ``pipeline(commands, timeout)`` sends them all and reads every reply."""
+class Endpoint:
+    """Where a ``redis://`` URL points, and the commands that open a session there."""
 
     def __init__(self, url: str) -> None:
         opts = parse_url(url)  # type: ignore[no-untyped-call]
@@ -44,6 +55,23 @@ class RespConnection:
         self.username = opts.get("username")
         self.password = opts.get("password")
         self.db = int(opts.get("db") or 0)
+
+    def handshake(self) -> list[tuple[Any, ...]]:
+        """AUTH and SELECT as the URL asks (nothing for a default, password-less database)."""
+        setup: list[tuple[Any, ...]] = []
+        if self.password is not None:
+            setup.append(("AUTH", self.username, self.password) if self.username else
+                         ("AUTH", self.password))
+        if self.db:
+            setup.append(("SELECT", self.db))
+        return setup
+
+
+class RespConnection(Endpoint):
+    """One socket to Redis; ``pipeline(commands, timeout)`` sends them all and reads every reply."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
         self._sock: socket.socket | None = None
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
 
@@ -56,12 +84,7 @@ class RespConnection:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._sock = sock
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
-        setup: list[tuple[Any, ...]] = []
-        if self.password is not None:
-            setup.append(("AUTH", self.username, self.password) if self.username else
-                         ("AUTH", self.password))
-        if self.db:
-            setup.append(("SELECT", self.db))
+        setup = self.handshake()
         for reply in self._roundtrip(setup, 10.0) if setup else []:
             if isinstance(reply, Exception):
                 self.close()
@@ -90,7 +113,7 @@ class RespConnection:
                         raise RedisConnectionError("Redis closed the connection")
                     self._reader.feed(data)
                     continue
-                replies.append(_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+                replies.append(reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
             return replies
         except TimeoutError as exc:
             self.close()

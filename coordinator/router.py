@@ -64,7 +64,7 @@ class Router:
         self.guard = Guard(client, self.keys, settings)
         self.handler = RequestHandler(self)
         url = settings.redis_url
-        self.fast = RespConnection(url) if url and resp.supports(url) else None
+        self.fast = RespConnection(url) if resp.supports(url) and url else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_maintenance = 0.0

@@ -15,45 +15,18 @@ import asyncio
 from typing import Any
 
 import hiredis
-from redis.connection import parse_url
-from redis.exceptions import (
-    AuthenticationError,
-    NoPermissionError,
-    NoScriptError,
-    RedisError,
-    ResponseError,
-)
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from coordinator.resp import Endpoint, reply_error, supports
 
 __all__ = ["AsyncResp", "supports"]
 
 
-def supports(url: str | None) -> bool:
-    """True for the URLs this connection handles (plain TCP ``redis://``)."""
-    return bool(url) and str(url).startswith("redis://")
-
-
-def _error(reply: hiredis.ReplyError) -> RedisError:
-    text = str(reply)
-    if text.startswith("NOSCRIPT"):
-        return NoScriptError(text)
-    if text.startswith("NOPERM"):
-        return NoPermissionError(text)
-    if text.startswith(("WRONGPASS", "NOAUTH")):
-        return AuthenticationError(text)
-    return ResponseError(text)
-
-
-class AsyncResp:
+class AsyncResp(Endpoint):
     """One asyncio connection; ``pipeline(commands)`` sends them in one write, returns every reply."""
 
     def __init__(self, url: str) -> None:
-        opts = parse_url(url)  # type: ignore[no-untyped-call]
-        self.host = str(opts.get("host") or "127.0.0.1")
-        self.port = int(opts.get("port") or 6379)
-        self.username = opts.get("username")
-        self.password = opts.get("password")
-        self.db = int(opts.get("db") or 0)
+        super().__init__(url)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
@@ -64,12 +37,7 @@ class AsyncResp:
         except OSError as exc:
             raise RedisConnectionError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
-        setup: list[tuple[Any, ...]] = []
-        if self.password is not None:
-            setup.append(("AUTH", self.username, self.password) if self.username else
-                         ("AUTH", self.password))
-        if self.db:
-            setup.append(("SELECT", self.db))
+        setup = self.handshake()
         if setup:
             for reply in await self._roundtrip(setup):
                 if isinstance(reply, Exception):
@@ -103,7 +71,7 @@ class AsyncResp:
                         raise ConnectionResetError("Redis closed the connection")
                     self._parser.feed(data)
                     continue
-                replies.append(_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+                replies.append(reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
             return replies
         except asyncio.CancelledError:
             await self.close()  # a reply may be half read: never reuse this connection
