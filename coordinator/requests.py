@@ -92,6 +92,8 @@ class RequestHandler:
         self._valid_topics: set[str] = set()
         self._inbox: dict[str, str] = {}
         self.deferred: DeferredRoute | None = None
+        self._streams: dict[str, tuple[int, str, str, bool]] = {}
+        self._version_key = router.keys.routing_version
 
     def invalidate(self) -> None:
         """Forget matches computed from an older subscription index."""
@@ -160,15 +162,25 @@ class RequestHandler:
         elif not self._settle(result, d.stream, d.n, []):
             self.publish_run(d.run, authenticated=True)
 
+    def _stream_info(self, stream: str) -> tuple[int, str, str, bool]:
+        """(partition, its lease key, message id tag, trusted) of a request stream, cached."""
+        info = self._streams.get(stream)
+        if info is None:
+            keys = self.router.keys
+            trusted = stream == keys.system
+            partition = self._partition(stream)
+            tag = "s" if trusted else str(partition)
+            info = self._streams[stream] = (partition, keys.router_lease(partition), tag, trusted)
+        return info
+
     def _route_call(self, run: list[Entry], stream: str) -> tuple[list[str], list[Any], list[Rejection], int]:
         r = self.router
-        trusted = stream == r.keys.system
+        _partition, lease_key, tag, trusted = self._stream_info(stream)
         inboxes: dict[str, int] = {}
         acks: list[str] = []
         msgs: list[str] = []
         deliveries: list[int] = []
         rejections: list[Rejection] = []
-        tag = "s" if trusted else stream.rsplit(".", 1)[-1] if stream != r.keys.requests(0) else "0"
         for eid, msg_id, f in self._publishes(run, stream, rejections, acks):
             try:
                 topic, data, sender = self._check_publish(f, trusted)
@@ -187,8 +199,7 @@ class RequestHandler:
                 if i is None:
                     i = inboxes[inbox] = len(inboxes) + 1
                 deliveries += (m, i)
-        partition = self._partition(stream)
-        keys = [r.keys.router_lease(partition), r.keys.routing_version, stream, *inboxes]
+        keys = [lease_key, self._version_key, stream, *inboxes]
         args: list[Any] = [r.token, r.version, REQUEST_GROUP, r.settings.inbox_maxlen, 1,
                            len(acks), len(msgs) // 5, r.name]
         for eid in acks:

@@ -73,6 +73,7 @@ class RespConnection(Endpoint):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._sock: socket.socket | None = None
+        self._timeout: float | None = None
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
 
     def _connect(self) -> socket.socket:
@@ -83,6 +84,7 @@ class RespConnection(Endpoint):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._sock = sock
+        self._timeout = 10.0
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
         setup = self.handshake()
         for reply in self._roundtrip(setup, 10.0) if setup else []:
@@ -101,7 +103,9 @@ class RespConnection(Endpoint):
         sock = self._sock
         assert sock is not None
         try:
-            sock.settimeout(timeout)
+            if timeout != self._timeout:  # settimeout is a syscall: only when it changes
+                sock.settimeout(timeout)
+                self._timeout = timeout
             sock.sendall(b"".join(hiredis.pack_command(c) for c in commands))
             replies: list[Any] = []
             while len(replies) < len(commands):

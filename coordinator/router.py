@@ -69,6 +69,9 @@ class Router:
         self._thread: threading.Thread | None = None
         self._next_maintenance = 0.0
         self._flushed: dict[str, int] = {}
+        self._held: tuple[int, ...] = ()
+        self._held_streams: list[str] = []
+        self._block_ms = settings.router_block_ms
         self._last_trim = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -139,7 +142,7 @@ class Router:
         if not self.leases:
             self._stop.wait(max(0.0, self._next_maintenance - time.monotonic()))
             return 0
-        block = max(1, min(self.settings.router_block_ms,
+        block = max(1, min(self._block_ms,
                            int((self._next_maintenance - time.monotonic()) * 1000)))
         deferred = self.handler.deferred
         routed, reply = self._read({s: ">" for s in self._streams()}, block, deferred)
@@ -169,7 +172,7 @@ class Router:
                                  *deferred.keys, *deferred.args))
             commands.append(("XREADGROUP", "GROUP", REQUEST_GROUP, self.name, "COUNT", count,
                              "BLOCK", block, "STREAMS", *streams, *streams.values()))
-            replies = self.fast.pipeline(commands, timeout=block / 1000 + 10)
+            replies = self.fast.pipeline(commands, timeout=self._block_ms / 1000 + 10)
             read = replies[-1]
             return (replies[0] if deferred is not None else None,
                     read if isinstance(read, Exception) else _flatten_raw(read))
@@ -184,12 +187,13 @@ class Router:
 
     # ------------------------------------------------------------------ leases
     def _streams(self) -> list[str]:
-        out = []
-        for p in sorted(self.leases):
-            out.append(self.keys.requests(p))
-            if p == 0:
-                out.append(self.keys.system)
-        return out
+        """The streams of the partitions held now (partition 0 includes the system stream)."""
+        held = tuple(sorted(self.leases))
+        if held != self._held:
+            self._held = held
+            self._held_streams = [s for p in held for s in (
+                (self.keys.requests(p), self.keys.system) if p == 0 else (self.keys.requests(p),))]
+        return self._held_streams
 
     def _maintain(self) -> None:
         """Renew held leases, drop lost ones, and take or give partitions toward a fair share."""
