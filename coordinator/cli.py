@@ -19,6 +19,7 @@ from coordinator.errors import SidecarError
 from coordinator.keys import Keys
 from coordinator.report import cluster_report, members_report, recent_events
 from coordinator.settings import Settings
+from coordinator.topics import check_publish_topic
 
 __all__ = ["cli", "main"]
 
@@ -123,6 +124,10 @@ def publish(obj: Context, topic: str, data: str) -> None:
         payload = json.loads(data)
     except ValueError:
         raise click.BadParameter("DATA must be JSON text, e.g. '{\"tempo\": 90}'") from None
+    try:  # refuse a bad topic before joining the cluster for it
+        check_publish_topic(topic)
+    except SidecarError as exc:
+        raise click.BadParameter(str(exc), param_hint="TOPIC") from None
     obj.require_redis()
     from mixin import Agent, SidecarMixin
 
