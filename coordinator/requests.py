@@ -45,10 +45,6 @@ class DeferredRoute:
     args: list[Any]
     messages: int
 
-    @property
-    def n(self) -> int:
-        return self.messages
-
 
 class Rerouted(Exception):
     """The rest of the batch was routed by claiming every pending entry; stop processing it."""
@@ -157,7 +153,7 @@ class RequestHandler(ControlRequests):
             self.publish_run(d.run, authenticated=True)
         elif isinstance(result, Exception):
             raise result
-        elif not self._settle(result, d.stream, d.n, []):
+        elif not self._settle(result, d.stream, d.messages, []):
             self.publish_run(d.run, authenticated=True)
 
     def _stream_info(self, stream: str) -> tuple[int, str, str, bool]:

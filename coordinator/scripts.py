@@ -22,7 +22,6 @@ SCRIPT_NAMES = (
     "heartbeat",
     "lease_acquire",
     "lease_release",
-    "sweep",
     "elect",
     "policy_set",
     "policy_ack",
@@ -45,18 +44,13 @@ class Scripts:
     heartbeat: Any
     lease_acquire: Any
     lease_release: Any
-    sweep: Any
     elect: Any
     policy_set: Any
     policy_ack: Any
 
     def __init__(self, client: Any) -> None:
         for name in SCRIPT_NAMES:
-            try:
-                text = source(name)
-            except FileNotFoundError:
-                continue
-            setattr(self, name, client.register_script(text))
+            setattr(self, name, client.register_script(source(name)))
 
 
 _CACHE: weakref.WeakKeyDictionary[Any, Scripts] = weakref.WeakKeyDictionary()

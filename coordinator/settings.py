@@ -74,8 +74,6 @@ class Settings:
     """How long a control request (register, subscribe, ...) waits for the router's reply."""
     publish_buffer: int = 10_000
     """Publishes a peer holds while Redis is unreachable before raising SidecarUnavailable."""
-    reclaim_idle: float = 30.0
-    """A delivery pending in a peer's group for this long is handed back by the reclaim duty."""
     beat_lease: float = 1.0
     """Lease a beat holds to dispatch; a second beat takes over within two lease periods."""
     task_expiry: float = 5.0
@@ -99,7 +97,7 @@ class Settings:
                 f"namespace {self.namespace!r} must be 1-64 characters of letters, digits, '_' or '-'"
             )
         positive = ("heartbeat_interval", "member_ttl", "router_lease", "request_timeout",
-                    "inbox_max_age", "reclaim_idle", "beat_lease", "task_expiry")
+                    "inbox_max_age", "beat_lease", "task_expiry")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")

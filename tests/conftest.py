@@ -13,24 +13,24 @@ from coordinator.settings import Settings
 from tests.support import Processes
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """One Redis for the session (never a server the suite did not start)."""
+def _running_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One Redis for the session (never a server the suite did not start)."""
+    yield from _running_redis()
 
 
 @pytest.fixture
 def fresh_redis() -> Iterator[RedisServer]:
     """A Redis of this test's own, for tests that kill or restart it."""
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running_redis()
 
 
 @pytest.fixture

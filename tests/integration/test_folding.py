@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import redis
 
 from coordinator.keys import Keys
@@ -19,41 +21,44 @@ class Peer(Agent, SidecarMixin):
     pass
 
 
-async def test_concurrent_publishes_fold_and_arrive_in_order(settings: Settings, client: redis.Redis) -> None:
-    keys = Keys(settings.namespace)
-    sidecar = ClusterSidecar(settings=settings, run_duties=False)
-    await sidecar.setup()
+@pytest.fixture
+async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
+    """A router only (no duties) in this process."""
+    sc = ClusterSidecar(settings=settings, run_duties=False)
+    await sc.setup()
     try:
-        async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
-            got: list[Message] = []
-            await sub.cluster_subscribe("fold.>", got.append)
-            await asyncio.gather(*(pub.cluster_publish(f"fold.{i % 3}", {"i": i}) for i in range(500)))
-            await async_wait_for(lambda: len(got) == 500, what="500 messages")
-            assert [m.data["i"] for m in got] == list(range(500))
-            assert len({m.id for m in got}) == 500
-            kinds = [f.get("k") for _, f in client.xrange(keys.requests(0)) if f.get("s") == pub.id]
-            assert "pubs" in kinds and len(kinds) < 100, kinds[:10]
+        yield sc
     finally:
-        await sidecar.teardown()
+        await sc.teardown()
 
 
-async def test_bad_batches_and_bad_items_are_dead_lettered(settings: Settings, client: redis.Redis) -> None:
+async def test_concurrent_publishes_fold_and_arrive_in_order(settings: Settings, client: redis.Redis,
+                                                             sidecar: ClusterSidecar) -> None:
     keys = Keys(settings.namespace)
-    sidecar = ClusterSidecar(settings=settings, run_duties=False)
-    await sidecar.setup()
-    try:
-        async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
-            got: list[Any] = []
-            await sub.cluster_subscribe("ok.>", lambda m: got.append(m.data))
-            client.xadd(keys.requests(0), {"k": "pubs", "s": pub.id, "b": "not json"})
-            items = [["ok.a", "1", None], ["bad.*", "2", None], ["ok.b", "{nope", None], ["ok.c", "3", None]]
-            batch_id = client.xadd(keys.requests(0), {"k": "pubs", "s": pub.id, "b": json.dumps(items)})
-            await async_wait_for(lambda: len(got) == 2, what="the good items")
-            assert got == [1, 3]
-            dead = {f["entry"]: f["reason"] for _, f in client.xrange(keys.deadletter)}
-            assert dead[f"{batch_id}:1"] == "invalid_topic"
-            assert dead[f"{batch_id}:2"] == "bad_request"
-            assert "bad_request" in [r for e, r in dead.items() if ":" not in e]
-            assert client.xpending(keys.requests(0), "routers")["pending"] == 0
-    finally:
-        await sidecar.teardown()
+    async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
+        got: list[Message] = []
+        await sub.cluster_subscribe("fold.>", got.append)
+        await asyncio.gather(*(pub.cluster_publish(f"fold.{i % 3}", {"i": i}) for i in range(500)))
+        await async_wait_for(lambda: len(got) == 500, what="500 messages")
+        assert [m.data["i"] for m in got] == list(range(500))
+        assert len({m.id for m in got}) == 500
+        kinds = [f.get("k") for _, f in client.xrange(keys.requests(0)) if f.get("s") == pub.id]
+        assert "pubs" in kinds and len(kinds) < 100, kinds[:10]
+
+
+async def test_bad_batches_and_bad_items_are_dead_lettered(settings: Settings, client: redis.Redis,
+                                                            sidecar: ClusterSidecar) -> None:
+    keys = Keys(settings.namespace)
+    async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
+        got: list[Any] = []
+        await sub.cluster_subscribe("ok.>", lambda m: got.append(m.data))
+        client.xadd(keys.requests(0), {"k": "pubs", "s": pub.id, "b": "not json"})
+        items = [["ok.a", "1", None], ["bad.*", "2", None], ["ok.b", "{nope", None], ["ok.c", "3", None]]
+        batch_id = client.xadd(keys.requests(0), {"k": "pubs", "s": pub.id, "b": json.dumps(items)})
+        await async_wait_for(lambda: len(got) == 2, what="the good items")
+        assert got == [1, 3]
+        dead = {f["entry"]: f["reason"] for _, f in client.xrange(keys.deadletter)}
+        assert dead[f"{batch_id}:1"] == "invalid_topic"
+        assert dead[f"{batch_id}:2"] == "bad_request"
+        assert "bad_request" in [r for e, r in dead.items() if ":" not in e]
+        assert client.xpending(keys.requests(0), "routers")["pending"] == 0
