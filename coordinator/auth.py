@@ -1,8 +1,9 @@
 """Request authentication: per-peer identities with secrets, HMAC-signed request entries.
 
-With ``SIDECAR_AUTH=required`` every request entry carries ``ts`` (the signer's clock, ms), ``n`` (a
-nonce that grows with every request of the peer) and ``sig`` (HMAC-SHA256 over every other field).
-The router checks the signature with the claimed sender's secret, that ``ts`` is within
+With ``SIDECAR_AUTH=required`` every request entry carries ``n`` (a nonce: the signer's clock in
+microseconds, raised by one whenever that would not make it grow, so it grows with every request of
+the peer) and ``sig`` (HMAC-SHA256 over every other field, truncated to 128 bits as RFC 4868 does).
+The router checks the signature with the claimed sender's secret, that the nonce's time is within
 :data:`FRESHNESS_MS` of the entry's Redis-assigned id (so a copied entry written again later is
 stale) and that the nonce grew (so a copy written again at once is a replay).
 
@@ -12,6 +13,7 @@ users (``sidecar peer add --redis-acl``) a peer cannot read them, nor any stream
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -28,36 +30,43 @@ from coordinator.errors import AuthenticationFailed
 from coordinator.keys import Keys
 from coordinator.protocol import dumps
 
-__all__ = ["FRESHNESS_MS", "Identities", "Identity", "Signer", "canonical", "verify"]
+__all__ = ["FRESHNESS_MS", "TAG_HEX", "Identities", "Identity", "Signer", "canonical", "tag", "verify"]
 
 FRESHNESS_MS = 30_000
-_SIGNED_OUT = ("sig",)
+TAG_HEX = 32
+"""Hex digits of the signature kept: 128 bits of HMAC-SHA256."""
 
 
 def canonical(fields: Mapping[str, str]) -> bytes:
     """Length-prefixed encoding of every field but the signature, in key order."""
-    parts = []
-    for key in sorted(fields):
-        if key in _SIGNED_OUT:
-            continue
-        value = str(fields[key])
-        parts.append(f"{len(key)}:{key}{len(value)}:{value}")
-    return "".join(parts).encode()
+    return "".join(f"{len(k)}:{k}{len(v)}:{v}" for k, v in sorted(fields.items())
+                   if k != "sig").encode()
+
+
+def _mac(key: bytes) -> Any:
+    """An HMAC-SHA256 keyed once; ``.copy()`` it per message (skips re-deriving the key pads)."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def tag(mac: Any, fields: Mapping[str, str]) -> str:
+    """The signature of ``fields`` under ``mac`` (a keyed prototype from the secret)."""
+    h = mac.copy()
+    h.update(canonical(fields))
+    return str(h.hexdigest()[:TAG_HEX])
 
 
 class Signer:
     """Signs a peer's request entries with its secret."""
 
     def __init__(self, secret: str) -> None:
-        self._key = secret.encode()
+        self._mac = _mac(secret.encode())
         self._last = 0
 
     def sign(self, fields: dict[str, str]) -> dict[str, str]:
-        now_us = time.time_ns() // 1000
-        self._last = max(self._last + 1, now_us)
-        fields["ts"] = str(now_us // 1000)
+        """Add the nonce ``n`` and the signature ``sig`` to ``fields`` (in place) and return them."""
+        self._last = max(self._last + 1, time.time_ns() // 1000)
         fields["n"] = str(self._last)
-        fields["sig"] = hmac.new(self._key, canonical(fields), hashlib.sha256).hexdigest()
+        fields["sig"] = tag(self._mac, fields)
         return fields
 
     def __repr__(self) -> str:
@@ -76,6 +85,11 @@ class Identity:
     def __repr__(self) -> str:
         return f"Identity(peer_id={self.peer_id!r}, name={self.name!r}, roles={self.roles!r})"
 
+    @functools.cached_property
+    def mac(self) -> Any:
+        """The keyed HMAC prototype the router checks this identity's signatures with."""
+        return _mac(self.secret.encode())
+
 
 def verify(identity: Identity | None, fields: Mapping[str, str], entry_ms: int,
            last_nonce: int) -> int:
@@ -87,15 +101,15 @@ def verify(identity: Identity | None, fields: Mapping[str, str], entry_ms: int,
     sig = fields.get("sig")
     if not sig:
         raise AuthenticationFailed(f"unsigned request from {sender!r}")
-    expected = hmac.new(identity.secret.encode(), canonical(fields), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, sig):
+    if not hmac.compare_digest(tag(identity.mac, fields), sig):
         raise AuthenticationFailed(f"bad signature for sender {sender!r}")
     try:
-        ts, nonce = int(fields.get("ts", "")), int(fields.get("n", ""))
+        nonce = int(fields.get("n", ""))
     except ValueError:
-        raise AuthenticationFailed("signed request without numeric 'ts' and 'n'") from None
-    if abs(entry_ms - ts) > FRESHNESS_MS:
-        raise AuthenticationFailed(f"stale request from {sender!r}: signed {abs(entry_ms - ts)} ms "
+        raise AuthenticationFailed("signed request without a numeric nonce 'n'") from None
+    skew = abs(entry_ms - nonce // 1000)
+    if skew > FRESHNESS_MS:
+        raise AuthenticationFailed(f"stale request from {sender!r}: signed {skew} ms "
                                    "away from when Redis received it")
     if nonce <= last_nonce:
         raise AuthenticationFailed(f"replayed request from {sender!r} (nonce did not grow)")

@@ -12,7 +12,7 @@ Request entry (``sidecar.requests[.<k>]``), written by the mixin::
     m    member info as JSON (reg)
     x    heartbeat payload as JSON (hb)
     pv, pn, ok, e   policy version, distribution nonce, "1" applied / "0" refused, error (pack)
-    ts, n, sig   signing timestamp, nonce and HMAC (when authentication is on)
+    n, sig       nonce (signer's clock, us) and HMAC tag (when authentication is on)
 
 Response entry (``sidecar.responses.<peer_id>``), written by the router::
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from coordinator import ClusterSidecar, Keys, Settings
-from coordinator.auth import FRESHNESS_MS, Identities, Identity, Signer, canonical, verify
+from coordinator.auth import FRESHNESS_MS, TAG_HEX, Identities, Identity, Signer, canonical, verify
 from coordinator.errors import AuthenticationFailed, PolicyRejected
 from coordinator.guard import Guard
 from coordinator.policy_store import PolicyStore
@@ -33,10 +33,18 @@ def signed(secret: str = SECRET, sender: str = PEER_A, **extra: str) -> dict[str
     return Signer(secret).sign({"k": "pub", "s": sender, "t": "a.b", "d": '{"x":1}', **extra})
 
 
+def signed_ms(fields: dict[str, str]) -> int:
+    """When ``fields`` were signed (ms), from the nonce (the signer's clock in microseconds)."""
+    try:
+        return int(fields.get("n", "0")) // 1000
+    except ValueError:
+        return 0
+
+
 def reason(fields: dict[str, str], identity: Identity | None = None, entry_ms: int | None = None,
            last_nonce: int = 0) -> str:
     """The AuthenticationFailed message ``verify`` gives for ``fields``."""
-    when = int(fields.get("ts", "0")) if entry_ms is None else entry_ms
+    when = signed_ms(fields) if entry_ms is None else entry_ms
     with pytest.raises(AuthenticationFailed) as info:
         verify(ident() if identity is None else identity, fields, when, last_nonce)
     return str(info.value)
@@ -47,13 +55,14 @@ def reason(fields: dict[str, str], identity: Identity | None = None, entry_ms: i
 
 def test_good_signature_passes_and_returns_the_nonce() -> None:
     fields = signed()
-    assert set(fields) == {"k", "s", "t", "d", "ts", "n", "sig"}
-    nonce = verify(ident(), fields, int(fields["ts"]) + 5, 0)
+    assert set(fields) == {"k", "s", "t", "d", "n", "sig"}
+    assert len(fields["sig"]) == TAG_HEX == 32  # 128 bits of HMAC-SHA256
+    nonce = verify(ident(), fields, signed_ms(fields) + 5, 0)
     assert nonce == int(fields["n"])
-    assert verify(ident(), fields, int(fields["ts"]), nonce - 1) == nonce
+    assert verify(ident(), fields, signed_ms(fields), nonce - 1) == nonce
 
 
-@pytest.mark.parametrize("field", ["k", "s", "t", "d", "ts", "n"])
+@pytest.mark.parametrize("field", ["k", "s", "t", "d", "n"])
 def test_tampered_field_fails_the_signature(field: str) -> None:
     fields = signed()
     fields[field] = fields[field] + "0"
@@ -91,13 +100,13 @@ def test_missing_signature_fails() -> None:
 def test_unknown_sender_fails() -> None:
     fields = signed()
     with pytest.raises(AuthenticationFailed, match="no identity for sender"):
-        verify(None, fields, int(fields["ts"]), 0)
+        verify(None, fields, signed_ms(fields), 0)
 
 
 @pytest.mark.parametrize("skew", [FRESHNESS_MS + 1, -(FRESHNESS_MS + 1), 10 * FRESHNESS_MS])
 def test_stale_timestamp_fails(skew: int) -> None:
     fields = signed()
-    ts = int(fields["ts"])
+    ts = signed_ms(fields)
     assert "stale request" in reason(fields, entry_ms=ts + skew)
     assert verify(ident(), fields, ts + (FRESHNESS_MS if skew > 0 else -FRESHNESS_MS), 0)
 
@@ -109,15 +118,23 @@ def test_replayed_nonce_fails() -> None:
     assert "replayed request" in reason(fields, last_nonce=nonce + 1)
 
 
-def test_non_numeric_ts_or_nonce_fails() -> None:
-    fields = {"k": "pub", "s": PEER_A, "t": "a.b", "d": "{}", "ts": "soon", "n": "1"}
-    fields["sig"] = hmac.new(SECRET.encode(), canonical(fields), hashlib.sha256).hexdigest()
-    assert "numeric" in reason(fields, entry_ms=0)
+def test_non_numeric_nonce_fails() -> None:
+    fields = {"k": "pub", "s": PEER_A, "t": "a.b", "d": "{}", "n": "soon"}
+    fields["sig"] = hmac.new(SECRET.encode(), canonical(fields), hashlib.sha256).hexdigest()[:TAG_HEX]
+    assert "numeric nonce" in reason(fields, entry_ms=0)
+
+
+def test_full_length_or_truncated_wrong_tags_fail() -> None:
+    fields = signed()
+    full = hmac.new(SECRET.encode(), canonical(fields), hashlib.sha256).hexdigest()
+    assert full[:TAG_HEX] == fields["sig"]
+    assert "bad signature" in reason({**fields, "sig": full})  # only the 128-bit tag is accepted
+    assert "bad signature" in reason({**fields, "sig": fields["sig"][:-1]})
 
 
 def test_each_failure_has_its_own_reason() -> None:
     good = signed()
-    ts = int(good["ts"])
+    ts = signed_ms(good)
     tampered = {**good, "d": "{}"}
     unsigned = {k: v for k, v in good.items() if k != "sig"}
     reasons = {
@@ -208,7 +225,7 @@ def test_guard_authenticates_against_identities_in_redis(client: redis.Redis, ke
     peer, signer = creds["SIDECAR_PEER_ID"], Signer(creds["SIDECAR_PEER_SECRET"])
 
     def entry_id(fields: dict[str, str]) -> str:
-        return f"{fields['ts']}-0"
+        return f"{signed_ms(fields)}-0"
 
     first = signer.sign({"k": "pub", "s": peer, "t": "a", "d": "1"})
     guard.authenticate(first, entry_id(first))
@@ -216,7 +233,7 @@ def test_guard_authenticates_against_identities_in_redis(client: redis.Redis, ke
     guard.authenticate(second, entry_id(second))
     with pytest.raises(AuthenticationFailed, match="replayed"):
         guard.authenticate(first, entry_id(second))  # an exact copy written again
-    stale_id = f"{int(second['ts']) + FRESHNESS_MS + 1000}-0"
+    stale_id = f"{signed_ms(second) + FRESHNESS_MS + 1000}-0"
     third = signer.sign({"k": "pub", "s": peer, "t": "a", "d": "3"})
     with pytest.raises(AuthenticationFailed, match="stale"):
         guard.authenticate(third, stale_id)
