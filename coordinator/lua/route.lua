@@ -49,7 +49,20 @@ while p < #ARGV do
   n = n + 1
   p = p + 2
 end
+-- one XACK per request stream (ids in chunks that stay well inside Lua's stack for unpack)
+local byStream = {}
 for i = 0, nacks - 1 do
-  redis.call('XACK', KEYS[2 + tonumber(ARGV[a + 2 * i])], ARGV[3], ARGV[a + 2 * i + 1])
+  local s = tonumber(ARGV[a + 2 * i])
+  local ids = byStream[s]
+  if not ids then
+    ids = {}
+    byStream[s] = ids
+  end
+  ids[#ids + 1] = ARGV[a + 2 * i + 1]
+end
+for s, ids in pairs(byStream) do
+  for first = 1, #ids, 1000 do
+    redis.call('XACK', KEYS[2 + s], ARGV[3], unpack(ids, first, math.min(first + 999, #ids)))
+  end
 end
 return {'ok', n}

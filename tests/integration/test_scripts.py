@@ -293,6 +293,28 @@ def test_route_is_fenced_by_lease_and_version(client: redis.Redis, keys: Keys) -
                    "ts": "1700000000000"}
 
 
+def test_route_acks_thousands_of_entries_of_two_streams_in_one_call(client: redis.Redis,
+                                                                     keys: Keys) -> None:
+    s = scripts_for(client)
+    streams = [keys.requests(0), keys.system]
+    for stream in streams:
+        client.xgroup_create(stream, REQUEST_GROUP, id="0", mkstream=True)
+    pipe = client.pipeline(transaction=False)
+    for i in range(2_500):
+        pipe.xadd(streams[i % 2], {"k": "pub", "s": "p1", "t": "a.b", "d": str(i)})
+    pipe.execute()
+    read = client.xreadgroup(REQUEST_GROUP, "me", {st: ">" for st in streams}, count=5_000)
+    acks = [(1 + streams.index(stream), eid) for stream, records in read for eid, _ in records]
+    assert len(acks) == 2_500
+    client.set(keys.router_lease(0), "tok")
+    client.set(keys.routing_version, "1")
+    args: list[Any] = ["tok", "1", REQUEST_GROUP, 1000, 2, len(acks), 0, "me"]
+    args += [x for pair in acks for x in pair]
+    assert s.route(keys=[keys.router_lease(0), keys.routing_version, *streams], args=args) \
+        == ["ok", 0]
+    assert [pending_count(client, st) for st in streams] == [0, 0]
+
+
 def consumer_of(client: redis.Redis, stream: str) -> str:
     (entry,) = client.xpending_range(stream, REQUEST_GROUP, "-", "+", 10)
     return str(entry["consumer"])
