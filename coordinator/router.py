@@ -28,6 +28,7 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from coordinator import resp
+from coordinator.coalesce import ReadCoalescer
 from coordinator.guard import Guard
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.leases import Lease
@@ -72,6 +73,7 @@ class Router:
         self._held: tuple[int, ...] = ()
         self._held_streams: list[str] = []
         self._block_ms = settings.router_block_ms
+        self.coalescer = ReadCoalescer(settings.router_linger, settings.batch_size)
         self._last_trim = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -144,6 +146,9 @@ class Router:
             return 0
         block = max(1, min(self._block_ms,
                            int((self._next_maintenance - time.monotonic()) * 1000)))
+        wait = self.coalescer.delay(time.monotonic())
+        if wait > 0 and self._stop.wait(wait):
+            return 0
         deferred = self.handler.deferred
         routed, reply = self._read({s: ">" for s in self._streams()}, block, deferred)
         if deferred is not None:
@@ -154,6 +159,7 @@ class Router:
         if isinstance(reply, Exception):
             raise reply
         entries = reply
+        self.coalescer.observe(time.monotonic(), len(entries))
         if entries:
             self.process(entries, defer_last=True)
         return len(entries)

@@ -62,6 +62,9 @@ class Settings:
     """Request stream partitions; a sender always writes to the same one (order per publisher)."""
     batch_size: int = 512
     """Request entries a router reads per round trip."""
+    router_linger: float = 0.0005
+    """While requests arrive fast enough to gather a batch, the router waits up to this long after a
+    read before the next one (see coordinator.coalesce); sparse traffic never waits; 0 turns it off."""
     inbox_maxlen: int = 100_000
     """Entries a peer's inbox keeps (approximate); past it the oldest unread entries are dropped."""
     inbox_max_age: float = 3600.0
@@ -110,6 +113,10 @@ class Settings:
                 f"member_ttl ({self.member_ttl}s) must be at least twice heartbeat_interval "
                 f"({self.heartbeat_interval}s), or one late heartbeat evicts a healthy peer"
             )
+        if not 0 <= self.router_linger <= 0.05:
+            raise ConfigurationError(
+                f"router_linger must be between 0 and 0.05s, got {self.router_linger!r}: it is "
+                "added to the latency of every message while the stream is busy")
         if self.router_lease < 0.2:
             raise ConfigurationError("router_lease must be at least 0.2s so a router can renew it")
         if self.task_expiry < self.beat_lease:

@@ -133,7 +133,8 @@ def test_bad_url(url: str) -> None:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("heartbeat_interval", 0), ("request_timeout", -1.0), ("router_lease", 0.1),
-    ("partitions", 0), ("batch_size", 0), ("max_payload_bytes", 0),
+    ("partitions", 0), ("batch_size", 0), ("max_payload_bytes", 0), ("router_linger", -0.001),
+    ("router_linger", 0.5),
 ])
 def test_out_of_range_numbers(field: str, value: float) -> None:
     with pytest.raises(ConfigurationError, match=field):

@@ -1,0 +1,61 @@
+"""ReadCoalescer: the router waits before a read only when a busy stream makes it pay."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.coalesce import MIN_GAIN, ReadCoalescer
+
+LINGER = 0.0005
+
+
+def reads(c: ReadCoalescer, start: float, every: float, entries: int, count: int) -> float:
+    """Feed ``count`` reads of ``entries`` each, ``every`` seconds apart; returns the last time."""
+    now = start
+    for _ in range(count):
+        now += every
+        c.observe(now, entries)
+    return now
+
+
+def test_busy_stream_waits_until_linger_after_the_last_read() -> None:
+    c = ReadCoalescer(LINGER, batch_size=512)
+    last = reads(c, 0.0, 0.0001, 1, 50)  # one entry every 100 us: 10,000 per second
+    assert c.rate == pytest.approx(10_000, rel=0.01)
+    assert c.delay(last) == pytest.approx(LINGER)
+    # time spent since the read (processing it) counts toward the linger
+    assert c.delay(last + 0.0003) == pytest.approx(LINGER - 0.0003)
+    assert c.delay(last + 0.001) == 0.0
+
+
+def test_sparse_traffic_never_waits() -> None:
+    c = ReadCoalescer(LINGER, batch_size=512)
+    last = reads(c, 0.0, 0.001, 1, 50)  # 1,000 per second: half an entry per linger
+    assert c.rate * LINGER < MIN_GAIN
+    assert c.delay(last) == 0.0
+
+
+def test_a_full_batch_reads_again_at_once() -> None:
+    c = ReadCoalescer(LINGER, batch_size=64)
+    last = reads(c, 0.0, 0.001, 64, 20)  # a backlog: every read comes back full
+    assert c.rate * LINGER >= MIN_GAIN
+    assert c.delay(last) == 0.0
+    c.observe(last + 0.001, 10)  # the backlog is gone but entries still flow fast
+    assert c.delay(last + 0.001) > 0
+
+
+def test_rate_decays_when_the_stream_goes_quiet() -> None:
+    c = ReadCoalescer(LINGER, batch_size=512)
+    last = reads(c, 0.0, 0.0001, 1, 50)
+    assert c.delay(last) > 0
+    last = reads(c, last, 0.05, 0, 3)  # blocking reads that time out empty
+    assert c.delay(last) == 0.0
+
+
+def test_zero_linger_turns_it_off_and_negative_is_refused() -> None:
+    c = ReadCoalescer(0.0, batch_size=512)
+    last = reads(c, 0.0, 0.00001, 5, 50)
+    assert c.delay(last) == 0.0
+    assert ReadCoalescer(LINGER, 512).delay(0.0) == 0.0  # nothing observed yet
+    with pytest.raises(ValueError, match="linger"):
+        ReadCoalescer(-1.0, 512)
