@@ -40,9 +40,12 @@ class Channel:
         self.name = name
         self._queue = queue
         self._go = go
+        self.cpu_mark = time.process_time()
+        """Process CPU time when the child reported ready (its measured work starts after it)."""
 
     def ready(self) -> None:
         """Tell the parent this child is set up."""
+        self.cpu_mark = time.process_time()
         self._queue.put(("ready", self.name, None))
 
     async def wait_go(self, timeout: float) -> None:
@@ -75,7 +78,9 @@ def _child_main(fn: ChildFn, name: str, queue: Any, go: Any, params: Any) -> Non
     """Entry point of a spawned child: run ``fn`` in a fresh event loop, report the outcome."""
     logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(levelname)s %(message)s")
     try:
-        result: dict[str, Any] = asyncio.run(fn(Channel(name, queue, go), params))
+        channel = Channel(name, queue, go)
+        result: dict[str, Any] = asyncio.run(fn(channel, params))
+        result["cpu_s"] = time.process_time() - channel.cpu_mark
     except BaseException:  # report everything, KeyboardInterrupt included, then exit
         queue.put(("error", name, traceback.format_exc()))
         return

@@ -88,4 +88,6 @@ def run_raw(url: str, key: str, count: int, *, rate: float | None = None,
     sent = res["raw-publisher"]["sent_ns"]
     return {"msgs_per_s": count / ((last - start) / 1e9),
             "send_per_s": count / ((sent - start) / 1e9),
-            "latency_ns": res["raw-consumer"]["latency_ns"]}
+            "latency_ns": res["raw-consumer"]["latency_ns"],
+            "cpu_us_per_msg": {"publisher": res["raw-publisher"]["cpu_s"] * 1e6 / count,
+                               "subscribers": res["raw-consumer"]["cpu_s"] * 1e6 / count}}

@@ -181,4 +181,7 @@ def run_route(url: str, namespace: str, count: int, *, mode: str = "sequential",
     total = procs * peers_per_proc
     return {"msgs_per_s": count / seconds, "deliveries_per_s": count * total / seconds,
             "send_per_s": count / ((res["pub"]["sent_ns"] - start) / 1e9),
-            "latency_ns": [x for r in subscribers for x in res[r.name]["latency_ns"]]}
+            "latency_ns": [x for r in subscribers for x in res[r.name]["latency_ns"]],
+            "cpu_us_per_msg": {"publisher": res["pub"]["cpu_s"] * 1e6 / count,
+                               "subscribers": sum(res[r.name]["cpu_s"] for r in subscribers)
+                               * 1e6 / count}}

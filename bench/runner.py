@@ -3,7 +3,9 @@
 1. ``SubscriptionIndex.match`` timings (in process, before any server runs).
 2. Redis and one worker per scenario namespace; a warm-up round that is not recorded.
 3. ``reps`` rounds, each measuring raw, route, pipelined, Celery and fan-out throughput in turn,
-   so every throughput figure alternates with its anchor (the machine's speed drifts).
+   so every throughput figure alternates with its anchor (the machine's speed drifts). The raw,
+   route and secure runs also report CPU per message of each process on the path (publisher,
+   subscribers, router, Redis): on a CPU-bound machine that explains the throughput ratios.
 4. Paced latency rounds, raw then route, at the same rate.
 5. Redis memory of idle peers.
 
@@ -140,12 +142,15 @@ class Run:
         def n(count: int) -> int:
             return max(10, int(count * scale))
 
-        raw = self.attempt(f"{label} raw", lambda: run_raw(
-            svc.url, f"bench:{svc.tag}:raw:{_slug(label)}", n(p.raw_msgs), timeout=t))
-        route = self.attempt(f"{label} route", lambda: run_route(
-            svc.url, svc.namespace("route"), n(p.route_msgs), timeout=t))
-        secure = self.attempt(f"{label} route (signed, enforced)", lambda: run_route(
-            svc.url, svc.namespace("secure"), n(p.route_msgs), timeout=t, secure=True))
+        raw_key = f"bench:{svc.tag}:raw:{_slug(label)}"
+        raw = self.attempt(f"{label} raw", lambda: with_cpu(
+            svc, None, n(p.raw_msgs), lambda: run_raw(svc.url, raw_key, n(p.raw_msgs), timeout=t)))
+        route = self.attempt(f"{label} route", lambda: with_cpu(
+            svc, "route", n(p.route_msgs),
+            lambda: run_route(svc.url, svc.namespace("route"), n(p.route_msgs), timeout=t)))
+        secure = self.attempt(f"{label} route (signed, enforced)", lambda: with_cpu(
+            svc, "secure", n(p.route_msgs), lambda: run_route(
+                svc.url, svc.namespace("secure"), n(p.route_msgs), timeout=t, secure=True)))
         piped = self.attempt(f"{label} pipelined", lambda: run_route(
             svc.url, svc.namespace("pipelined"), n(p.pipelined_msgs), mode="pipelined",
             chunk=min(p.pipeline_chunk, n(p.pipelined_msgs)), timeout=t))
@@ -161,6 +166,9 @@ class Run:
             for k, v in got.items() if v is not None))
         if not record:
             return
+        for name, res in (("raw", raw), ("route", route), ("route_secure", secure)):
+            for part, us in (res or {}).get("cpu_us_per_msg", {}).items():
+                self.record(f"cpu_us_per_msg_{name}_{part}", us)
         raw_rate = raw["msgs_per_s"] if raw else None
         self.record("raw_hop_msgs_per_s", raw_rate)
         self.record("raw_hop_send_per_s", raw["send_per_s"] if raw else None)
@@ -251,6 +259,7 @@ class Run:
             figures[f"match_us_{size}_subs_mixed"] = m.get(f"match_us_{size}_subs_mixed")
         figures["match_cost_ratio_10000_vs_10_mixed"] = ratio(
             m.get("match_us_10000_subs_mixed"), m.get("match_us_10_subs_mixed"))
+        figures.update({k: median(v) for k, v in self.runs.items() if k.startswith("cpu_us_per_msg_")})
         figures.update({k: v for k, v in self.extra.items() if k.startswith("match_mean_hits_")})
         figures.update({k: v for k, v in self.extra.items() if k.startswith("redis_")})
         p = self.plan
@@ -262,6 +271,24 @@ class Run:
         wall = time.monotonic() - self.started
         return {**figures, "wall_time_s": wall, "targets": targets_section(figures),
                 "runs": self.runs, "meta": meta}
+
+
+def with_cpu(svc: Services, scenario: str | None, count: int,
+             call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``call`` and add the CPU per message of Redis and the scenario's router to its result.
+
+    The scenario's own processes report theirs (``publisher``, ``subscribers``); ``total`` sums
+    every part, so raw and routed paths compare by what a message costs the whole machine.
+    """
+    before = svc.cpu_seconds(scenario)
+    res = call()
+    after = svc.cpu_seconds(scenario)
+    cpu = res.setdefault("cpu_us_per_msg", {})
+    for part, seconds in after.items():
+        if part in before:
+            cpu[part] = (seconds - before[part]) * 1e6 / count
+    cpu["total"] = sum(v for k, v in cpu.items() if k != "total")
+    return res
 
 
 def _slug(label: str) -> str:

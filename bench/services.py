@@ -88,6 +88,27 @@ class Services:
             return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=ROOT)
 
+    def cpu_seconds(self, scenario: str | None = None) -> dict[str, float]:
+        """CPU seconds used so far by Redis and (given ``scenario``) that scenario's worker process.
+
+        The worker's figure is its router's work (its Celery pool idles in the route scenarios);
+        read from ``/proc``, so it is missing off Linux.
+        """
+        client = self.client()
+        try:
+            info = client.info("cpu")
+        finally:
+            client.close()
+        out = {"redis": float(info["used_cpu_sys"]) + float(info["used_cpu_user"])}
+        proc = self.workers.get(scenario or "")
+        if proc is not None:
+            try:
+                stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out["router"] = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, IndexError, ValueError):
+                pass
+        return out
+
     def log_tail(self, name: str, lines: int = 30) -> str:
         """The end of worker ``name``'s log."""
         path = self.dir / f"worker-{name}.log"
