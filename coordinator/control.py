@@ -55,7 +55,9 @@ class ControlRequests:
                 raise BadRequest("only publishes belong on the system stream")
             if not f.get("s"):
                 raise BadRequest(f"{kind} request without a sender field 's'")
-            self.router.guard.authenticate(f, eid)
+            mark = self.router.guard.authenticate(f, eid)
+            if mark is not None:  # stored before the request takes effect (see Guard)
+                self.router.guard.store_mark(f["s"], mark)
             if kind in ("sub", "unsub"):
                 self._subscribe(stream, eid, f, add=kind == "sub")
             elif kind == "reg":

@@ -18,7 +18,10 @@ from coordinator.policy import PolicyEngine
 from coordinator.policy_store import PolicyStore
 from coordinator.settings import Settings
 
-__all__ = ["EXEMPT_SUBSCRIPTIONS", "Guard"]
+__all__ = ["EXEMPT_SUBSCRIPTIONS", "Guard", "Mark"]
+
+Mark = tuple[int, str]
+"""(nonce, request entry id) of a sender's last accepted signed request."""
 
 EXEMPT_SUBSCRIPTIONS = frozenset({"cluster.leader"})
 """Subscriptions every peer needs for its own bookkeeping; never denied by policy."""
@@ -34,7 +37,8 @@ class Guard:
         self.enforce = settings.enforce_policy
         self.store = PolicyStore(client, keys, inbox_maxlen=settings.inbox_maxlen)
         self.identities: dict[str, Identity] = {}
-        self.nonces: dict[str, int] = {}
+        self.marks: dict[str, Mark] = {}
+        """Per sender, the (nonce, entry id) of its last accepted signed request, as in Redis."""
         self.roles: dict[str, frozenset[str]] = {}
         self.labels: dict[str, Mapping[str, str]] = {}
         self.engine = PolicyEngine()
@@ -73,16 +77,48 @@ class Guard:
             self.roles[peer] = frozenset(str(r) for r in roles) if isinstance(roles, list) else frozenset()
         self.labels[peer] = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
 
-    def authenticate(self, fields: Mapping[str, str], entry_id: str) -> None:
-        """Raise AuthenticationFailed unless the entry is signed by its sender, fresh and new."""
+    def authenticate(self, fields: Mapping[str, str], entry_id: str,
+                     chain: dict[str, Mark] | None = None) -> Mark | None:
+        """Raise AuthenticationFailed unless the entry is signed by its sender, fresh and new.
+
+        New means its nonce exceeds the sender's mark: the last signed request accepted from it,
+        kept in Redis (``nonces``) so a router taking over knows it too. ``chain`` holds the marks
+        of entries accepted earlier in the same run and not yet committed; this entry's mark is
+        added to it. Returns the entry's mark (None when authentication is off).
+        """
         if not self.auth:
-            return
+            return None
         sender = fields.get("s", "")
         if sender not in self.identities:  # maybe created since the last reload
             self.identities = Identities(self.client, self.keys).load()
         entry_ms = int(entry_id.partition("-")[0])
-        self.nonces[sender] = verify(self.identities.get(sender), fields, entry_ms,
-                                     self.nonces.get(sender, 0))
+        last = (chain.get(sender) if chain else None) or self._mark(sender)
+        # the very entry a mark was taken from is being processed again (its router died between
+        # storing the mark and acknowledging the entry): that is not a replay
+        floor = last[0] - 1 if last[1] == entry_id else last[0]
+        mark = (verify(self.identities.get(sender), fields, entry_ms, floor), entry_id)
+        if chain is not None:
+            chain[sender] = mark
+        return mark
+
+    def commit(self, marks: Mapping[str, Mark]) -> None:
+        """Remember marks that Redis now holds (route.lua stored them with the fan-out)."""
+        self.marks.update(marks)
+
+    def store_mark(self, sender: str, mark: Mark) -> None:
+        """Store ``sender``'s mark in Redis now, before the request it came from is applied."""
+        self.client.hset(self.keys.nonces, sender, f"{mark[0]} {mark[1]}")
+        self.marks[sender] = mark
+
+    def forget_marks(self) -> None:
+        """Drop cached marks (another router may have moved them while we did not route)."""
+        self.marks.clear()
+
+    def _mark(self, sender: str) -> Mark:
+        mark = self.marks.get(sender)
+        if mark is None:
+            mark = self.marks[sender] = _parse_mark(self.client.hget(self.keys.nonces, sender))
+        return mark
 
     def authorize(self, sender: str, action: str, resource: str) -> None:
         """Raise PolicyRejected unless the policies allow ``sender`` to ``action`` ``resource``."""
@@ -92,6 +128,15 @@ class Guard:
                                         self.labels.get(sender))
         if not decision.allowed:
             raise PolicyRejected(f"{action} {resource!r} by {sender}: {decision.reason}")
+
+
+def _parse_mark(raw: str | None) -> Mark:
+    """A stored mark; anything unreadable counts as no mark (nonce 0)."""
+    nonce, _, entry_id = (raw or "").partition(" ")
+    try:
+        return int(nonce), entry_id
+    except ValueError:
+        return 0, ""
 
 
 def _json(raw: str | None, default: Any) -> Any:

@@ -25,6 +25,8 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:policy.sent             hash     peer_id -> last distribution (version, nonce, retry)
     sidecar:{ns}:policy.acks             hash     peer_id -> last ack/nack (version, nonce, error, when)
     sidecar:{ns}:identities              hash     peer_id -> identity (name, roles, secret)
+    sidecar:{ns}:nonces                  hash     peer_id -> "<nonce> <entry id>" of its last accepted
+                                                  signed request (replay protection across routers)
 
 Celery's broker and result keys live under ``sidecar-celery:{ns}:`` so they never mix with these.
 NATS subjects are ``<namespace>.<topic>``.
@@ -144,6 +146,10 @@ class Keys:
     @property
     def identities(self) -> str:
         return self._p + "identities"
+
+    @property
+    def nonces(self) -> str:
+        return self._p + "nonces"
 
     # other systems
     @property

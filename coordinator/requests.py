@@ -23,6 +23,7 @@ from coordinator.errors import (
     SidecarError,
     UnknownPeer,
 )
+from coordinator.guard import Mark
 from coordinator.keys import REQUEST_GROUP
 from coordinator.protocol import dumps
 from coordinator.topics import check_publish_topic
@@ -44,6 +45,8 @@ class DeferredRoute:
     keys: list[str]
     args: list[Any]
     messages: int
+    marks: dict[str, Mark]
+    """Nonce marks the script stores with the fan-out (authenticated runs)."""
 
 
 class Rerouted(Exception):
@@ -88,6 +91,7 @@ class RequestHandler(ControlRequests):
         self.deferred: DeferredRoute | None = None
         self._streams: dict[str, tuple[int, str, str, bool]] = {}
         self._version_key = router.keys.routing_version
+        self._nonces_key = router.keys.nonces
 
     def invalidate(self) -> None:
         """Forget matches computed from an older subscription index."""
@@ -95,44 +99,50 @@ class RequestHandler(ControlRequests):
 
     # ------------------------------------------------------------------ publishes
     def publish_run(self, run: list[Entry], *, defer: bool = False,
-                    authenticated: bool = False) -> None:
+                    marks: dict[str, Mark] | None = None) -> None:
         """Deliver a run of publish entries from one stream with one fenced script call.
 
         With ``defer`` the script call is kept in :attr:`deferred` for the router to send in the
         same round trip as its next read (the run's outcome is settled then); a run with
         rejections is never deferred, so dead letters and error replies go out at once.
+        ``marks`` are the nonce marks of a run already authenticated (a retry); without them the
+        run is authenticated here, and the script stores its marks with the fan-out.
         """
         r = self.router
         stream = run[0][0]
         refused: list[Rejection] = []
-        if r.guard.auth and stream != r.keys.system and not authenticated:
-            signed = []
-            for entry in run:  # once per entry: a nonce must not be "replayed" by our own retry
-                try:
-                    r.guard.authenticate(entry[2], entry[1])
-                    signed.append(entry)
-                except SidecarError as exc:
-                    refused.append(self._rejection(stream, entry[1], entry[2], exc))
-            run = signed
+        if marks is None:
+            marks = {}
+            if r.guard.auth and stream != r.keys.system:
+                signed = []
+                for entry in run:  # once per entry: a retry must not find its own nonce "replayed"
+                    try:
+                        r.guard.authenticate(entry[2], entry[1], marks)
+                        signed.append(entry)
+                    except SidecarError as exc:
+                        refused.append(self._rejection(stream, entry[1], entry[2], exc))
+                run = signed
         for attempt in range(5):
             if r.version is None:
                 r.refresh()
-            keys, args, rejections, n = self._route_call(run, stream)
+            keys, args, rejections, n = self._route_call(run, stream, marks)
             rejections += refused
             if defer and attempt == 0 and not rejections:
-                self.deferred = DeferredRoute(run, stream, keys, args, n)
+                self.deferred = DeferredRoute(run, stream, keys, args, n, marks)
                 return
-            if self._settle(r.scripts.route(keys=keys, args=args), stream, n, rejections):
+            if self._settle(r.scripts.route(keys=keys, args=args), stream, n, rejections, marks):
                 return
         raise RuntimeError("routing version kept changing under five consecutive attempts")
 
-    def _settle(self, result: Any, stream: str, n: int, rejections: list[Rejection]) -> bool:
+    def _settle(self, result: Any, stream: str, n: int, rejections: list[Rejection],
+                marks: dict[str, Mark]) -> bool:
         """Act on a route.lua answer; False when the run must be computed again (stale)."""
         r = self.router
         status = str(result[0])
         if status == "ok":
             r.stats["routed"] += n
             r.stats["delivered"] += int(result[1])
+            r.guard.commit(marks)
             r.reject(rejections)
             return True
         if status == "lost":
@@ -150,11 +160,11 @@ class RequestHandler(ControlRequests):
         if d is None:
             return
         if isinstance(result, NoScriptError):  # Redis restarted: the synchronous path reloads it
-            self.publish_run(d.run, authenticated=True)
+            self.publish_run(d.run, marks=d.marks)
         elif isinstance(result, Exception):
             raise result
-        elif not self._settle(result, d.stream, d.messages, []):
-            self.publish_run(d.run, authenticated=True)
+        elif not self._settle(result, d.stream, d.messages, [], d.marks):
+            self.publish_run(d.run, marks=d.marks)
 
     def _stream_info(self, stream: str) -> tuple[int, str, str, bool]:
         """(partition, its lease key, message id tag, trusted) of a request stream, cached."""
@@ -167,7 +177,8 @@ class RequestHandler(ControlRequests):
             info = self._streams[stream] = (partition, keys.router_lease(partition), tag, trusted)
         return info
 
-    def _route_call(self, run: list[Entry], stream: str) -> tuple[list[str], list[Any], list[Rejection], int]:
+    def _route_call(self, run: list[Entry], stream: str, marks: dict[str, Mark]
+                    ) -> tuple[list[str], list[Any], list[Rejection], int]:
         r = self.router
         _partition, lease_key, tag, trusted = self._stream_info(stream)
         inboxes: dict[str, int] = {}
@@ -193,11 +204,13 @@ class RequestHandler(ControlRequests):
                 if i is None:
                     i = inboxes[inbox] = len(inboxes) + 1
                 deliveries += (m, i)
-        keys = [lease_key, self._version_key, stream, *inboxes]
+        keys = [lease_key, self._version_key, self._nonces_key, stream, *inboxes]
         args: list[Any] = [r.token, r.version, REQUEST_GROUP, r.settings.inbox_maxlen, 1,
-                           len(acks), len(msgs) // 5, r.name]
+                           len(acks), len(msgs) // 5, r.name, len(marks)]
         for eid in acks:
             args += (1, eid)
+        for sender, (nonce, eid) in marks.items():
+            args += (sender, f"{nonce} {eid}")
         args += msgs
         args += deliveries
         return keys, args, rejections, len(msgs) // 5

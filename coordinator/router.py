@@ -244,7 +244,7 @@ class Router:
         deferred = self.handler.deferred
         if deferred is not None:
             self.handler.deferred = None
-            self.handler.publish_run(deferred.run, authenticated=True)
+            self.handler.publish_run(deferred.run, marks=deferred.marks)
         self._flush_stats()
 
     def _flush_stats(self) -> None:
@@ -268,6 +268,7 @@ class Router:
         """Start owning ``partition``: create groups, then route what the last owner left pending."""
         self.stats["takeovers"] += 1
         self.version = None  # anything may have changed while we did not own it
+        self.guard.forget_marks()
         streams = [self.keys.requests(partition)] + ([self.keys.system] if partition == 0 else [])
         for stream in streams:
             try:

@@ -3,16 +3,20 @@
 --
 -- KEYS[1]   router lease of the partition (string: owner token)
 -- KEYS[2]   routing version (string counter: members and subscriptions)
--- KEYS[3..] request streams the acked entries came from, then target inbox streams
+-- KEYS[3]   nonce marks (hash: peer id -> "<nonce> <entry id>" of its last accepted signed request)
+-- KEYS[4..] request streams the acked entries came from, then target inbox streams
 -- ARGV[1]   lease token of the calling router
 -- ARGV[2]   routing version the fan-out was computed with
 -- ARGV[3]   consumer group of the request streams
 -- ARGV[4]   inbox MAXLEN (approximate)
--- ARGV[5]   number of request streams S (KEYS[3..2+S])
+-- ARGV[5]   number of request streams S (KEYS[4..3+S])
 -- ARGV[6]   number of acks A; ARGV[7] number of messages M; ARGV[8] the router's consumer name
+-- ARGV[9]   number of nonce marks K (authenticated runs: each sender's last signed entry in the run)
 -- then A pairs (request stream index 1..S, entry id)
+-- then K pairs (peer id, mark), stored in KEYS[3] with the fan-out, so a router taking over knows
+--   exactly which nonces were consumed
 -- then M quintets (message id, topic, data json, sender, timestamp ms)
--- then pairs (message index 1..M, inbox index 1..) up to the end; inbox i is KEYS[2+S+i]
+-- then pairs (message index 1..M, inbox index 1..) up to the end; inbox i is KEYS[3+S+i]
 -- Returns {"ok", deliveries} | {"lost"} when the lease is not ours | {"stale", version}
 --   | {"foreign"} when another consumer holds pending entries of a request stream: a router deposed
 --     while paused read them before its writes were refused; they are older, so the caller must
@@ -28,8 +32,9 @@ local maxlen = ARGV[4]
 local nstreams = tonumber(ARGV[5])
 local nacks = tonumber(ARGV[6])
 local nmsgs = tonumber(ARGV[7])
+local nmarks = tonumber(ARGV[9])
 for s = 1, nstreams do
-  local summary = redis.call('XPENDING', KEYS[2 + s], ARGV[3])
+  local summary = redis.call('XPENDING', KEYS[3 + s], ARGV[3])
   if summary[4] then
     for _, c in ipairs(summary[4]) do
       if c[1] ~= ARGV[8] and tonumber(c[2]) > 0 then
@@ -38,13 +43,14 @@ for s = 1, nstreams do
     end
   end
 end
-local a = 9
-local msgbase = a + 2 * nacks
+local a = 10
+local marks = a + 2 * nacks
+local msgbase = marks + 2 * nmarks
 local p = msgbase + 5 * nmsgs
 local n = 0
 while p < #ARGV do
   local m = msgbase + 5 * (tonumber(ARGV[p]) - 1)
-  redis.call('XADD', KEYS[2 + nstreams + tonumber(ARGV[p + 1])], 'MAXLEN', '~', maxlen, '*',
+  redis.call('XADD', KEYS[3 + nstreams + tonumber(ARGV[p + 1])], 'MAXLEN', '~', maxlen, '*',
     'k', 'msg', 'i', ARGV[m], 't', ARGV[m + 1], 'd', ARGV[m + 2], 's', ARGV[m + 3], 'ts', ARGV[m + 4])
   n = n + 1
   p = p + 2
@@ -62,7 +68,11 @@ for i = 0, nacks - 1 do
 end
 for s, ids in pairs(byStream) do
   for first = 1, #ids, 1000 do
-    redis.call('XACK', KEYS[2 + s], ARGV[3], unpack(ids, first, math.min(first + 999, #ids)))
+    redis.call('XACK', KEYS[3 + s], ARGV[3], unpack(ids, first, math.min(first + 999, #ids)))
   end
+end
+for first = 0, nmarks - 1, 500 do
+  local last = math.min(first + 499, nmarks - 1)
+  redis.call('HSET', KEYS[3], unpack(ARGV, marks + 2 * first, marks + 2 * last + 1))
 end
 return {'ok', n}

@@ -14,7 +14,7 @@ import redis
 from coordinator import ClusterSidecar, Keys, Settings
 from coordinator.auth import FRESHNESS_MS, TAG_HEX, Identities, Identity, Signer, canonical, verify
 from coordinator.errors import AuthenticationFailed, PolicyRejected
-from coordinator.guard import Guard
+from coordinator.guard import Guard, Mark
 from coordinator.policy_store import PolicyStore
 from mixin import Agent, Message, SidecarMixin
 from tests.support import async_wait_for
@@ -218,21 +218,31 @@ def test_identities_add_and_load(client: redis.Redis, keys: Keys) -> None:
 
 def test_guard_authenticates_against_identities_in_redis(client: redis.Redis, keys: Keys,
                                                          namespace: str, redis_url: str) -> None:
-    guard = Guard(client, keys, Settings(redis_url=redis_url, namespace=namespace, auth="required"))
+    settings = Settings(redis_url=redis_url, namespace=namespace, auth="required")
+    guard = Guard(client, keys, settings)
     guard.refresh(set())
     # created after the guard loaded its identities: it reloads on an unknown sender
     creds = Identities(client, keys).add("late", ["player"])
     peer, signer = creds["SIDECAR_PEER_ID"], Signer(creds["SIDECAR_PEER_SECRET"])
+    ids = iter(range(1, 1_000))
 
     def entry_id(fields: dict[str, str]) -> str:
-        return f"{signed_ms(fields)}-0"
+        return f"{signed_ms(fields)}-{next(ids)}"
 
     first = signer.sign({"k": "pub", "s": peer, "t": "a", "d": "1"})
-    guard.authenticate(first, entry_id(first))
     second = signer.sign({"k": "pub", "s": peer, "t": "a", "d": "2"})
-    guard.authenticate(second, entry_id(second))
+    first_id, second_id = entry_id(first), entry_id(second)
+    chain: dict[str, Mark] = {}
+    assert guard.authenticate(first, first_id, chain) == (int(first["n"]), first_id)
+    with pytest.raises(AuthenticationFailed, match="replayed"):  # a copy later in the same run
+        guard.authenticate(first, entry_id(first), chain)
+    guard.authenticate(second, second_id, chain)
+    # the run was not routed (say the script found the routing version stale): authenticating it
+    # again from the committed marks accepts the same entries
+    guard.authenticate(first, first_id, {})
+    guard.commit(chain)
     with pytest.raises(AuthenticationFailed, match="replayed"):
-        guard.authenticate(first, entry_id(second))  # an exact copy written again
+        guard.authenticate(first, entry_id(first))  # an exact copy written again
     stale_id = f"{signed_ms(second) + FRESHNESS_MS + 1000}-0"
     third = signer.sign({"k": "pub", "s": peer, "t": "a", "d": "3"})
     with pytest.raises(AuthenticationFailed, match="stale"):
@@ -240,9 +250,20 @@ def test_guard_authenticates_against_identities_in_redis(client: redis.Redis, ke
     with pytest.raises(AuthenticationFailed, match="no identity"):
         guard.authenticate(Signer("x").sign({"k": "pub", "s": "01NOBODY", "t": "a", "d": "1"}),
                            entry_id(third))
+    # a control request's mark is stored before it takes effect; a guard taking over reads it, so a
+    # copy is a replay there too, while the very entry it came from may be processed again
+    third_id = entry_id(third)
+    mark = guard.authenticate(third, third_id)
+    assert mark is not None
+    guard.store_mark(peer, mark)
+    successor = Guard(client, keys, settings)
+    successor.refresh(set())
+    with pytest.raises(AuthenticationFailed, match="replayed"):
+        successor.authenticate(third, entry_id(third))
+    assert successor.authenticate(third, third_id) == mark
     # a guard that is off lets anything through
     off = Guard(client, keys, Settings(redis_url=redis_url, namespace=namespace))
-    off.authenticate({"k": "pub", "s": "anyone"}, "1-0")
+    assert off.authenticate({"k": "pub", "s": "anyone"}, "1-0") is None
 
 
 # ---------------------------------------------------------------------------------------- a router
@@ -334,3 +355,48 @@ async def test_identity_roles_win_over_the_role_a_peer_claims(
         assert got == ["from the conductor"]
     reasons = {f["reason"] for _, f in client.xrange(keys.deadletter)}
     assert reasons == {"policy_rejected"}
+
+
+async def test_a_router_taking_over_refuses_replays_of_what_its_predecessor_routed(
+        client: redis.Redis, keys: Keys, settings: Settings) -> None:
+    PolicyStore(client, keys).set("open", {"statements": [
+        {"id": "all", "effect": "allow", "role_ids": "*", "action": "*", "resource": ">"}]})
+    st = auth_settings(settings)
+    ids = Identities(client, keys)
+    a_creds, b_creds = ids.add("a", ["player"]), ids.add("b", ["player"])
+    a = P(namespace=st.namespace, id=a_creds["SIDECAR_PEER_ID"], settings=st,
+          secret=a_creds["SIDECAR_PEER_SECRET"])
+    b = P(namespace=st.namespace, id=b_creds["SIDECAR_PEER_ID"], settings=st,
+          secret=b_creds["SIDECAR_PEER_SECRET"])
+    first = ClusterSidecar(settings=st, name="first")
+    await first.setup()
+    second: ClusterSidecar | None = None
+    try:
+        async with a, b:
+            got: list[Any] = []
+            await a.cluster_subscribe("chat.>", lambda m: got.append(m.data))
+            captured: dict[str, str] = {}
+            while not captured:  # the router's periodic trim may remove an entry before we read it
+                eid = await b.cluster_publish("chat.hello", len(got))
+                found = client.xrange(keys.requests(0), eid, eid)
+                captured = found[0][1] if found else {}
+            await async_wait_for(lambda: captured["d"] in map(str, got), what="the captured publish")
+            assert client.hget(keys.nonces, b.id) is not None  # stored with the fan-out
+
+            await first.teardown()  # hand over: a new router with nothing in memory
+            second = ClusterSidecar(settings=st, name="second")
+            await second.setup()
+            await async_wait_for(lambda: client.get(keys.router_lease(0)) == second.router.token,
+                                 what="the second router's lease")
+            before = list(got)
+            replay = client.xadd(keys.requests(0), captured)
+            await b.cluster_publish("chat.after", "after the takeover")
+            await async_wait_for(lambda: "after the takeover" in got, what="good traffic")
+            assert got == [*before, "after the takeover"]  # the copy was never delivered
+    finally:
+        await first.teardown()
+        if second is not None:
+            await second.teardown()
+    dead = {f["entry"]: f for _, f in client.xrange(keys.deadletter)}
+    assert dead[replay]["reason"] == "unauthenticated"
+    assert "replayed" in dead[replay]["message"]

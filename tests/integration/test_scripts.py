@@ -264,7 +264,7 @@ def test_subscribe_script(client: redis.Redis, keys: Keys) -> None:
 
 
 def route_args(token: str, version: str, eid: str, consumer: str = "me") -> list[Any]:
-    return [token, version, REQUEST_GROUP, 1000, 1, 1, 1, consumer, 1, eid,
+    return [token, version, REQUEST_GROUP, 1000, 1, 1, 1, consumer, 1, 1, eid, "p1", f"7 {eid}",
             f"0:{eid}", "a.b", '{"x":1}', "p1", "1700000000000", 1, 1]
 
 
@@ -274,7 +274,7 @@ def test_route_is_fenced_by_lease_and_version(client: redis.Redis, keys: Keys) -
     inbox = keys.responses("p2")
     eid = pending_entry(client, stream, {"k": "pub", "s": "p1", "t": "a.b", "d": '{"x":1}'})
     client.set(keys.router_lease(0), "tok")
-    ks = [keys.router_lease(0), keys.routing_version, stream, inbox]
+    ks = [keys.router_lease(0), keys.routing_version, keys.nonces, stream, inbox]
     assert s.route(keys=ks, args=route_args("tok", "1", eid)) == ["stale", "0"]  # no key: 0
     client.set(keys.routing_version, "3")
 
@@ -282,7 +282,7 @@ def test_route_is_fenced_by_lease_and_version(client: redis.Redis, keys: Keys) -
     assert s.route(keys=ks, args=route_args("tok", "2", eid)) == ["stale", "3"]
     # the entry is pending under another consumer (a deposed router read it): route it first
     assert s.route(keys=ks, args=route_args("tok", "3", eid, consumer="other")) == ["foreign"]
-    assert client.exists(inbox) == 0  # none of these calls wrote anything
+    assert client.exists(inbox, keys.nonces) == 0  # none of these calls wrote anything
     assert pending_count(client, stream) == 1
 
     assert s.route(keys=ks, args=route_args("tok", "3", eid, consumer=consumer_of(client, stream)))\
@@ -291,9 +291,10 @@ def test_route_is_fenced_by_lease_and_version(client: redis.Redis, keys: Keys) -
     (_, msg), = client.xrange(inbox)
     assert msg == {"k": "msg", "i": f"0:{eid}", "t": "a.b", "d": '{"x":1}', "s": "p1",
                    "ts": "1700000000000"}
+    assert client.hgetall(keys.nonces) == {"p1": f"7 {eid}"}  # stored with the fan-out
 
 
-def test_route_acks_thousands_of_entries_of_two_streams_in_one_call(client: redis.Redis,
+def test_route_acks_thousands_of_entries_and_stores_their_marks(client: redis.Redis,
                                                                      keys: Keys) -> None:
     s = scripts_for(client)
     streams = [keys.requests(0), keys.system]
@@ -308,11 +309,14 @@ def test_route_acks_thousands_of_entries_of_two_streams_in_one_call(client: redi
     assert len(acks) == 2_500
     client.set(keys.router_lease(0), "tok")
     client.set(keys.routing_version, "1")
-    args: list[Any] = ["tok", "1", REQUEST_GROUP, 1000, 2, len(acks), 0, "me"]
+    marks = [(f"peer{i}", f"{i} 1-{i}") for i in range(1_200)]
+    args: list[Any] = ["tok", "1", REQUEST_GROUP, 1000, 2, len(acks), 0, "me", len(marks)]
     args += [x for pair in acks for x in pair]
-    assert s.route(keys=[keys.router_lease(0), keys.routing_version, *streams], args=args) \
-        == ["ok", 0]
+    args += [x for pair in marks for x in pair]
+    assert s.route(keys=[keys.router_lease(0), keys.routing_version, keys.nonces, *streams],
+                   args=args) == ["ok", 0]
     assert [pending_count(client, st) for st in streams] == [0, 0]
+    assert client.hgetall(keys.nonces) == dict(marks)
 
 
 def consumer_of(client: redis.Redis, stream: str) -> str:
