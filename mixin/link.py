@@ -35,6 +35,8 @@ from mixin.resp import AsyncResp, supports
 __all__ = ["SidecarLink"]
 
 _CONSUMER = "c"
+_REJOIN_WARN_EVERY = 30.0
+"""Seconds between warnings while a peer keeps failing to register again."""
 _TRANSIENT = TRANSIENT
 EntryHandler = Callable[[str, dict[str, str]], Awaitable[bool]]
 """Handles one inbox entry; returns False to leave it unacknowledged (the owner acks it later)."""
@@ -306,6 +308,10 @@ class SidecarLink:
                 self.log.warning("peer %s: heartbeat failed: %s", self.peer_id, exc)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
+    async def _pause(self, seconds: float) -> None:
+        """Wait between rejoin attempts (a method so tests can observe the backoff)."""
+        await asyncio.sleep(seconds)
+
     def _schedule_rejoin(self) -> None:
         if self._rejoining or self._closing or self._leaving:
             return
@@ -313,6 +319,12 @@ class SidecarLink:
         self._tasks.append(asyncio.create_task(self._rejoin(), name=f"rejoin-{self.peer_id}"))
 
     async def _rejoin(self) -> None:
+        """Register again until it works, backing off from 0.5 s to 2 s between attempts.
+
+        The first failure is a warning; later ones are logged at most every 30 s (and at debug
+        level in between), so a long outage does not flood the log.
+        """
+        delay, failures, warned = 0.5, 0, -_REJOIN_WARN_EVERY
         try:
             while not self._closing:
                 try:
@@ -320,11 +332,19 @@ class SidecarLink:
                     await self.request("reg", m=dumps(self.member_info))
                     if self.on_rejoin is not None:
                         await self.on_rejoin()
-                    self.log.info("peer %s registered again", self.peer_id)
+                    self.log.info("peer %s registered again%s", self.peer_id,
+                                  f" after {failures} failed attempts" if failures else "")
                     return
                 except (SidecarTimeout, RedisError, OSError) as exc:
-                    self.log.warning("peer %s: rejoin failed (%s); retrying", self.peer_id, exc)
-                    await asyncio.sleep(0.5)
+                    failures += 1
+                    now = time.monotonic()
+                    level = logging.WARNING if now - warned >= _REJOIN_WARN_EVERY else logging.DEBUG
+                    if level == logging.WARNING:
+                        warned = now
+                    self.log.log(level, "peer %s: rejoin failed %d time(s) (%s); retrying in %.1fs",
+                                 self.peer_id, failures, exc, delay)
+                    await self._pause(delay)
+                    delay = min(delay * 2, 2.0)
         finally:
             self._rejoining = False
 

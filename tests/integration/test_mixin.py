@@ -14,6 +14,7 @@ from ulid import ULID
 from coordinator import ClusterSidecar, InvalidTopic, Keys, Settings, SidecarTimeout
 from coordinator.embedded import RedisServer
 from mixin import Agent, Message, SidecarMixin
+from mixin.link import SidecarLink
 from tests.support import async_wait_for
 
 
@@ -278,3 +279,33 @@ async def test_peer_recovers_after_redis_restart(fresh_redis: RedisServer, names
         await c.close()
         if again is not None:
             again.stop()
+
+
+async def test_rejoin_backs_off_and_does_not_flood_the_log(
+        settings: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.DEBUG, logger="sidecar.link")
+    link = SidecarLink(str(ULID()), settings, on_entry=lambda eid, fields: asyncio.sleep(0, True))
+    pauses: list[float] = []
+    attempts = 0
+
+    async def request(kind: str, **fields: str) -> dict[str, str]:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 6:
+            raise SidecarTimeout("no router")
+        return {"ok": "1"}
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+
+    monkeypatch.setattr(link, "request", request)
+    monkeypatch.setattr(link, "_pause", pause)
+    try:
+        link._schedule_rejoin()
+        await async_wait_for(lambda: not link._rejoining, what="the rejoin to succeed")
+    finally:
+        await link.close(leave=False)
+    assert pauses == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
+    records = [r for r in caplog.records if "rejoin failed" in r.getMessage()]
+    assert [r.levelno for r in records] == [logging.WARNING] + [logging.DEBUG] * 5
+    assert "registered again after 6 failed attempts" in caplog.text
