@@ -8,20 +8,25 @@ within ``linger`` seconds, asks the router to wait until ``linger`` after the la
 before it reads again, so one read, one script call and one inbox wake-up serve several publishes.
 
 Sparse traffic never waits: at rates too low to gather :data:`MIN_GAIN` entries within the linger,
-latency is untouched. A backlog never waits either (a read that filled the batch reads again at
-once). The most a message pays for coalescing is ``linger``; ``linger = 0`` turns it off. This is
+latency is untouched, and the estimate forgets within about :data:`HORIZON`, so a burst does not
+make the sparse messages after it wait. A backlog never waits either (a read that filled the batch
+reads again at once). The router sends the fan-out of what it already read before it waits, so the
+most a message pays for coalescing is ``linger``; ``linger = 0`` turns it off. This is
 the trade Kafka's ``linger.ms`` and TCP autocorking make, bounded and adaptive.
 """
 
 from __future__ import annotations
 
-__all__ = ["MIN_GAIN", "ReadCoalescer"]
+import math
+
+__all__ = ["HORIZON", "MIN_GAIN", "ReadCoalescer"]
 
 MIN_GAIN = 2.0
 """Entries that must be expected within the linger before waiting for them is worth it."""
 
-_WEIGHT = 0.3
-"""Weight of the newest read in the arrival-rate average (older reads decay geometrically)."""
+HORIZON = 0.01
+"""Seconds over which the arrival-rate average forgets: a read after a quiet spell this long
+counts almost alone, so sparse traffic after a burst does not wait."""
 
 
 class ReadCoalescer:
@@ -45,7 +50,7 @@ class ReadCoalescer:
         """A read returned at ``now`` (monotonic seconds) with ``entries`` entries."""
         if self._last_read is not None:
             elapsed = max(now - self._last_read, 1e-6)
-            self.rate += _WEIGHT * (entries / elapsed - self.rate)
+            self.rate += (1.0 - math.exp(-elapsed / HORIZON)) * (entries / elapsed - self.rate)
         self._last_read = now
         self._last_count = entries
 

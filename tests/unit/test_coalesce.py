@@ -20,7 +20,7 @@ def reads(c: ReadCoalescer, start: float, every: float, entries: int, count: int
 
 def test_busy_stream_waits_until_linger_after_the_last_read() -> None:
     c = ReadCoalescer(LINGER, batch_size=512)
-    last = reads(c, 0.0, 0.0001, 1, 50)  # one entry every 100 us: 10,000 per second
+    last = reads(c, 0.0, 0.0001, 1, 500)  # one entry every 100 us: 10,000 per second
     assert c.rate == pytest.approx(10_000, rel=0.01)
     assert c.delay(last) == pytest.approx(LINGER)
     # time spent since the read (processing it) counts toward the linger
@@ -30,7 +30,7 @@ def test_busy_stream_waits_until_linger_after_the_last_read() -> None:
 
 def test_sparse_traffic_never_waits() -> None:
     c = ReadCoalescer(LINGER, batch_size=512)
-    last = reads(c, 0.0, 0.001, 1, 50)  # 1,000 per second: half an entry per linger
+    last = reads(c, 0.0, 0.001, 1, 100)  # 1,000 per second: half an entry per linger
     assert c.rate * LINGER < MIN_GAIN
     assert c.delay(last) == 0.0
 
@@ -46,15 +46,24 @@ def test_a_full_batch_reads_again_at_once() -> None:
 
 def test_rate_decays_when_the_stream_goes_quiet() -> None:
     c = ReadCoalescer(LINGER, batch_size=512)
-    last = reads(c, 0.0, 0.0001, 1, 50)
+    last = reads(c, 0.0, 0.0001, 1, 500)
     assert c.delay(last) > 0
-    last = reads(c, last, 0.05, 0, 3)  # blocking reads that time out empty
+    last = reads(c, last, 0.05, 0, 1)  # one blocking read that timed out empty
+    assert c.delay(last) == 0.0
+
+
+def test_sparse_messages_after_a_burst_do_not_wait() -> None:
+    c = ReadCoalescer(LINGER, batch_size=512)
+    last = reads(c, 0.0, 0.001, 512, 20)  # a backlog drained at 512,000 entries per second
+    last = reads(c, last, 0.001, 100, 1)  # its tail
+    assert c.delay(last) > 0
+    last = reads(c, last, 0.1, 1, 1)  # then one message after 100 ms of quiet
     assert c.delay(last) == 0.0
 
 
 def test_zero_linger_turns_it_off_and_negative_is_refused() -> None:
     c = ReadCoalescer(0.0, batch_size=512)
-    last = reads(c, 0.0, 0.00001, 5, 50)
+    last = reads(c, 0.0, 0.00001, 5, 500)
     assert c.delay(last) == 0.0
     assert ReadCoalescer(LINGER, 512).delay(0.0) == 0.0  # nothing observed yet
     with pytest.raises(ValueError, match="linger"):
