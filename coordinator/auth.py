@@ -103,7 +103,7 @@ def verify(identity: Identity | None, fields: Mapping[str, str], entry_ms: int,
     sig = fields.get("sig")
     if not sig:
         raise AuthenticationFailed(f"unsigned request from {sender!r}")
-    if not hmac.compare_digest(tag(identity.mac, fields), sig):
+    if not hmac.compare_digest(tag(identity.mac, fields).encode(), sig.encode()):
         raise AuthenticationFailed(f"bad signature for sender {sender!r}")
     try:
         nonce = int(fields.get("n", ""))

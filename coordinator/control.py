@@ -8,7 +8,7 @@ that applies it, and anything invalid is dead-lettered with the reason by the ha
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from coordinator.errors import BadRequest, SidecarError, UnknownPeer
 from coordinator.keys import REQUEST_GROUP
@@ -20,10 +20,22 @@ if TYPE_CHECKING:
     from coordinator.requests import Rejection
     from coordinator.router import Entry, Router
 
-__all__ = ["SYSTEM_SENDER", "ControlRequests"]
+__all__ = ["SYSTEM_SENDER", "ControlRequests", "Deposed", "Rerouted", "StopBatch"]
 
 SYSTEM_SENDER = "sidecar"
 """Sender id of the sidecar's own events (only scripts write the system stream)."""
+
+
+class StopBatch(Exception):
+    """Stop processing the current batch: its remaining entries are not ours to route now."""
+
+
+class Rerouted(StopBatch):
+    """The rest of the batch was routed by claiming every pending entry."""
+
+
+class Deposed(StopBatch):
+    """A fenced script found the partition's lease gone: its new owner routes the rest."""
 
 
 class ControlRequests:
@@ -40,7 +52,7 @@ class ControlRequests:
     def _partition(self, stream: str) -> int:
         raise NotImplementedError
 
-    def _rejection(self, stream: str, eid: str, f: dict[str, str], exc: SidecarError, *,
+    def rejection(self, stream: str, eid: str, f: dict[str, str], exc: SidecarError, *,
                    part: str | None = None) -> Rejection:
         raise NotImplementedError
 
@@ -57,7 +69,9 @@ class ControlRequests:
                 raise BadRequest(f"{kind} request without a sender field 's'")
             mark = self.router.guard.authenticate(f, eid)
             if mark is not None:  # stored before the request takes effect (see Guard)
-                self.router.guard.store_mark(f["s"], mark)
+                lease = self.router.keys.router_lease(self._partition(stream))
+                if not self.router.guard.store_mark(f["s"], mark, lease, self.router.token):
+                    self._deposed(stream)
             if kind in ("sub", "unsub"):
                 self._subscribe(stream, eid, f, add=kind == "sub")
             elif kind == "reg":
@@ -69,7 +83,12 @@ class ControlRequests:
             else:
                 self._leave(stream, eid, f)
         except SidecarError as exc:
-            self.router.reject([self._rejection(stream, eid, f, exc)])
+            self.router.reject([self.rejection(stream, eid, f, exc)])
+
+    def _deposed(self, stream: str) -> NoReturn:
+        """A fenced write found our lease on ``stream``'s partition gone: stop routing it."""
+        self.router.lost(stream)
+        raise Deposed
 
     def _subscribe(self, stream: str, eid: str, f: dict[str, str], *, add: bool) -> None:
         r = self.router
@@ -85,7 +104,7 @@ class ControlRequests:
         result = r.scripts.subscribe(keys=keys, args=args)
         status = str(result[0])
         if status == "lost":
-            r.lost(stream)
+            self._deposed(stream)
         elif status == "unknown_peer":
             raise UnknownPeer(f"peer {sender!r} is not a registered member; register before subscribing")
         else:
@@ -116,8 +135,7 @@ class ControlRequests:
         keys[0] = r.keys.router_lease(self._partition(stream))
         result = r.scripts.register(keys=keys, args=args)
         if str(result[0]) == "lost":
-            r.lost(stream)
-            return
+            self._deposed(stream)
         joined, version = int(result[1]), int(result[4])
         if joined and r.version is not None and version == int(r.version) + 1:
             r.members.add(sender)

@@ -11,6 +11,7 @@ __all__ = [
     "AuthenticationFailed",
     "BadRequest",
     "ConfigurationError",
+    "InternalError",
     "InvalidPolicy",
     "InvalidTopic",
     "LeaseLost",
@@ -91,6 +92,12 @@ class PolicyRejected(SidecarError):
     code = "policy_rejected"
 
 
+class InternalError(SidecarError):
+    """The router failed on a request in a way it did not foresee; the request is dead-lettered."""
+
+    code = "internal_error"
+
+
 class SidecarUnavailable(SidecarError, ConnectionError):
     """The sidecar's Redis cannot be reached and the local buffer is full; retry later."""
 
@@ -119,6 +126,7 @@ _BY_CODE: dict[str, type[SidecarError]] = {
         SidecarTimeout,
         InvalidPolicy,
         AuthenticationFailed,
+        InternalError,
     )
 }
 

@@ -16,6 +16,7 @@ from coordinator.errors import PolicyRejected
 from coordinator.keys import Keys
 from coordinator.policy import PolicyEngine
 from coordinator.policy_store import PolicyStore
+from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 
 __all__ = ["EXEMPT_SUBSCRIPTIONS", "Guard", "Mark"]
@@ -38,7 +39,9 @@ class Guard:
         self.store = PolicyStore(client, keys, inbox_maxlen=settings.inbox_maxlen)
         self.identities: dict[str, Identity] = {}
         self.marks: dict[str, Mark] = {}
-        """Per sender, the (nonce, entry id) of its last accepted signed request, as in Redis."""
+        """Per sender, the (nonce, entry id) of its last accepted signed request, as last read from
+        or written to Redis; dropped after a takeover or a Redis error (see forget_marks)."""
+        self.scripts = scripts_for(client)
         self.roles: dict[str, frozenset[str]] = {}
         self.labels: dict[str, Mapping[str, str]] = {}
         self.engine = PolicyEngine()
@@ -103,12 +106,25 @@ class Guard:
 
     def commit(self, marks: Mapping[str, Mark]) -> None:
         """Remember marks that Redis now holds (route.lua stored them with the fan-out)."""
-        self.marks.update(marks)
+        for sender, mark in marks.items():
+            if mark[0] > self._mark(sender)[0]:
+                self.marks[sender] = mark
 
-    def store_mark(self, sender: str, mark: Mark) -> None:
-        """Store ``sender``'s mark in Redis now, before the request it came from is applied."""
-        self.client.hset(self.keys.nonces, sender, f"{mark[0]} {mark[1]}")
-        self.marks[sender] = mark
+    def store_mark(self, sender: str, mark: Mark, lease_key: str, token: str) -> bool:
+        """Store ``sender``'s mark in Redis now, before the request it came from takes effect.
+
+        Fenced by the partition lease (``mark.lua``); a stored mark only ever rises. Returns False
+        when the lease is not ``token``'s any more (nothing written).
+        """
+        stored = int(self.scripts.mark(keys=[lease_key, self.keys.nonces],
+                                       args=[token, sender, mark[0], mark[1]]))
+        if stored < 0:
+            return False
+        if stored:
+            self.marks[sender] = mark
+        else:  # Redis holds a higher mark than the one we were given: read it when next needed
+            self.marks.pop(sender, None)
+        return True
 
     def forget_marks(self) -> None:
         """Drop cached marks (another router may have moved them while we did not route)."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
-from coordinator.control import SYSTEM_SENDER, ControlRequests
+from coordinator.control import SYSTEM_SENDER, ControlRequests, Deposed, Rerouted, StopBatch
 from coordinator.errors import (
     BadRequest,
     NotLeader,
@@ -31,7 +31,7 @@ from coordinator.topics import check_publish_topic
 if TYPE_CHECKING:
     from coordinator.router import Entry, Router
 
-__all__ = ["SYSTEM_SENDER", "Rejection", "RequestHandler", "Rerouted"]
+__all__ = ["SYSTEM_SENDER", "Deposed", "Rejection", "RequestHandler", "Rerouted", "StopBatch"]
 
 _CACHE_LIMIT = 50_000
 
@@ -47,10 +47,6 @@ class DeferredRoute:
     messages: int
     marks: dict[str, Mark]
     """Nonce marks the script stores with the fan-out (authenticated runs)."""
-
-
-class Rerouted(Exception):
-    """The rest of the batch was routed by claiming every pending entry; stop processing it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +116,7 @@ class RequestHandler(ControlRequests):
                         r.guard.authenticate(entry[2], entry[1], marks)
                         signed.append(entry)
                     except SidecarError as exc:
-                        refused.append(self._rejection(stream, entry[1], entry[2], exc))
+                        refused.append(self.rejection(stream, entry[1], entry[2], exc))
                 run = signed
         for attempt in range(5):
             if r.version is None:
@@ -147,7 +143,7 @@ class RequestHandler(ControlRequests):
             return True
         if status == "lost":
             r.lost(stream)
-            return True
+            raise Deposed
         if status == "foreign":  # a deposed router's reads are older: route them, then ours
             r.claim_pending(stream)
             raise Rerouted
@@ -190,7 +186,7 @@ class RequestHandler(ControlRequests):
             try:
                 topic, data, sender = self._check_publish(f, trusted)
             except SidecarError as exc:
-                rejections.append(self._rejection(stream, eid, f, exc, part=msg_id))
+                rejections.append(self.rejection(stream, eid, f, exc, part=msg_id))
                 continue
             targets = self._targets.get(topic)
             if targets is None:
@@ -233,7 +229,7 @@ class RequestHandler(ControlRequests):
                         isinstance(i, list) and len(i) == 3 for i in items):
                     raise ValueError
             except ValueError:
-                rejections.append(self._rejection(stream, eid, f, BadRequest(
+                rejections.append(self.rejection(stream, eid, f, BadRequest(
                     "batch field 'b' must be a JSON list of [topic, payload, fence]")))
                 continue
             acks.append(eid)
@@ -300,7 +296,7 @@ class RequestHandler(ControlRequests):
             return 0
         return int(stream.rsplit(".", 1)[-1])
 
-    def _rejection(self, stream: str, eid: str, f: dict[str, str], exc: SidecarError, *,
+    def rejection(self, stream: str, eid: str, f: dict[str, str], exc: SidecarError, *,
                    part: str | None = None) -> Rejection:
         r = self.router
         sender = f.get("s")

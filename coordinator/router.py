@@ -29,11 +29,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from coordinator import resp
 from coordinator.coalesce import ReadCoalescer
+from coordinator.errors import InternalError, SidecarError
 from coordinator.guard import Guard
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.leases import Lease
 from coordinator.protocol import PUBLISH_KINDS
-from coordinator.requests import DeferredRoute, Rejection, RequestHandler, Rerouted
+from coordinator.requests import DeferredRoute, Rejection, RequestHandler, StopBatch
 from coordinator.resp import RespConnection
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
@@ -74,6 +75,7 @@ class Router:
         self._held_streams: list[str] = []
         self._block_ms = settings.router_block_ms
         self.coalescer = ReadCoalescer(settings.router_linger, settings.batch_size)
+        self._unsettled = False
         self._last_trim = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -105,31 +107,40 @@ class Router:
         return sorted(self.leases)
 
     def run(self) -> None:
-        """The routing loop (blocking). Survives Redis outages: it backs off and carries on."""
+        """The routing loop (blocking). Survives Redis outages: it backs off and carries on.
+
+        After any error mid-batch the router settles its partitions before reading anything new:
+        entries it read but did not route stay pending under it (a read of new entries never returns
+        them), and a lost reply may hide whether a fan-out ran; claiming every pending entry routes
+        exactly those not acknowledged, in order.
+        """
         backoff = 0.05
         while not self._stop.is_set():
             try:
+                if self._unsettled:
+                    for p in list(self.leases):
+                        self._settle_partition(p)
+                    self._unsettled = False
                 self.step()
                 backoff = 0.05
+                continue
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if "NOGROUP" in str(exc):  # Redis lost our streams (a restart without persistence)
+                    log.warning("router %s: consumer group gone; creating it again", self.name)
+                else:
                     log.warning("router %s: Redis refused a command (%s)", self.name, exc)
-                    self._stop.wait(backoff)
-                    continue
-                # Redis lost our streams (a restart without persistence): own them afresh.
-                log.warning("router %s: consumer group gone; taking the partitions over again", self.name)
-                for p in list(self.leases):
-                    self._take_over(p)
             except RedisError as exc:
                 log.warning("router %s: Redis error (%s); retrying in %.2fs", self.name, exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
             except Exception:  # never let one bad batch kill routing
                 log.exception("router %s: unexpected error; carrying on", self.name)
-                self._stop.wait(backoff)
+            self._unsettled = True
+            self.handler.deferred = None  # its entries are still pending: settling routes them
+            self.guard.forget_marks()
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
         try:
             self.flush()
-        except (RedisError, Rerouted):
+        except (RedisError, StopBatch):
             pass
         self._release_all()
         if self.fast is not None:
@@ -147,15 +158,22 @@ class Router:
         block = max(1, min(self._block_ms,
                            int((self._next_maintenance - time.monotonic()) * 1000)))
         wait = self.coalescer.delay(time.monotonic())
-        if wait > 0 and self._stop.wait(wait):
-            return 0
+        if wait > 0:
+            if self.handler.deferred is not None:  # the linger must only delay entries not read yet
+                try:
+                    self._send_deferred()
+                except StopBatch:
+                    return 0
+                wait = self.coalescer.delay(time.monotonic())
+            if wait > 0 and self._stop.wait(wait):
+                return 0
         deferred = self.handler.deferred
         routed, reply = self._read({s: ">" for s in self._streams()}, block, deferred)
         if deferred is not None:
             try:
                 self.handler.finish_deferred(routed)
-            except Rerouted:
-                return 0  # every pending entry, this read's included, was claimed and routed
+            except StopBatch:
+                return 0  # claimed and routed with older entries, or no longer ours
         if isinstance(reply, Exception):
             raise reply
         entries = reply
@@ -163,6 +181,20 @@ class Router:
         if entries:
             self.process(entries, defer_last=True)
         return len(entries)
+
+    def _send_deferred(self) -> None:
+        """Send the deferred fan-out on its own and settle it (before the router lingers)."""
+        d = self.handler.deferred
+        assert d is not None
+        result: Any
+        if self.fast is not None:
+            result = self.fast.pipeline([("EVALSHA", self.scripts.route.sha, len(d.keys), *d.keys,
+                                          *d.args)], timeout=10.0)[0]
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(self.scripts.route.sha, len(d.keys), *d.keys, *d.args)
+            result = pipe.execute(raise_on_error=False)[0]
+        self.handler.finish_deferred(result)
 
     def _read(self, streams: dict[str, str], block: int,
               deferred: DeferredRoute | None) -> tuple[Any, list[Entry] | Exception]:
@@ -265,9 +297,14 @@ class Router:
             self.client.zrem(self.keys.routers, self.name)
 
     def _take_over(self, partition: int) -> None:
-        """Start owning ``partition``: create groups, then route what the last owner left pending."""
+        """Start owning ``partition``: route what the last owner left pending, then new entries."""
         self.stats["takeovers"] += 1
-        self.version = None  # anything may have changed while we did not own it
+        self._settle_partition(partition)
+        log.info("router %s owns partition %d", self.name, partition)
+
+    def _settle_partition(self, partition: int) -> None:
+        """Make sure the partition's groups exist, then route every entry pending on it."""
+        self.version = None  # anything may have changed while we did not route it
         self.guard.forget_marks()
         streams = [self.keys.requests(partition)] + ([self.keys.system] if partition == 0 else [])
         for stream in streams:
@@ -278,7 +315,6 @@ class Router:
                     raise
         for stream in streams:
             self.claim_pending(stream)
-        log.info("router %s owns partition %d", self.name, partition)
 
     def claim_pending(self, stream: str) -> None:
         """Route every entry pending on ``stream`` (ours or a predecessor's), oldest first.
@@ -287,6 +323,9 @@ class Router:
         another consumer: a router deposed while paused may read one more batch before its fenced
         writes are refused, and those entries are older than anything read since.
         """
+        deferred = self.handler.deferred
+        if deferred is not None and deferred.stream == stream:
+            self.handler.deferred = None  # its entries are pending too: routed below, in order
         start = "0-0"
         claimed_all: list[Entry] = []
         while True:  # claim everything first, so routing them never finds a foreign entry again
@@ -364,19 +403,48 @@ class Router:
         try:
             for entry in entries:
                 if run and entry[0] != run[0][0]:  # a run never mixes streams (trust, partition, ack)
-                    self.handler.publish_run(run)
+                    self._publish(run)
                     run = []
                 if entry[2].get("k") in PUBLISH_KINDS:
                     run.append(entry)
                     continue
                 if run:
-                    self.handler.publish_run(run)
+                    self._publish(run)
                     run = []
-                self.handler.control(entry)
+                self._isolated(self.handler.control, entry)
             if run:
-                self.handler.publish_run(run, defer=defer_last)
-        except Rerouted:
-            pass  # the rest of this batch was claimed and routed, in order, with the older entries
+                self._publish(run, defer=defer_last)
+        except StopBatch:
+            pass  # the rest was claimed and routed with older entries, or is not ours any more
+
+    def _publish(self, run: list[Entry], *, defer: bool = False) -> None:
+        """Route a run of publishes; if it breaks the router, route its entries one by one."""
+        try:
+            self.handler.publish_run(run, defer=defer)
+        except (RedisError, StopBatch):
+            raise
+        except Exception:
+            if len(run) == 1:
+                raise
+            for entry in run:  # find the entry at fault; the others are routed as usual
+                self._isolated(lambda e: self.handler.publish_run([e]), entry)
+
+    def _isolated(self, apply: Any, entry: Entry) -> None:
+        """``apply(entry)``; a failure that is not Redis's is the entry's: dead-letter it.
+
+        Bad input must never wedge a partition: without this, an entry that trips an unexpected
+        error would stay pending and fail again after every settle and takeover.
+        """
+        try:
+            apply(entry)
+        except (RedisError, StopBatch):
+            raise
+        except Exception as exc:
+            log.exception("router %s: request %s broke the router; dead-lettering it",
+                          self.name, entry[1])
+            error: SidecarError = InternalError(
+                f"the router failed on this request ({type(exc).__name__}); see the router's log")
+            self.reject([self.handler.rejection(entry[0], entry[1], entry[2], error)])
 
     def reject(self, rejections: list[Rejection]) -> None:
         """Dead-letter rejected entries, tell identifiable senders why, and ack them."""

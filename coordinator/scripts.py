@@ -25,6 +25,7 @@ SCRIPT_NAMES = (
     "elect",
     "policy_set",
     "policy_ack",
+    "mark",
 )
 
 
@@ -47,6 +48,7 @@ class Scripts:
     elect: Any
     policy_set: Any
     policy_ack: Any
+    mark: Any
 
     def __init__(self, client: Any) -> None:
         for name in SCRIPT_NAMES:

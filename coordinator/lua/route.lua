@@ -13,8 +13,8 @@
 -- ARGV[6]   number of acks A; ARGV[7] number of messages M; ARGV[8] the router's consumer name
 -- ARGV[9]   number of nonce marks K (authenticated runs: each sender's last signed entry in the run)
 -- then A pairs (request stream index 1..S, entry id)
--- then K pairs (peer id, mark), stored in KEYS[3] with the fan-out, so a router taking over knows
---   exactly which nonces were consumed
+-- then K pairs (peer id, "<nonce> <entry id>"), stored in KEYS[3] with the fan-out (unless a
+--   higher mark is there), so a router taking over knows exactly which nonces were consumed
 -- then M quintets (message id, topic, data json, sender, timestamp ms)
 -- then pairs (message index 1..M, inbox index 1..) up to the end; inbox i is KEYS[3+S+i]
 -- Returns {"ok", deliveries} | {"lost"} when the lease is not ours | {"stale", version}
@@ -71,8 +71,11 @@ for s, ids in pairs(byStream) do
     redis.call('XACK', KEYS[3 + s], ARGV[3], unpack(ids, first, math.min(first + 999, #ids)))
   end
 end
-for first = 0, nmarks - 1, 500 do
-  local last = math.min(first + 499, nmarks - 1)
-  redis.call('HSET', KEYS[3], unpack(ARGV, marks + 2 * first, marks + 2 * last + 1))
+for i = 0, nmarks - 1 do  -- a mark only ever rises
+  local peer, mark = ARGV[marks + 2 * i], ARGV[marks + 2 * i + 1]
+  local old = redis.call('HGET', KEYS[3], peer)
+  if not old or (tonumber(string.match(old, '^%d+')) or 0) < tonumber(string.match(mark, '^%d+')) then
+    redis.call('HSET', KEYS[3], peer, mark)
+  end
 end
 return {'ok', n}

@@ -130,6 +130,7 @@ def test_full_length_or_truncated_wrong_tags_fail() -> None:
     assert full[:TAG_HEX] == fields["sig"]
     assert "bad signature" in reason({**fields, "sig": full})  # only the 128-bit tag is accepted
     assert "bad signature" in reason({**fields, "sig": fields["sig"][:-1]})
+    assert "bad signature" in reason({**fields, "sig": "\u00e9" * TAG_HEX})  # not even ASCII
 
 
 def test_each_failure_has_its_own_reason() -> None:
@@ -255,7 +256,13 @@ def test_guard_authenticates_against_identities_in_redis(client: redis.Redis, ke
     third_id = entry_id(third)
     mark = guard.authenticate(third, third_id)
     assert mark is not None
-    guard.store_mark(peer, mark)
+    lease = keys.router_lease(0)
+    client.set(lease, "tok")
+    assert guard.store_mark(peer, mark, lease, "deposed") is False  # fenced by the lease
+    assert client.hget(keys.nonces, peer) is None
+    assert guard.store_mark(peer, mark, lease, "tok") is True
+    assert guard.store_mark(peer, (mark[0] - 5, "1-1"), lease, "tok") is True  # a late writer...
+    assert client.hget(keys.nonces, peer) == f"{mark[0]} {third_id}"  # ...never lowers a mark
     successor = Guard(client, keys, settings)
     successor.refresh(set())
     with pytest.raises(AuthenticationFailed, match="replayed"):

@@ -257,3 +257,71 @@ def test_takeover_after_crash_reroutes_pending_in_order(client: redis.Redis, key
     assert r2.partitions == [0] and r2.stats["takeovers"] == 1
     assert client.get(keys.router_lease(0)) == r2.token
     wait_for(lambda: client.xpending(keys.requests(0), REQUEST_GROUP)["pending"] == 0)
+
+
+def test_an_entry_that_breaks_the_router_is_dead_lettered_and_the_rest_flow(
+        client: redis.Redis, keys: Keys, fast: Settings, routers: list[Router],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a fault nobody foresaw, tripped by one topic: it must not wedge the partition
+    members(client, keys, P1, P2)
+    r = router(routers, client, fast, "r1")
+    original = r.handler._match
+
+    def match(topic: str) -> tuple[str, ...]:
+        if topic == "poison.pill":
+            raise RuntimeError("unforeseen")
+        return original(topic)
+
+    monkeypatch.setattr(r.handler, "_match", match)
+    r.start()
+    reply_to(client, keys, P2, sub(client, keys, P2, ">"))
+    r.stop()  # queue one batch that mixes good and bad publishes and a subscribe, then route it
+    good = [pub(client, keys, P1, "ok.before", 1), pub(client, keys, P1, "poison.pill", 2),
+            pub(client, keys, P1, "ok.after", 3)]
+    rid = sub(client, keys, P2, "more.>")
+    good.append(pub(client, keys, P1, "ok.last", 4))
+    r.start()
+    assert reply_to(client, keys, P2, rid)["ok"] == "1"
+    wait_for(lambda: "ok.last" in topics_of(client, keys, P2), what="the last good publish")
+    assert [t for t in topics_of(client, keys, P2) if not t.startswith("cluster.")] == \
+        ["ok.before", "ok.after", "ok.last"]
+    (dead,) = [f for _, f in client.xrange(keys.deadletter)]
+    assert (dead["entry"], dead["reason"]) == (good[1], "internal_error")
+    assert "RuntimeError" in dead["message"]
+    wait_for(lambda: int(client.xpending(keys.requests(0), REQUEST_GROUP)["pending"]) == 0,
+             what="nothing left pending")
+
+
+@pytest.mark.parametrize("lost", ["before the fan-out ran", "the fan-out's reply"])
+def test_an_error_mid_batch_settles_what_was_read_exactly_once(
+        client: redis.Redis, keys: Keys, fast: Settings, routers: list[Router],
+        monkeypatch: pytest.MonkeyPatch, lost: str) -> None:
+    members(client, keys, P1, P2)
+    r = router(routers, client, fast, "r1")
+    r.start()
+    reply_to(client, keys, P2, sub(client, keys, P2, "n.>"))
+    r.stop()
+    assert r.fast is not None
+    send = r.fast.pipeline
+    failed: list[str] = []
+
+    def flaky(commands: list[tuple[object, ...]], timeout: float) -> list[object]:
+        if not failed and commands[0][0] == "EVALSHA":
+            failed.append(lost)
+            if lost == "the fan-out's reply":
+                send(commands, timeout)  # it ran; the router never hears so
+            raise redis.ConnectionError("connection reset (injected)")
+        return send(commands, timeout)
+
+    monkeypatch.setattr(r.fast, "pipeline", flaky)
+    for i in range(20):
+        pub(client, keys, P1, f"n.{i}", i)
+    r.start()
+    wait_for(lambda: failed, what="the injected failure")
+    # the router handles entries in order: once this one is delivered, any repeat of the failed
+    # batch's fan-out would have been written before it
+    pub(client, keys, P1, "n.end", "end")
+    wait_for(lambda: "n.end" in topics_of(client, keys, P2), what="the publish after the failure")
+    assert failed == [lost]
+    assert topics_of(client, keys, P2) == [*(f"n.{i}" for i in range(20)), "n.end"]  # once each
+    assert int(client.xpending(keys.requests(0), REQUEST_GROUP)["pending"]) == 0

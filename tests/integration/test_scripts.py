@@ -310,13 +310,14 @@ def test_route_acks_thousands_of_entries_and_stores_their_marks(client: redis.Re
     client.set(keys.router_lease(0), "tok")
     client.set(keys.routing_version, "1")
     marks = [(f"peer{i}", f"{i} 1-{i}") for i in range(1_200)]
+    client.hset(keys.nonces, "peer7", "99 1-99")  # a higher mark stored earlier stays
     args: list[Any] = ["tok", "1", REQUEST_GROUP, 1000, 2, len(acks), 0, "me", len(marks)]
     args += [x for pair in acks for x in pair]
     args += [x for pair in marks for x in pair]
     assert s.route(keys=[keys.router_lease(0), keys.routing_version, keys.nonces, *streams],
                    args=args) == ["ok", 0]
     assert [pending_count(client, st) for st in streams] == [0, 0]
-    assert client.hgetall(keys.nonces) == dict(marks)
+    assert client.hgetall(keys.nonces) == {**dict(marks), "peer7": "99 1-99"}
 
 
 def consumer_of(client: redis.Redis, stream: str) -> str:
