@@ -285,6 +285,17 @@ def auth_settings(settings: Settings, **extra: Any) -> Settings:
                             member_ttl=1.5, request_timeout=3.0, **extra)
 
 
+OPEN_POLICY = {"statements": [
+    {"id": "all", "effect": "allow", "role_ids": "*", "action": "*", "resource": ">"}]}
+
+
+def signed_peer(ids: Identities, st: Settings, name: str, role: str) -> tuple[P, dict[str, str]]:
+    """A peer with a fresh identity of ``role``, signing with its secret, and its credentials."""
+    creds = ids.add(name, [role])
+    return (P(namespace=st.namespace, id=creds["SIDECAR_PEER_ID"], settings=st,
+              secret=creds["SIDECAR_PEER_SECRET"]), creds)
+
+
 @pytest.fixture
 async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
     sc = ClusterSidecar(settings=auth_settings(settings, enforce_policy=True))
@@ -297,15 +308,10 @@ async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
 
 async def test_signed_peers_talk_and_unsigned_ones_are_refused(
         sidecar: ClusterSidecar, client: redis.Redis, keys: Keys, settings: Settings) -> None:
-    PolicyStore(client, keys).set("open", {"statements": [
-        {"id": "all", "effect": "allow", "role_ids": "*", "action": "*", "resource": ">"}]})
+    PolicyStore(client, keys).set("open", OPEN_POLICY)
     st = auth_settings(settings)
     ids = Identities(client, keys)
-    a_creds, b_creds = ids.add("a", ["conductor"]), ids.add("b", ["player"])
-    a = P(namespace=st.namespace, id=a_creds["SIDECAR_PEER_ID"], settings=st,
-          secret=a_creds["SIDECAR_PEER_SECRET"])
-    b = P(namespace=st.namespace, id=b_creds["SIDECAR_PEER_ID"], settings=st,
-          secret=b_creds["SIDECAR_PEER_SECRET"])
+    (a, a_creds), (b, b_creds) = signed_peer(ids, st, "a", "conductor"), signed_peer(ids, st, "b", "player")
     async with a, b:
         got: list[Message] = []
         await a.cluster_subscribe("tempo.>", got.append)
@@ -366,15 +372,10 @@ async def test_identity_roles_win_over_the_role_a_peer_claims(
 
 async def test_a_router_taking_over_refuses_replays_of_what_its_predecessor_routed(
         client: redis.Redis, keys: Keys, settings: Settings) -> None:
-    PolicyStore(client, keys).set("open", {"statements": [
-        {"id": "all", "effect": "allow", "role_ids": "*", "action": "*", "resource": ">"}]})
+    PolicyStore(client, keys).set("open", OPEN_POLICY)
     st = auth_settings(settings)
     ids = Identities(client, keys)
-    a_creds, b_creds = ids.add("a", ["player"]), ids.add("b", ["player"])
-    a = P(namespace=st.namespace, id=a_creds["SIDECAR_PEER_ID"], settings=st,
-          secret=a_creds["SIDECAR_PEER_SECRET"])
-    b = P(namespace=st.namespace, id=b_creds["SIDECAR_PEER_ID"], settings=st,
-          secret=b_creds["SIDECAR_PEER_SECRET"])
+    (a, _), (b, _) = signed_peer(ids, st, "a", "player"), signed_peer(ids, st, "b", "player")
     first = ClusterSidecar(settings=st, name="first")
     await first.setup()
     second: ClusterSidecar | None = None
