@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from coordinator.requests import Rejection
     from coordinator.router import Entry, Router
 
-__all__ = ["SYSTEM_SENDER", "ControlRequests", "Deposed", "Rerouted", "StopBatch"]
+__all__ = ["SYSTEM_SENDER", "ControlRequests", "Deposed", "Rerouted", "StopBatch", "VersionChurn"]
 
 SYSTEM_SENDER = "sidecar"
 """Sender id of the sidecar's own events (only scripts write the system stream)."""
@@ -38,6 +38,10 @@ class Deposed(StopBatch):
     """A fenced script found the partition's lease gone: its new owner routes the rest."""
 
 
+class VersionChurn(StopBatch):
+    """The routing version changed under every attempt at a run; it is settled again later."""
+
+
 class ControlRequests:
     """Applies non-publish requests; mixed into coordinator.requests.RequestHandler."""
 
@@ -49,7 +53,7 @@ class ControlRequests:
     def _inbox_of(self, peer: str) -> str:
         raise NotImplementedError
 
-    def _partition(self, stream: str) -> int:
+    def partition_of(self, stream: str) -> int:
         raise NotImplementedError
 
     def rejection(self, stream: str, eid: str, f: dict[str, str], exc: SidecarError, *,
@@ -69,7 +73,7 @@ class ControlRequests:
                 raise BadRequest(f"{kind} request without a sender field 's'")
             mark = self.router.guard.authenticate(f, eid)
             if mark is not None:  # stored before the request takes effect (see Guard)
-                lease = self.router.keys.router_lease(self._partition(stream))
+                lease = self.router.keys.router_lease(self.partition_of(stream))
                 if not self.router.guard.store_mark(f["s"], mark, lease, self.router.token):
                     self._deposed(stream)
             if kind in ("sub", "unsub"):
@@ -97,7 +101,7 @@ class ControlRequests:
             if str(r.client.get(r.keys.routing_version) or "0") != r.version:
                 r.refresh()  # judge the subscribe by the policies in force now, not cached ones
             r.guard.authorize(sender, "subscribe", pattern)
-        keys = [r.keys.router_lease(self._partition(stream)), r.keys.subs, r.keys.routing_version,
+        keys = [r.keys.router_lease(self.partition_of(stream)), r.keys.subs, r.keys.routing_version,
                 stream, self._inbox_of(sender), r.keys.member(sender)]
         args = [r.token, REQUEST_GROUP, eid, "add" if add else "remove", f"{sender} {pattern}",
                 f.get("r", ""), r.settings.inbox_maxlen]
@@ -132,7 +136,7 @@ class ControlRequests:
                                        inbox_maxlen=r.settings.inbox_maxlen)
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"register request with bad member info: {exc}") from None
-        keys[0] = r.keys.router_lease(self._partition(stream))
+        keys[0] = r.keys.router_lease(self.partition_of(stream))
         result = r.scripts.register(keys=keys, args=args)
         if str(result[0]) == "lost":
             self._deposed(stream)
@@ -177,7 +181,7 @@ class ControlRequests:
     def _leave(self, stream: str, eid: str, f: dict[str, str]) -> None:
         r = self.router
         sender = f["s"]
-        if not r.leases.get(self._partition(stream)):
+        if not r.leases.get(self.partition_of(stream)):
             return
         keys, args = leave_call(r.keys, sender, "leave", stream=stream, entry_id=eid)
         was_leader = int(r.scripts.leave(keys=keys, args=args)[2])

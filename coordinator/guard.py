@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from coordinator.auth import Identities, Identity, verify
-from coordinator.errors import PolicyRejected
+from coordinator.errors import AuthenticationFailed, PolicyRejected
 from coordinator.keys import Keys
 from coordinator.policy import PolicyEngine
 from coordinator.policy_store import PolicyStore
@@ -114,16 +114,17 @@ class Guard:
         """Store ``sender``'s mark in Redis now, before the request it came from takes effect.
 
         Fenced by the partition lease (``mark.lua``); a stored mark only ever rises. Returns False
-        when the lease is not ``token``'s any more (nothing written).
+        when the lease is not ``token``'s any more (nothing written); raises AuthenticationFailed
+        when Redis already holds another entry's mark as high (a replay our cache did not know).
         """
         stored = int(self.scripts.mark(keys=[lease_key, self.keys.nonces],
                                        args=[token, sender, mark[0], mark[1]]))
         if stored < 0:
             return False
-        if stored:
-            self.marks[sender] = mark
-        else:  # Redis holds a higher mark than the one we were given: read it when next needed
-            self.marks.pop(sender, None)
+        if stored == 0:
+            self.marks.pop(sender, None)  # read Redis's when next needed
+            raise AuthenticationFailed(f"replayed request from {sender!r} (nonce did not grow)")
+        self.marks[sender] = mark
         return True
 
     def forget_marks(self) -> None:

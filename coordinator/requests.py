@@ -9,13 +9,21 @@ identified, and an ack, so bad input never stops the router and never blocks goo
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
-from coordinator.control import SYSTEM_SENDER, ControlRequests, Deposed, Rerouted, StopBatch
+from coordinator.control import (
+    SYSTEM_SENDER,
+    ControlRequests,
+    Deposed,
+    Rerouted,
+    StopBatch,
+    VersionChurn,
+)
 from coordinator.errors import (
     BadRequest,
     NotLeader,
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SYSTEM_SENDER", "Deposed", "Rejection", "RequestHandler", "Rerouted", "StopBatch"]
 
+log = logging.getLogger("sidecar.router")
 _CACHE_LIMIT = 50_000
 
 
@@ -128,7 +137,8 @@ class RequestHandler(ControlRequests):
                 return
             if self._settle(r.scripts.route(keys=keys, args=args), stream, n, rejections, marks):
                 return
-        raise RuntimeError("routing version kept changing under five consecutive attempts")
+        log.warning("router %s: routing version changed under five attempts; settling later", r.name)
+        raise VersionChurn
 
     def _settle(self, result: Any, stream: str, n: int, rejections: list[Rejection],
                 marks: dict[str, Mark]) -> bool:
@@ -168,7 +178,7 @@ class RequestHandler(ControlRequests):
         if info is None:
             keys = self.router.keys
             trusted = stream == keys.system
-            partition = self._partition(stream)
+            partition = self.partition_of(stream)
             tag = "s" if trusted else str(partition)
             info = self._streams[stream] = (partition, keys.router_lease(partition), tag, trusted)
         return info
@@ -290,7 +300,7 @@ class RequestHandler(ControlRequests):
             key = self._inbox[peer] = self.router.keys.responses(peer)
         return key
 
-    def _partition(self, stream: str) -> int:
+    def partition_of(self, stream: str) -> int:
         r = self.router
         if stream in (r.keys.requests(0), r.keys.system):
             return 0

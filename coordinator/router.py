@@ -38,7 +38,7 @@ from coordinator.requests import DeferredRoute, Rejection, RequestHandler, StopB
 from coordinator.resp import RespConnection
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
-from coordinator.topics import SubscriptionIndex
+from coordinator.topics import SubscriptionIndex, check_pattern
 
 __all__ = ["Router"]
 
@@ -118,9 +118,7 @@ class Router:
         while not self._stop.is_set():
             try:
                 if self._unsettled:
-                    for p in list(self.leases):
-                        self._settle_partition(p)
-                    self._unsettled = False
+                    self._settle_held()
                 self.step()
                 backoff = 0.05
                 continue
@@ -163,6 +161,7 @@ class Router:
                 try:
                     self._send_deferred()
                 except StopBatch:
+                    self._unsettled = True
                     return 0
                 wait = self.coalescer.delay(time.monotonic())
             if wait > 0 and self._stop.wait(wait):
@@ -172,8 +171,9 @@ class Router:
         if deferred is not None:
             try:
                 self.handler.finish_deferred(routed)
-            except StopBatch:
-                return 0  # claimed and routed with older entries, or no longer ours
+            except StopBatch:  # this read's entries stay pending: settling routes them
+                self._unsettled = True
+                return 0
         if isinstance(reply, Exception):
             raise reply
         entries = reply
@@ -302,6 +302,16 @@ class Router:
         self._settle_partition(partition)
         log.info("router %s owns partition %d", self.name, partition)
 
+    def _settle_held(self) -> None:
+        """Renew every lease (dropping lost ones), then settle the partitions still held."""
+        self._unsettled = False
+        for p, lease in list(self.leases.items()):
+            if not lease.acquire():
+                log.warning("router %s lost partition %d", self.name, p)
+                del self.leases[p]
+        for p in list(self.leases):
+            self._settle_partition(p)
+
     def _settle_partition(self, partition: int) -> None:
         """Make sure the partition's groups exist, then route every entry pending on it."""
         self.version = None  # anything may have changed while we did not route it
@@ -341,9 +351,10 @@ class Router:
         if claimed_all:
             log.info("router %s re-routes %d pending entries of %s", self.name, len(claimed_all), stream)
         size = self.settings.batch_size
+        partition = self.handler.partition_of(stream)
         for i in range(0, len(claimed_all), size):
-            if not self.leases:
-                break
+            if partition not in self.leases:
+                break  # deposed meanwhile: the new owner claims the rest
             self.process(claimed_all[i:i + size])
 
     def _trim_requests(self) -> None:
@@ -381,8 +392,10 @@ class Router:
         index = SubscriptionIndex()
         for field in fields:
             peer, _, pattern = str(field).partition(" ")
-            if pattern:
-                index.add(peer, pattern)
+            try:
+                index.add(peer, check_pattern(pattern))
+            except ValueError:  # not written by subscribe.lua (it stores checked patterns only)
+                log.warning("router %s: ignoring malformed subscription %r", self.name, field)
         self.index = index
         self.members = {str(m) for m in members}
         self.leader = (str(leader[0] or ""), int(leader[1] or 0))
@@ -414,8 +427,8 @@ class Router:
                 self._isolated(self.handler.control, entry)
             if run:
                 self._publish(run, defer=defer_last)
-        except StopBatch:
-            pass  # the rest was claimed and routed with older entries, or is not ours any more
+        except StopBatch:  # entries of other streams in this batch may be left pending
+            self._unsettled = True
 
     def _publish(self, run: list[Entry], *, defer: bool = False) -> None:
         """Route a run of publishes; if it breaks the router, route its entries one by one."""
@@ -423,28 +436,43 @@ class Router:
             self.handler.publish_run(run, defer=defer)
         except (RedisError, StopBatch):
             raise
-        except Exception:
+        except Exception as exc:
             if len(run) == 1:
-                raise
+                self._refuse(run[0], exc)
+                return
+            pending = self._pending(run[0][0], [eid for _, eid, _ in run])
             for entry in run:  # find the entry at fault; the others are routed as usual
-                self._isolated(lambda e: self.handler.publish_run([e]), entry)
+                if entry[1] in pending:
+                    self._isolated(lambda e: self.handler.publish_run([e]), entry)
 
     def _isolated(self, apply: Any, entry: Entry) -> None:
-        """``apply(entry)``; a failure that is not Redis's is the entry's: dead-letter it.
-
-        Bad input must never wedge a partition: without this, an entry that trips an unexpected
-        error would stay pending and fail again after every settle and takeover.
-        """
+        """``apply(entry)``; a failure that is not Redis's is the entry's: dead-letter it."""
         try:
             apply(entry)
         except (RedisError, StopBatch):
             raise
         except Exception as exc:
-            log.exception("router %s: request %s broke the router; dead-lettering it",
-                          self.name, entry[1])
-            error: SidecarError = InternalError(
-                f"the router failed on this request ({type(exc).__name__}); see the router's log")
-            self.reject([self.handler.rejection(entry[0], entry[1], entry[2], error)])
+            self._refuse(entry, exc)
+
+    def _refuse(self, entry: Entry, exc: Exception) -> None:
+        """Dead-letter an entry that tripped an unforeseen error (unless it was settled anyway).
+
+        Bad input must never wedge a partition: without this, such an entry would stay pending and
+        fail again after every settle and takeover.
+        """
+        log.error("router %s: request %s broke the router", self.name, entry[1],
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        if entry[1] not in self._pending(entry[0], [entry[1]]):
+            return  # its script ran and acknowledged it before the failure: nothing to refuse
+        error: SidecarError = InternalError(
+            f"the router failed on this request ({type(exc).__name__}); see the router's log")
+        self.reject([self.handler.rejection(entry[0], entry[1], entry[2], error)])
+
+    def _pending(self, stream: str, ids: list[str]) -> set[str]:
+        """Which of ``ids`` (ascending entry ids of ``stream``) are still pending."""
+        rows = self.client.xpending_range(stream, REQUEST_GROUP, min=ids[0], max=ids[-1],
+                                          count=len(ids))
+        return {str(r["message_id"]) for r in rows}
 
     def reject(self, rejections: list[Rejection]) -> None:
         """Dead-letter rejected entries, tell identifiable senders why, and ack them."""

@@ -261,8 +261,12 @@ def test_guard_authenticates_against_identities_in_redis(client: redis.Redis, ke
     assert guard.store_mark(peer, mark, lease, "deposed") is False  # fenced by the lease
     assert client.hget(keys.nonces, peer) is None
     assert guard.store_mark(peer, mark, lease, "tok") is True
-    assert guard.store_mark(peer, (mark[0] - 5, "1-1"), lease, "tok") is True  # a late writer...
-    assert client.hget(keys.nonces, peer) == f"{mark[0]} {third_id}"  # ...never lowers a mark
+    assert guard.store_mark(peer, mark, lease, "tok") is True  # the same entry again: not a replay
+    with pytest.raises(AuthenticationFailed, match="replayed"):  # another entry, no higher
+        guard.store_mark(peer, (mark[0], "1-1"), lease, "tok")
+    with pytest.raises(AuthenticationFailed, match="replayed"):
+        guard.store_mark(peer, (mark[0] - 5, "1-1"), lease, "tok")
+    assert client.hget(keys.nonces, peer) == f"{mark[0]} {third_id}"  # marks never go down
     successor = Guard(client, keys, settings)
     successor.refresh(set())
     with pytest.raises(AuthenticationFailed, match="replayed"):

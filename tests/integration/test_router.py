@@ -285,9 +285,15 @@ def test_an_entry_that_breaks_the_router_is_dead_lettered_and_the_rest_flow(
     wait_for(lambda: "ok.last" in topics_of(client, keys, P2), what="the last good publish")
     assert [t for t in topics_of(client, keys, P2) if not t.startswith("cluster.")] == \
         ["ok.before", "ok.after", "ok.last"]
-    (dead,) = [f for _, f in client.xrange(keys.deadletter)]
-    assert (dead["entry"], dead["reason"]) == (good[1], "internal_error")
-    assert "RuntimeError" in dead["message"]
+    # and alone, as sparse traffic sends it: a run of one
+    lone = pub(client, keys, P1, "poison.pill", 5)
+    wait_for(lambda: client.xlen(keys.deadletter) == 2, what="the lone bad publish refused")
+    pub(client, keys, P1, "ok.later", 6)
+    wait_for(lambda: "ok.later" in topics_of(client, keys, P2), what="the publish after it")
+    dead = [f for _, f in client.xrange(keys.deadletter)]
+    assert [(f["entry"], f["reason"]) for f in dead] == [(good[1], "internal_error"),
+                                                         (lone, "internal_error")]
+    assert all("RuntimeError" in f["message"] for f in dead)
     wait_for(lambda: int(client.xpending(keys.requests(0), REQUEST_GROUP)["pending"]) == 0,
              what="nothing left pending")
 
