@@ -75,6 +75,7 @@ class RespConnection(Endpoint):
         self._sock: socket.socket | None = None
         self._timeout: float | None = None
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+        self._owed = 0
 
     def _connect(self) -> socket.socket:
         try:
@@ -93,8 +94,24 @@ class RespConnection(Endpoint):
                 raise reply
         return sock
 
+    def send(self, commands: list[tuple[Any, ...]]) -> None:
+        """Write ``commands`` now without waiting; the next :meth:`pipeline` returns their replies
+        first (Redis runs them on arrival, so the caller may do other work, or sleep, meanwhile)."""
+        if self._sock is None:
+            self._connect()
+        assert self._sock is not None
+        try:
+            self._sock.sendall(b"".join(hiredis.pack_command(c) for c in commands))
+        except OSError as exc:
+            self.close()
+            raise RedisConnectionError(f"lost the connection to Redis: {exc}") from exc
+        self._owed += len(commands)
+
     def pipeline(self, commands: list[tuple[Any, ...]], timeout: float) -> list[Any]:
-        """Send ``commands`` in one write; each reply, or the ResponseError a command got."""
+        """Send ``commands`` in one write; each reply, or the ResponseError a command got.
+
+        Replies still owed to commands written by :meth:`send` come first.
+        """
         if self._sock is None:
             self._connect()
         return self._roundtrip(commands, timeout)
@@ -106,9 +123,11 @@ class RespConnection(Endpoint):
             if timeout != self._timeout:  # settimeout is a syscall: only when it changes
                 sock.settimeout(timeout)
                 self._timeout = timeout
-            sock.sendall(b"".join(hiredis.pack_command(c) for c in commands))
+            if commands:
+                sock.sendall(b"".join(hiredis.pack_command(c) for c in commands))
+            expected, self._owed = self._owed + len(commands), 0
             replies: list[Any] = []
-            while len(replies) < len(commands):
+            while len(replies) < expected:
                 reply = self._reader.gets()
                 if reply is False:
                     data = sock.recv(1 << 16)
@@ -127,6 +146,7 @@ class RespConnection(Endpoint):
             raise RedisConnectionError(f"lost the connection to Redis: {exc}") from exc
 
     def close(self) -> None:
+        self._owed = 0  # replies owed on a closed connection are gone with it
         if self._sock is not None:
             try:
                 self._sock.close()

@@ -76,6 +76,8 @@ class Router:
         self._block_ms = settings.router_block_ms
         self.coalescer = ReadCoalescer(settings.router_linger, settings.batch_size)
         self._unsettled = False
+        self._deferred_sent = False
+        """The deferred fan-out was written on the lean connection; its answer is still owed."""
         self._last_trim = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -133,6 +135,9 @@ class Router:
                 log.exception("router %s: unexpected error; carrying on", self.name)
             self._unsettled = True
             self.handler.deferred = None  # its entries are still pending: settling routes them
+            self._deferred_sent = False
+            if self.fast is not None:
+                self.fast.close()  # a reply may still be owed on it: start afresh
             self.guard.forget_marks()
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 2.0)
@@ -157,7 +162,9 @@ class Router:
                            int((self._next_maintenance - time.monotonic()) * 1000)))
         wait = self.coalescer.delay(time.monotonic())
         if wait > 0:
-            if self.handler.deferred is not None:  # the linger must only delay entries not read yet
+            if self.handler.deferred is not None and not self._deferred_sent:
+                # the linger must only delay entries not read yet: the fan-out goes out now, and
+                # its answer is read with the next read's
                 try:
                     self._send_deferred()
                 except StopBatch:
@@ -168,6 +175,7 @@ class Router:
                 return 0
         deferred = self.handler.deferred
         routed, reply = self._read({s: ">" for s in self._streams()}, block, deferred)
+        self._deferred_sent = False
         if deferred is not None:
             try:
                 self.handler.finish_deferred(routed)
@@ -183,17 +191,20 @@ class Router:
         return len(entries)
 
     def _send_deferred(self) -> None:
-        """Send the deferred fan-out on its own and settle it (before the router lingers)."""
+        """Send the deferred fan-out now, before the router lingers.
+
+        On the lean connection it is only written (Redis runs it at once) and its answer is read
+        with the next read's; through redis-py it is a round trip of its own, settled here.
+        """
         d = self.handler.deferred
         assert d is not None
-        result: Any
+        command = ("EVALSHA", self.scripts.route.sha, len(d.keys), *d.keys, *d.args)
         if self.fast is not None:
-            result = self.fast.pipeline([("EVALSHA", self.scripts.route.sha, len(d.keys), *d.keys,
-                                          *d.args)], timeout=10.0)[0]
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(self.scripts.route.sha, len(d.keys), *d.keys, *d.args)
-            result = pipe.execute(raise_on_error=False)[0]
+            self.fast.send([command])
+            self._deferred_sent = True
+            return
+        result = self.client.pipeline(transaction=False).execute_command(*command).execute(
+            raise_on_error=False)[0]
         self.handler.finish_deferred(result)
 
     def _read(self, streams: dict[str, str], block: int,
@@ -205,7 +216,7 @@ class Router:
         count = self.settings.batch_size
         if self.fast is not None:
             commands: list[tuple[Any, ...]] = []
-            if deferred is not None:
+            if deferred is not None and not self._deferred_sent:
                 commands.append(("EVALSHA", self.scripts.route.sha, len(deferred.keys),
                                  *deferred.keys, *deferred.args))
             commands.append(("XREADGROUP", "GROUP", REQUEST_GROUP, self.name, "COUNT", count,
@@ -272,9 +283,12 @@ class Router:
             self._trim_requests()
 
     def flush(self) -> None:
-        """Send a deferred fan-out now and write the counters (before stopping, and in tests)."""
+        """Settle a deferred fan-out now and write the counters (before stopping, and in tests)."""
         deferred = self.handler.deferred
-        if deferred is not None:
+        if deferred is not None and self._deferred_sent and self.fast is not None:
+            self._deferred_sent = False  # written already: only its answer is still to be read
+            self.handler.finish_deferred(self.fast.pipeline([], timeout=10.0)[0])
+        elif deferred is not None:
             self.handler.deferred = None
             self.handler.publish_run(deferred.run, marks=deferred.marks)
         self._flush_stats()

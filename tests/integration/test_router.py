@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -331,3 +332,42 @@ def test_an_error_mid_batch_settles_what_was_read_exactly_once(
     assert failed == [lost]
     assert topics_of(client, keys, P2) == [*(f"n.{i}" for i in range(20)), "n.end"]  # once each
     assert int(client.xpending(keys.requests(0), REQUEST_GROUP)["pending"]) == 0
+
+
+def test_a_fan_out_written_before_lingering_is_settled_by_the_next_read_or_at_stop(
+        client: redis.Redis, keys: Keys, fast: Settings, routers: list[Router],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    members(client, keys, P1, P2)
+    r = router(routers, client, fast, "r1")
+    sub(client, keys, P2, "b.>")
+    drain(r)
+    assert r.fast is not None
+    written: list[object] = []
+    send = r.fast.send
+    monkeypatch.setattr(r.fast, "send", lambda commands: (written.append(commands[0][0]),
+                                                          send(commands))[1])
+
+    def busy() -> None:  # as if entries had been arriving at a million per second
+        r.coalescer.rate, r.coalescer._last_read = 1e6, time.monotonic()
+
+    for stop_while_lingering in (False, True):
+        routed = r.stats["routed"]
+        for i in range(3):
+            pub(client, keys, P1, f"b.{stop_while_lingering}.{i}", i)
+        assert r.step() == 3 and r.handler.deferred is not None  # read; its fan-out deferred
+        busy()
+        if stop_while_lingering:
+            r._stop.set()
+            assert r.step() == 0  # wrote the fan-out, then stopped instead of lingering
+            assert r._deferred_sent
+            r.flush()  # what a stopping router does: reads the answer it is owed
+            r._stop.clear()
+        else:
+            r.step()  # wrote the fan-out, lingered, then read: the answer came with the read
+        assert written == ["EVALSHA"]  # written on its own before lingering
+        written.clear()
+        assert r.handler.deferred is None and not r._deferred_sent
+        assert r.stats["routed"] == routed + 3
+        assert topics_of(client, keys, P2)[-3:] == [f"b.{stop_while_lingering}.{i}" for i in range(3)]
+    assert int(client.xpending(keys.requests(0), REQUEST_GROUP)["pending"]) == 0
+    assert len(topics_of(client, keys, P2)) == 6  # each once
