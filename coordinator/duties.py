@@ -14,6 +14,7 @@ from coordinator.keys import PEER_GROUP, Keys
 from coordinator.membership import Membership
 from coordinator.policy_store import PolicyStore
 from coordinator.protocol import dumps
+from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 
 __all__ = ["Duties"]
@@ -73,22 +74,27 @@ class Duties:
         return beat
 
     def trim(self) -> dict[str, int]:
-        """Trim inboxes to ``inbox_max_age`` and delete those of long-gone peers."""
+        """Trim inboxes to ``inbox_max_age`` and delete those of long-gone peers.
+
+        A peer is long gone when it is not a member, its inbox is empty with nothing pending, and
+        its reader has taken nothing from it for ``inbox_max_age`` (an inbox never read is kept:
+        its peer may be registering right now). ``drop_inbox.lua`` checks and deletes in one
+        step, so a peer registering meanwhile never loses the reply written to it.
+        """
         t = self.client.time()
         now_ms = int(t[0]) * 1000 + int(t[1]) // 1000
-        floor = now_ms - int(self.settings.inbox_max_age * 1000)
+        age_ms = int(self.settings.inbox_max_age * 1000)
+        floor = now_ms - age_ms
         members = set(self.client.zrange(self.keys.members, 0, -1))
         trimmed = deleted = 0
         prefix = self.keys.responses_prefix
+        scripts = scripts_for(self.client)
         for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=500, _type="stream"):
             peer = str(key)[len(prefix):]
             trimmed += int(self.client.xtrim(key, minid=f"{floor}-0", approximate=False))
-            if peer not in members and self.client.xlen(key) == 0:
-                groups = self.client.xinfo_groups(key)
-                idle = all(int(g.get("pending") or 0) == 0 for g in groups if g.get("name") == PEER_GROUP)
-                last = self.client.xinfo_stream(key).get("last-generated-id", "0-0")
-                if idle and int(str(last).split("-")[0]) < floor:
-                    deleted += int(self.client.delete(key))
+            if peer not in members:
+                deleted += int(scripts.drop_inbox(keys=[key, self.keys.members],
+                                                  args=[peer, PEER_GROUP, age_ms, floor]))
         return {"trimmed": trimmed, "deleted": deleted}
 
 

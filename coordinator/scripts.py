@@ -26,6 +26,7 @@ SCRIPT_NAMES = (
     "policy_set",
     "policy_ack",
     "mark",
+    "drop_inbox",
 )
 
 
@@ -49,6 +50,7 @@ class Scripts:
     policy_set: Any
     policy_ack: Any
     mark: Any
+    drop_inbox: Any
 
     def __init__(self, client: Any) -> None:
         for name in SCRIPT_NAMES:
