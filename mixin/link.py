@@ -215,7 +215,9 @@ class SidecarLink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                # the group or the whole inbox is gone (a Redis restart without persistence, or
+                # the trim duty deleted the inbox of a peer it took for long gone): make it again
+                if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                     regroup = True
                     continue
                 self.log.warning("peer %s: inbox read refused: %s", self.peer_id, exc)
