@@ -79,7 +79,9 @@ class Duties:
         A peer is long gone when it is not a member, its inbox is empty with nothing pending, and
         its reader has taken nothing from it for ``inbox_max_age`` (an inbox never read is kept:
         its peer may be registering right now). ``drop_inbox.lua`` checks and deletes in one
-        step, so a peer registering meanwhile never loses the reply written to it.
+        step, so a peer registering meanwhile never loses the reply written to it. Before Redis
+        7.2 a reader's idle time counts only reads that returned entries, so the empty inbox of a
+        peer evicted after a long quiet spell may go while it rejoins; its reader makes it again.
         """
         t = self.client.time()
         now_ms = int(t[0]) * 1000 + int(t[1]) // 1000

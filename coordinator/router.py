@@ -95,6 +95,9 @@ class Router:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # stuck on Redis: it closes its own connection when done
+                log.warning("router %s still finishing a batch after %.1fs", self.name, timeout)
+                return
             self._thread = None
         if self.fast is not None:
             self.fast.close()
@@ -287,7 +290,11 @@ class Router:
         deferred = self.handler.deferred
         if deferred is not None and self._deferred_sent and self.fast is not None:
             self._deferred_sent = False  # written already: only its answer is still to be read
-            self.handler.finish_deferred(self.fast.pipeline([], timeout=10.0)[0])
+            answer = self.fast.pipeline([], timeout=10.0)
+            if answer:
+                self.handler.finish_deferred(answer[0])
+            else:  # the connection went, and the answer with it: its entries stay pending for
+                self.handler.deferred = None  # settling or the partition's next owner
         elif deferred is not None:
             self.handler.deferred = None
             self.handler.publish_run(deferred.run, marks=deferred.marks)

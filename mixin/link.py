@@ -217,7 +217,7 @@ class SidecarLink:
             except ResponseError as exc:
                 # the group or the whole inbox is gone (a Redis restart without persistence, or
                 # the trim duty deleted the inbox of a peer it took for long gone): make it again
-                if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
+                if "NOGROUP" in str(exc) or "UNBLOCKED the stream key" in str(exc):
                     regroup = True
                     continue
                 self.log.warning("peer %s: inbox read refused: %s", self.peer_id, exc)
