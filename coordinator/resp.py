@@ -25,7 +25,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["Endpoint", "RespConnection", "reply_error", "supports"]
+__all__ = ["Endpoint", "RespConnection", "pack", "reply_error", "supports"]
 
 
 def supports(url: str | None) -> bool:
@@ -101,7 +101,7 @@ class RespConnection(Endpoint):
             self._connect()
         assert self._sock is not None
         try:
-            self._sock.sendall(b"".join(hiredis.pack_command(c) for c in commands))
+            self._sock.sendall(pack(commands))
         except OSError as exc:
             self.close()
             raise RedisConnectionError(f"lost the connection to Redis: {exc}") from exc
@@ -124,7 +124,7 @@ class RespConnection(Endpoint):
                 sock.settimeout(timeout)
                 self._timeout = timeout
             if commands:
-                sock.sendall(b"".join(hiredis.pack_command(c) for c in commands))
+                sock.sendall(pack(commands))
             expected, self._owed = self._owed + len(commands), 0
             replies: list[Any] = []
             while len(replies) < expected:
@@ -155,3 +155,8 @@ class RespConnection(Endpoint):
 
     def __repr__(self) -> str:
         return f"RespConnection({self.host}:{self.port}/{self.db})"
+
+
+def pack(commands: list[tuple[Any, ...]]) -> bytes:
+    """``commands`` in the Redis protocol, ready for one write."""
+    return b"".join(hiredis.pack_command(c) for c in commands)

@@ -141,7 +141,6 @@ class Router:
             self._deferred_sent = False
             if self.fast is not None:
                 self.fast.close()  # a reply may still be owed on it: start afresh
-            self.guard.forget_marks()
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 2.0)
         try:
@@ -201,7 +200,7 @@ class Router:
         """
         d = self.handler.deferred
         assert d is not None
-        command = ("EVALSHA", self.scripts.route.sha, len(d.keys), *d.keys, *d.args)
+        command = self._fan_out(d)
         if self.fast is not None:
             self.fast.send([command])
             self._deferred_sent = True
@@ -209,6 +208,10 @@ class Router:
         result = self.client.pipeline(transaction=False).execute_command(*command).execute(
             raise_on_error=False)[0]
         self.handler.finish_deferred(result)
+
+    def _fan_out(self, d: DeferredRoute) -> tuple[Any, ...]:
+        """The route.lua call of a deferred run, as one command."""
+        return ("EVALSHA", self.scripts.route.sha, len(d.keys), *d.keys, *d.args)
 
     def _read(self, streams: dict[str, str], block: int,
               deferred: DeferredRoute | None) -> tuple[Any, list[Entry] | Exception]:
@@ -220,8 +223,7 @@ class Router:
         if self.fast is not None:
             commands: list[tuple[Any, ...]] = []
             if deferred is not None and not self._deferred_sent:
-                commands.append(("EVALSHA", self.scripts.route.sha, len(deferred.keys),
-                                 *deferred.keys, *deferred.args))
+                commands.append(self._fan_out(deferred))
             commands.append(("XREADGROUP", "GROUP", REQUEST_GROUP, self.name, "COUNT", count,
                              "BLOCK", block, "STREAMS", *streams, *streams.values()))
             replies = self.fast.pipeline(commands, timeout=self._block_ms / 1000 + 10)
@@ -230,7 +232,7 @@ class Router:
                     read if isinstance(read, Exception) else _flatten_raw(read))
         pipe = self.client.pipeline(transaction=False)
         if deferred is not None:
-            pipe.evalsha(self.scripts.route.sha, len(deferred.keys), *deferred.keys, *deferred.args)
+            pipe.execute_command(*self._fan_out(deferred))
         pipe.xreadgroup(REQUEST_GROUP, self.name, streams, count=count, block=block)
         replies = pipe.execute(raise_on_error=False)
         read = replies[-1]

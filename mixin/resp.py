@@ -17,7 +17,7 @@ from typing import Any
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from coordinator.resp import Endpoint, reply_error, supports
+from coordinator.resp import Endpoint, pack, reply_error, supports
 
 __all__ = ["AsyncResp", "supports"]
 
@@ -61,7 +61,7 @@ class AsyncResp(Endpoint):
         reader, writer = self._reader, self._writer
         assert reader is not None and writer is not None
         try:
-            writer.write(b"".join(hiredis.pack_command(c) for c in commands))
+            writer.write(pack(commands))
             replies: list[Any] = []
             while len(replies) < len(commands):
                 reply = self._parser.gets()
