@@ -16,12 +16,12 @@ demo: $(STAMP)  ## run the sidecar (embedded Redis, worker, beat) with a conduct
 	$(BIN)/sidecar up $(DEMO_ARGS)
 
 test: $(STAMP)  ## lint, type-check, then the whole suite (starts its own Redis, workers, beat)
-	$(BIN)/ruff check coordinator workers mixin examples tests bench
+	$(BIN)/ruff check coordinator workers mixin ops examples tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check coordinator workers mixin examples tests bench
+	$(BIN)/ruff check coordinator workers mixin ops examples tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

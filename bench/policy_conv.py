@@ -19,7 +19,7 @@ import redis
 
 from bench.ha import _Procs, _wait
 from coordinator.keys import Keys
-from coordinator.policy_store import PolicyStore
+from coordinator.policy.store import PolicyStore
 
 __all__ = ["run_policy_convergence"]
 

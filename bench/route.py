@@ -20,9 +20,9 @@ from typing import Any
 import redis
 
 from bench.children import Channel, Role, pace, run_stages
-from coordinator.auth import Identities
 from coordinator.keys import Keys
-from coordinator.policy_store import PolicyStore
+from coordinator.policy.auth import Identities
+from coordinator.policy.store import PolicyStore
 from coordinator.protocol import Message
 from mixin import Agent, SidecarMixin
 

@@ -19,8 +19,8 @@ from types import TracebackType
 
 import redis
 
-from coordinator.embedded import RedisServer
 from coordinator.keys import Keys
+from ops.embedded import RedisServer
 
 __all__ = ["SCENARIO_ENV", "Services"]
 

@@ -14,7 +14,6 @@ __all__ = [
     "InternalError",
     "InvalidPolicy",
     "InvalidTopic",
-    "LeaseLost",
     "NotLeader",
     "PayloadTooLarge",
     "PolicyRejected",
@@ -80,12 +79,6 @@ class NotLeader(SidecarError):
     code = "not_leader"
 
 
-class LeaseLost(SidecarError):
-    """A lease (router, beat) was taken over by another holder; stop acting on it."""
-
-    code = "lease_lost"
-
-
 class PolicyRejected(SidecarError):
     """The policy in force denies this action."""
 
@@ -120,7 +113,6 @@ _BY_CODE: dict[str, type[SidecarError]] = {
         PayloadTooLarge,
         UnknownPeer,
         NotLeader,
-        LeaseLost,
         PolicyRejected,
         SidecarUnavailable,
         SidecarTimeout,

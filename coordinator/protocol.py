@@ -27,13 +27,28 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CONTROL_KINDS", "KINDS", "PEER_ID_RE", "PUBLISH_KINDS", "Message", "dumps"]
+__all__ = [
+    "INTERNAL_SUBSCRIPTIONS",
+    "KINDS",
+    "PEER_ID_RE",
+    "PUBLISH_KINDS",
+    "SYSTEM_SENDER",
+    "Message",
+    "dumps",
+]
 
 PEER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """What a peer id may look like (a ULID does)."""
 KINDS = frozenset({"pub", "pubs", "sub", "unsub", "reg", "leave", "hb", "pack"})
 PUBLISH_KINDS = frozenset({"pub", "pubs"})
-CONTROL_KINDS = KINDS - PUBLISH_KINDS
+
+SYSTEM_SENDER = "sidecar"
+"""Sender id of the sidecar's own events (``cluster.*``). No peer may register under it; the
+membership scripts (register.lua, leave.lua, elect.lua) write the same literal."""
+
+INTERNAL_SUBSCRIPTIONS = frozenset({"cluster.leader"})
+"""Subscriptions every peer makes for its own bookkeeping: never denied by policy, and not counted
+among the peer's own subscriptions."""
 
 
 def dumps(data: Any) -> str:

@@ -25,7 +25,20 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["Endpoint", "RespConnection", "pack", "reply_error", "supports"]
+__all__ = [
+    "Endpoint",
+    "Entry",
+    "Replies",
+    "RespConnection",
+    "pack",
+    "reply_error",
+    "stream_entries",
+    "stream_entries_py",
+    "supports",
+]
+
+Entry = tuple[str, str, dict[str, str]]
+"""(stream key, entry id, fields) of one stream entry."""
 
 
 def supports(url: str | None) -> bool:
@@ -67,6 +80,31 @@ class Endpoint:
         return setup
 
 
+class Replies:
+    """RESP replies parsed off a byte stream; error replies become redis-py exceptions.
+
+    The one reply loop of both lean connections: they feed what the socket gave and collect until
+    every reply they are owed has arrived.
+    """
+
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the socket."""
+        self._reader.feed(data)
+
+    def collect(self, out: list[Any], expected: int) -> bool:
+        """Append complete replies to ``out`` until it holds ``expected``; False if more bytes
+        are needed first."""
+        while len(out) < expected:
+            reply = self._reader.gets()
+            if reply is False:
+                return False
+            out.append(reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+        return True
+
+
 class RespConnection(Endpoint):
     """One socket to Redis; ``pipeline(commands, timeout)`` sends them all and reads every reply."""
 
@@ -74,7 +112,7 @@ class RespConnection(Endpoint):
         super().__init__(url)
         self._sock: socket.socket | None = None
         self._timeout: float | None = None
-        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+        self._replies = Replies()
         self._owed = 0
 
     def _connect(self) -> socket.socket:
@@ -86,7 +124,7 @@ class RespConnection(Endpoint):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._sock = sock
         self._timeout = 10.0
-        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+        self._replies = Replies()
         setup = self.handshake()
         for reply in self._roundtrip(setup, 10.0) if setup else []:
             if isinstance(reply, Exception):
@@ -127,16 +165,12 @@ class RespConnection(Endpoint):
                 sock.sendall(pack(commands))
             expected, self._owed = self._owed + len(commands), 0
             replies: list[Any] = []
-            while len(replies) < expected:
-                reply = self._reader.gets()
-                if reply is False:
-                    data = sock.recv(1 << 16)
-                    if not data:
-                        self.close()
-                        raise RedisConnectionError("Redis closed the connection")
-                    self._reader.feed(data)
-                    continue
-                replies.append(reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+            while not self._replies.collect(replies, expected):
+                data = sock.recv(1 << 16)
+                if not data:
+                    self.close()
+                    raise RedisConnectionError("Redis closed the connection")
+                self._replies.feed(data)
             return replies
         except TimeoutError as exc:
             self.close()
@@ -160,3 +194,29 @@ class RespConnection(Endpoint):
 def pack(commands: list[tuple[Any, ...]]) -> bytes:
     """``commands`` in the Redis protocol, ready for one write."""
     return b"".join(hiredis.pack_command(c) for c in commands)
+
+
+def stream_entries(reply: Any) -> list[Entry]:
+    """A raw RESP2 XREADGROUP reply (as the lean connections parse it: lists of field/value lists)
+    as one ordered list of entries."""
+    out: list[Entry] = []
+    for stream, records in reply or ():
+        for eid, flat in records:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+            out.append((stream, eid, fields))
+    return out
+
+
+def stream_entries_py(reply: Any) -> list[Entry]:
+    """An XREADGROUP reply as redis-py parses it (RESP2 list or RESP3 dict) as one ordered list."""
+    if not reply:
+        return []
+    items = reply.items() if isinstance(reply, dict) else reply
+    out: list[Entry] = []
+    for stream, records in items:
+        if records and isinstance(records[0], list) and len(records) == 1 and \
+                isinstance(records[0][0], list | tuple):
+            records = records[0]
+        for eid, fields in records:
+            out.append((str(stream), str(eid), fields or {}))
+    return out

@@ -64,7 +64,8 @@ class Settings:
     """Request entries a router reads per round trip."""
     router_linger: float = 0.0005
     """While requests arrive fast enough to gather a batch, the router waits up to this long after a
-    read before the next one (see coordinator.coalesce); sparse traffic never waits; 0 turns it off."""
+    read before the next one (see coordinator.routing.coalesce); sparse traffic never waits; 0 turns
+    it off."""
     inbox_maxlen: int = 100_000
     """Entries a peer's inbox keeps (approximate); past it the oldest unread entries are dropped."""
     inbox_max_age: float = 3600.0
@@ -123,10 +124,10 @@ class Settings:
             raise ConfigurationError(
                 f"task_expiry ({self.task_expiry}s) must be at least beat_lease ({self.beat_lease}s), "
                 "or a beat takeover could expire every task it sends")
-        if self.task_expiry < self.member_ttl / 6:
+        if self.task_expiry < self.duty_period:
             raise ConfigurationError(
                 f"task_expiry ({self.task_expiry}s) is shorter than the sweep period "
-                f"({self.member_ttl / 6:.2f}s): every sweep would expire before it ran")
+                f"({self.duty_period:.2f}s): every sweep would expire before it ran")
         if self.auth not in ("off", "required"):
             raise ConfigurationError(f"auth must be 'off' or 'required', got {self.auth!r}")
         for name in ("redis_url", "nats_url"):
@@ -135,6 +136,48 @@ class Settings:
                 raise ConfigurationError(f"{name} is not a URL (expected scheme://host:port/...)")
 
     # ------------------------------------------------------------------ derived timings
+    # The one home of every timing derived from the knobs above: beat's schedule, the in-process
+    # duty loop, the scheduler and `sidecar doctor` all read these, so they cannot disagree.
+    @property
+    def duty_period(self) -> float:
+        """How often the sweep and the election run: six times per member TTL (at least 50 ms)."""
+        return max(0.05, self.member_ttl / 6)
+
+    @property
+    def policy_period(self) -> float:
+        """How often beat sends the policy set to peers that have not acknowledged it."""
+        return 0.5
+
+    @property
+    def trim_period(self) -> float:
+        """How often inboxes are trimmed by age and long-gone peers' inboxes deleted."""
+        return 60.0
+
+    @property
+    def beat_renew_interval(self) -> float:
+        """A beat renews (or tries to take) its lease three times per lease period."""
+        return self.beat_lease / 3
+
+    @property
+    def failure_detection(self) -> float:
+        """Longest time from a member's last heartbeat until the sweep evicts it."""
+        return self.member_ttl + self.duty_period
+
+    @property
+    def failover_worst(self) -> float:
+        """Longest time from the leader's last heartbeat until the election names another."""
+        return self.failure_detection + self.duty_period
+
+    @property
+    def router_takeover_worst(self) -> float:
+        """Longest time a partition goes unrouted after its router dies."""
+        return self.router_lease + self.lease_renew_interval
+
+    @property
+    def beat_takeover_worst(self) -> float:
+        """Longest time no beat dispatches after the dispatching one dies."""
+        return self.beat_lease + self.beat_renew_interval
+
     @property
     def lease_renew_interval(self) -> float:
         """A router renews its lease three times per lease period."""

@@ -1,7 +1,7 @@
 """``ClusterSidecar``: the sidecar as an object.
 
-``await sidecar.setup()`` starts a :class:`~coordinator.router.Router` and the periodic duties
-(:class:`~coordinator.duty_loop.DutyLoop`, gated by the same lease as celery beat) in the calling
+``await sidecar.setup()`` starts a :class:`~coordinator.routing.router.Router` and the periodic duties
+(:class:`~coordinator.cluster.duty_loop.DutyLoop`, gated by the same lease as celery beat) in the calling
 process, so the seed's usage example runs with no Celery process at all; each Celery worker hosts a
 router-only ClusterSidecar through a bootstep (sync ``start()``/``stop()``), beat doing the duties.
 Several sidecars on one Redis form one highly available sidecar: the routers share the request
@@ -16,12 +16,13 @@ from typing import Any
 
 import redis
 
-from coordinator.duty_loop import DutyLoop
+from coordinator.clock import time_reply_ms
+from coordinator.cluster.duty_loop import DutyLoop
+from coordinator.cluster.membership import Membership
 from coordinator.keys import Keys
-from coordinator.membership import Membership
-from coordinator.router import Router
+from coordinator.routing.router import Router
 from coordinator.settings import Settings
-from mixin.status import StatusField, StatusMixin
+from coordinator.status import StatusField, StatusMixin
 
 __all__ = ["ClusterSidecar"]
 
@@ -100,8 +101,8 @@ class ClusterSidecar(StatusMixin):
         pipe.hlen(self.keys.subs)
         pipe.hmget(self.keys.leader, "id", "term")
         pipe.zrange(self.keys.members, 0, -1, withscores=True)
-        (sec, usec), subs, (leader, term), members = pipe.execute()
-        now_ms = int(sec) * 1000 + int(usec) // 1000
+        clock, subs, (leader, term), members = pipe.execute()
+        now_ms = time_reply_ms(clock)
         seen = {str(m): round(max(0.0, now_ms - s) / 1000, 3) for m, s in members}
         self.managed_peers = [p for p in self._managed if p in seen]
         self.cluster_size = len(seen)

@@ -11,9 +11,9 @@ from coordinator.errors import (
     SidecarUnavailable,
 )
 from coordinator.protocol import Message
+from coordinator.status import StatusField, StatusMixin
 from mixin.agent import Agent
 from mixin.sidecar import SidecarMixin
-from mixin.status import StatusField, StatusMixin
 
 __all__ = [
     "Agent",

@@ -10,7 +10,7 @@ from typing import Any, Self
 from ulid import ULID
 
 from coordinator.protocol import PEER_ID_RE
-from mixin.status import StatusMixin
+from coordinator.status import StatusMixin
 
 __all__ = ["Agent", "Lifecycle"]
 

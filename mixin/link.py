@@ -22,11 +22,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from coordinator.auth import Signer
+from coordinator.cluster.membership import heartbeat_call
 from coordinator.errors import SidecarError, SidecarTimeout, SidecarUnavailable, error_from_code
 from coordinator.keys import PEER_GROUP, Keys
-from coordinator.membership import heartbeat_call
+from coordinator.policy.auth import Signer
 from coordinator.protocol import dumps
+from coordinator.resp import stream_entries, stream_entries_py
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 from mixin.outbox import TRANSIENT, Outbox
@@ -254,12 +255,12 @@ class SidecarLink:
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
-            return _entries_raw(replies[-1])
+            return [(eid, f) for _, eid, f in stream_entries(replies[-1])]
         pipe = self.redis.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         pipe.xreadgroup(PEER_GROUP, _CONSUMER, {self.inbox: cursor}, count=256, block=block)
-        return _entries((await pipe.execute())[-1])
+        return [(eid, f) for _, eid, f in stream_entries_py((await pipe.execute())[-1])]
 
     def _resolve(self, fields: dict[str, str]) -> None:
         fut = self._replies.get(fields.get("r", ""))
@@ -350,25 +351,3 @@ class SidecarLink:
         finally:
             self._rejoining = False
 
-
-def _entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
-    if not reply:
-        return []
-    items = reply.items() if isinstance(reply, dict) else reply
-    out: list[tuple[str, dict[str, str]]] = []
-    for _stream, records in items:
-        if records and isinstance(records[0], list) and len(records) == 1 and \
-                isinstance(records[0][0], list | tuple):
-            records = records[0]
-        for eid, fields in records:
-            out.append((str(eid), fields or {}))
-    return out
-
-
-def _entries_raw(reply: Any) -> list[tuple[str, dict[str, str]]]:
-    """A raw RESP2 XREADGROUP reply (field/value lists) as (id, fields) pairs."""
-    out: list[tuple[str, dict[str, str]]] = []
-    for _stream, records in reply or ():
-        for eid, flat in records:
-            out.append((eid, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}))
-    return out

@@ -21,8 +21,8 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from coordinator.auth import Signer
 from coordinator.errors import SidecarUnavailable
+from coordinator.policy.auth import Signer
 from coordinator.protocol import dumps
 from mixin.resp import AsyncResp
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from coordinator.resp import Endpoint, pack, reply_error, supports
+from coordinator.resp import Endpoint, Replies, pack, supports
 
 __all__ = ["AsyncResp", "supports"]
 
@@ -29,14 +28,14 @@ class AsyncResp(Endpoint):
         super().__init__(url)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
+        self._replies = Replies()
 
     async def _connect(self) -> None:
         try:
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
         except OSError as exc:
             raise RedisConnectionError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
-        self._parser = hiredis.Reader(encoding="utf-8", errors="replace")
+        self._replies = Replies()
         setup = self.handshake()
         if setup:
             for reply in await self._roundtrip(setup):
@@ -63,15 +62,11 @@ class AsyncResp(Endpoint):
         try:
             writer.write(pack(commands))
             replies: list[Any] = []
-            while len(replies) < len(commands):
-                reply = self._parser.gets()
-                if reply is False:
-                    data = await reader.read(1 << 16)
-                    if not data:
-                        raise ConnectionResetError("Redis closed the connection")
-                    self._parser.feed(data)
-                    continue
-                replies.append(reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+            while not self._replies.collect(replies, len(commands)):
+                data = await reader.read(1 << 16)
+                if not data:
+                    raise ConnectionResetError("Redis closed the connection")
+                self._replies.feed(data)
             return replies
         except asyncio.CancelledError:
             await self.close()  # a reply may be half read: never reuse this connection

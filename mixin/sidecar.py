@@ -28,10 +28,10 @@ from typing import Any
 from coordinator.errors import NotLeader
 from coordinator.protocol import Message, dumps
 from coordinator.settings import Settings
+from coordinator.status import StatusField
 from coordinator.topics import SubscriptionIndex, check_pattern, check_publish_topic
 from mixin.agent import Lifecycle
 from mixin.link import SidecarLink
-from mixin.status import StatusField
 
 __all__ = ["Handler", "SidecarMixin"]
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from coordinator.embedded import RedisServer
 from coordinator.settings import Settings
+from ops.embedded import RedisServer
 from tests.support import Processes
 
 

@@ -17,12 +17,10 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         return {"task": task, "schedule": every,
                 "options": {"expires": min(settings.task_expiry, max(every, 0.5))}}
 
-    # Failure detection needs the sweep and the election to run several times per member TTL.
-    fast = max(0.05, settings.member_ttl / 6)
     return {
-        "sweep": entry("sidecar.sweep", fast),
-        "elect": entry("sidecar.elect", fast),
+        "sweep": entry("sidecar.sweep", settings.duty_period),
+        "elect": entry("sidecar.elect", settings.duty_period),
         "cluster-heartbeat": entry("sidecar.cluster_heartbeat", hb),
-        "distribute-policies": entry("sidecar.distribute_policies", 0.5),
-        "trim": entry("sidecar.trim", 60.0),
+        "distribute-policies": entry("sidecar.distribute_policies", settings.policy_period),
+        "trim": entry("sidecar.trim", settings.trim_period),
     }

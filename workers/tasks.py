@@ -7,7 +7,7 @@ from typing import Any
 
 import redis
 
-from coordinator.duties import Duties
+from coordinator.cluster.duties import Duties
 from workers.application import app, settings
 
 __all__ = ["cluster_heartbeat", "distribute_policies", "elect", "evict", "ping", "sweep", "trim"]

@@ -18,7 +18,7 @@ import redis
 
 from coordinator.errors import PolicyRejected
 from coordinator.keys import Keys
-from coordinator.policy_store import PolicyStore
+from coordinator.policy.store import PolicyStore
 from coordinator.settings import Settings
 from mixin import Agent, SidecarMixin
 from tests.e2e.helpers import Recorder, start_worker

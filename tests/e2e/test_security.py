@@ -20,11 +20,11 @@ import redis
 from celery import Celery
 from redis.exceptions import NoPermissionError
 
-from coordinator.auth import FRESHNESS_MS, TAG_HEX, Identities, Signer, canonical
-from coordinator.embedded import RedisServer
 from coordinator.keys import PEER_GROUP, Keys
+from coordinator.policy.auth import FRESHNESS_MS, TAG_HEX, Identities, Signer, canonical
 from coordinator.settings import Settings
 from mixin import Agent, SidecarMixin
+from ops.embedded import RedisServer
 from tests.e2e.helpers import Recorder, start_worker
 from tests.support import Processes, async_wait_for, sidecar_env, wait_for
 

@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from coordinator import ClusterSidecar
+from coordinator.cluster.membership import Membership
 from coordinator.keys import Keys
-from coordinator.membership import Membership
 from examples.sidecar_conductor import SidecarConductor
 from mixin import Message
 from tests.e2e.helpers import Peer, Recorder

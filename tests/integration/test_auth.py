@@ -12,10 +12,10 @@ import pytest
 import redis
 
 from coordinator import ClusterSidecar, Keys, Settings
-from coordinator.auth import FRESHNESS_MS, TAG_HEX, Identities, Identity, Signer, canonical, verify
 from coordinator.errors import AuthenticationFailed, PolicyRejected
-from coordinator.guard import Guard, Mark
-from coordinator.policy_store import PolicyStore
+from coordinator.policy.auth import FRESHNESS_MS, TAG_HEX, Identities, Identity, Signer, canonical, verify
+from coordinator.policy.store import PolicyStore
+from coordinator.routing.guard import Guard, Mark
 from mixin import Agent, Message, SidecarMixin
 from tests.support import async_wait_for
 

@@ -13,10 +13,10 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from coordinator.cli import cli
 from coordinator.settings import Settings
 from coordinator.sidecar import ClusterSidecar
 from mixin import Agent, Message, SidecarMixin
+from ops.cli import cli
 from tests.support import VENV_BIN, wait_for
 
 

@@ -13,11 +13,11 @@ from http.server import ThreadingHTTPServer
 import pytest
 import redis
 
-from coordinator.dashboard import make_server
+from coordinator.cluster.membership import Membership
 from coordinator.errors import ConfigurationError
 from coordinator.keys import Keys
-from coordinator.membership import Membership
 from coordinator.settings import Settings
+from ops.dashboard import make_server
 
 
 def serve(server: ThreadingHTTPServer) -> Iterator[str]:

@@ -8,8 +8,8 @@ import nats
 import pytest
 import redis
 
-from coordinator.embedded import NatsServer, RedisServer, redis_server_binary
 from coordinator.errors import SidecarError
+from ops.embedded import NatsServer, RedisServer, redis_server_binary
 
 
 def test_redis_server_starts_answers_and_stops() -> None:

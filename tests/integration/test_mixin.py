@@ -12,9 +12,9 @@ import redis
 from ulid import ULID
 
 from coordinator import ClusterSidecar, InvalidTopic, Keys, Settings, SidecarTimeout
-from coordinator.embedded import RedisServer
 from mixin import Agent, Message, SidecarMixin
 from mixin.link import SidecarLink
+from ops.embedded import RedisServer
 from tests.support import async_wait_for
 
 

@@ -10,12 +10,13 @@ import redis
 from click.testing import CliRunner
 
 from coordinator import ClusterSidecar, Settings
-from coordinator.cli import cli
+from coordinator.clock import redis_ms
+from coordinator.cluster.membership import Membership
 from coordinator.errors import InvalidPolicy, PolicyRejected
 from coordinator.keys import Keys
-from coordinator.membership import Membership
-from coordinator.policy_store import PolicyStore
+from coordinator.policy.store import PolicyStore
 from mixin import Agent, SidecarMixin
+from ops.cli import cli
 from tests.support import async_wait_for, wait_for
 
 
@@ -37,8 +38,7 @@ def store(client: redis.Redis, keys: Keys) -> PolicyStore:
 
 
 def server_ms(client: redis.Redis) -> int:
-    sec, usec = client.time()
-    return int(sec) * 1000 + int(usec) // 1000
+    return redis_ms(client)
 
 
 def policy_entries(client: redis.Redis, keys: Keys, peer: str) -> list[dict[str, Any]]:

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from coordinator.cluster.membership import Membership
 from coordinator.keys import REQUEST_GROUP, Keys
-from coordinator.membership import Membership
-from coordinator.router import Router
+from coordinator.routing.router import Router
 from coordinator.settings import Settings
 from tests.support import wait_for
 

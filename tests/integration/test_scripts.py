@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import redis
 
+from coordinator.clock import redis_ms
+from coordinator.cluster.membership import Membership, heartbeat_call, leave_call, register_call
 from coordinator.keys import REQUEST_GROUP, Keys
-from coordinator.membership import Membership, heartbeat_call, leave_call, register_call
 from coordinator.scripts import scripts_for
 from tests.support import wait_for
 
@@ -20,8 +21,7 @@ def keys(namespace: str) -> Keys:
 
 
 def server_ms(client: redis.Redis) -> int:
-    sec, usec = client.time()
-    return int(sec) * 1000 + int(usec) // 1000
+    return redis_ms(client)
 
 
 def system_topics(client: redis.Redis, keys: Keys) -> list[str]:
@@ -329,7 +329,7 @@ def consumer_of(client: redis.Redis, stream: str) -> str:
 
 
 def test_elect_is_sticky_and_picks_priority_then_oldest(client: redis.Redis, keys: Keys) -> None:
-    from coordinator.election import Election
+    from coordinator.cluster.election import Election
 
     election = Election(client, keys, member_ttl=3.0)
     assert election.run() == ("none", None, 0)

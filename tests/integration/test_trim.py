@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import redis
 
-from coordinator.duties import Duties
+from coordinator.cluster.duties import Duties
+from coordinator.cluster.membership import Membership
 from coordinator.keys import PEER_GROUP, Keys
-from coordinator.membership import Membership
 from coordinator.settings import Settings
 from tests.support import wait_for
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.coalesce import MIN_GAIN, ReadCoalescer
+from coordinator.routing.coalesce import MIN_GAIN, ReadCoalescer
 
 LINGER = 0.0005
 

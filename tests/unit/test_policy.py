@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from coordinator.errors import InvalidPolicy, InvalidTopic
-from coordinator.policy import Decision, PolicyEngine, covers, parse_policy
+from coordinator.policy.engine import Decision, PolicyEngine, covers, parse_policy
 from coordinator.topics import check_pattern, matches
 
 

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from coordinator.clock import redis_ms
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.protocol import dumps
 from coordinator.scripts import scripts_for
@@ -99,8 +100,7 @@ class Membership:
 
     def sweep(self, member_ttl: float) -> list[str]:
         """Evict every member silent for longer than ``member_ttl``; returns the evicted ids."""
-        t = self.client.time()
-        now_ms = int(t[0]) * 1000 + int(t[1]) // 1000
+        now_ms = redis_ms(self.client)
         ttl_ms = int(member_ttl * 1000)
         evicted = []
         for peer in self.client.zrangebyscore(self.keys.members, "-inf", now_ms - ttl_ms - 1):

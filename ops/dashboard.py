@@ -19,9 +19,9 @@ import redis
 
 from coordinator.errors import ConfigurationError
 from coordinator.keys import Keys
-from coordinator.policy_store import PolicyStore
-from coordinator.report import cluster_report, members_report, recent_events
+from coordinator.policy.store import PolicyStore
 from coordinator.settings import Settings
+from ops.report import cluster_report, members_report, recent_events
 
 __all__ = ["make_server"]
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import redis
 
-from coordinator.embedded import RedisServer, free_port
 from coordinator.keys import Keys
-from coordinator.report import cluster_report
 from coordinator.settings import Settings
+from ops.embedded import RedisServer, free_port
+from ops.report import cluster_report
 
 __all__ = ["Supervisor"]
 

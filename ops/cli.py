@@ -17,9 +17,9 @@ import redis
 
 from coordinator.errors import SidecarError
 from coordinator.keys import Keys
-from coordinator.report import cluster_report, members_report, recent_events
 from coordinator.settings import Settings
 from coordinator.topics import check_publish_topic
+from ops.report import cluster_report, members_report, recent_events
 
 __all__ = ["cli", "main"]
 
@@ -70,7 +70,7 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str | None) -> Non
 @pass_ctx
 def up(obj: Context, duration: float | None, peers: bool, flower: bool) -> None:
     """Run a sidecar (worker + beat) with demo peers; embedded Redis unless SIDECAR_REDIS_URL is set."""
-    from coordinator.supervisor import Supervisor
+    from ops.supervisor import Supervisor
 
     click.echo(f"settings: {obj.settings!r}")
     status = Supervisor(obj.settings, peers=peers, flower=flower, echo=click.echo).run(duration)
@@ -203,7 +203,7 @@ def evict(obj: Context, peer_id: str, timeout: float) -> None:
 @pass_ctx
 def doctor(obj: Context, as_json: bool) -> None:
     """Check Redis (version, eviction policy) and show the timings the sidecar would run with."""
-    from coordinator.doctor import diagnose, timing_figures
+    from ops.doctor import diagnose, timing_figures
 
     checks = diagnose(obj.client(), obj.settings)
     timings = timing_figures(obj.settings)
@@ -223,7 +223,7 @@ def doctor(obj: Context, as_json: bool) -> None:
 @pass_ctx
 def dashboard(obj: Context, host: str, port: int) -> None:
     """Serve a read-only web page of the cluster (and /api/status, /api/policy as JSON)."""
-    from coordinator.dashboard import make_server
+    from ops.dashboard import make_server
 
     obj.require_redis()
     try:
@@ -247,7 +247,7 @@ def bench(args: tuple[str, ...]) -> None:
 
 
 def _register_groups() -> None:
-    from coordinator.cli_policy import peer, policy
+    from ops.cli_policy import peer, policy
 
     cli.add_command(policy)
     cli.add_command(peer)

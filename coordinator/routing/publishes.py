@@ -1,7 +1,7 @@
 """What the router does with each kind of request entry: validate, then run the fenced script.
 
 Publishes are validated and matched here and delivered in runs by ``route.lua``; control requests
-(coordinator.control) run one script each. Anything invalid becomes a
+(coordinator.routing.control) run one script each. Anything invalid becomes a
 :class:`Rejection`: a dead-letter entry with the reason, an error reply when the sender can be
 identified, and an ack, so bad input never stops the router and never blocks good traffic.
 """
@@ -16,14 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
-from coordinator.control import (
-    SYSTEM_SENDER,
-    ControlRequests,
-    Deposed,
-    Rerouted,
-    StopBatch,
-    VersionChurn,
-)
 from coordinator.errors import (
     BadRequest,
     NotLeader,
@@ -31,13 +23,21 @@ from coordinator.errors import (
     SidecarError,
     UnknownPeer,
 )
-from coordinator.guard import Mark
 from coordinator.keys import REQUEST_GROUP
 from coordinator.protocol import dumps
+from coordinator.routing.control import (
+    SYSTEM_SENDER,
+    ControlRequests,
+    Deposed,
+    Rerouted,
+    StopBatch,
+    VersionChurn,
+)
+from coordinator.routing.guard import Mark
 from coordinator.topics import check_publish_topic
 
 if TYPE_CHECKING:
-    from coordinator.router import Entry, Router
+    from coordinator.routing.router import Entry, Router
 
 __all__ = ["SYSTEM_SENDER", "Deposed", "Rejection", "RequestHandler", "Rerouted", "StopBatch"]
 
@@ -86,7 +86,7 @@ class Rejection:
 
 
 class RequestHandler(ControlRequests):
-    """Validation and script calls for one :class:`~coordinator.router.Router`."""
+    """Validation and script calls for one :class:`~coordinator.routing.router.Router`."""
 
     def __init__(self, router: Router) -> None:
         self.router = router

@@ -11,11 +11,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from coordinator.auth import Identities, Identity, verify
 from coordinator.errors import AuthenticationFailed, PolicyRejected
 from coordinator.keys import Keys
-from coordinator.policy import PolicyEngine
-from coordinator.policy_store import PolicyStore
+from coordinator.policy.auth import Identities, Identity, verify
+from coordinator.policy.engine import PolicyEngine
+from coordinator.policy.store import PolicyStore
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from coordinator.election import Election
+from coordinator.clock import redis_ms
+from coordinator.cluster.election import Election
+from coordinator.cluster.membership import Membership
 from coordinator.keys import PEER_GROUP, Keys
-from coordinator.membership import Membership
-from coordinator.policy_store import PolicyStore
+from coordinator.policy.store import PolicyStore
 from coordinator.protocol import dumps
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
@@ -50,7 +51,7 @@ class Duties:
         return left
 
     def elect(self, reason: str = "periodic") -> dict[str, Any]:
-        """Keep or change the leader (see coordinator.election)."""
+        """Keep or change the leader (see coordinator.cluster.election)."""
         status, leader, term = self.election.run(reason)
         if status == "elected":
             log.info("leader is now %s (term %d, %s)", leader, term, reason)
@@ -83,8 +84,7 @@ class Duties:
         7.2 a reader's idle time counts only reads that returned entries, so the empty inbox of a
         peer evicted after a long quiet spell may go while it rejoins; its reader makes it again.
         """
-        t = self.client.time()
-        now_ms = int(t[0]) * 1000 + int(t[1]) // 1000
+        now_ms = redis_ms(self.client)
         age_ms = int(self.settings.inbox_max_age * 1000)
         floor = now_ms - age_ms
         members = set(self.client.zrange(self.keys.members, 0, -1))

@@ -28,17 +28,16 @@ class Check:
 
 def timing_figures(settings: Settings) -> dict[str, float]:
     """What the settings imply: how often duties run and how long failure detection takes."""
-    duty = max(0.05, settings.member_ttl / 6)
     return {
         "heartbeat_interval_s": settings.heartbeat_interval,
         "member_ttl_s": settings.member_ttl,
-        "sweep_and_elect_every_s": round(duty, 3),
-        "worst_detection_s": round(settings.member_ttl + duty, 3),
-        "worst_failover_s": round(settings.member_ttl + 2 * duty, 3),
+        "sweep_and_elect_every_s": round(settings.duty_period, 3),
+        "worst_detection_s": round(settings.failure_detection, 3),
+        "worst_failover_s": round(settings.failover_worst, 3),
         "router_lease_s": settings.router_lease,
-        "router_takeover_worst_s": round(settings.router_lease + settings.lease_renew_interval, 3),
+        "router_takeover_worst_s": round(settings.router_takeover_worst, 3),
         "beat_lease_s": settings.beat_lease,
-        "beat_takeover_worst_s": round(settings.beat_lease * 4 / 3, 3),
+        "beat_takeover_worst_s": round(settings.beat_takeover_worst, 3),
         "task_expiry_s": settings.task_expiry,
     }
 

@@ -6,7 +6,7 @@ the peer) and ``sig`` (HMAC-SHA256 over every other field, truncated to 128 bits
 The router checks the signature with the claimed sender's secret, that the nonce's time is within
 :data:`FRESHNESS_MS` of the entry's Redis-assigned id (so a copied entry written again later is
 stale) and that the nonce grew (so a copy written again at once is a replay). The last nonce
-accepted from each sender is stored in Redis with the work it allowed (see coordinator.guard), so a
+accepted from each sender is stored in Redis with the work it allowed (see coordinator.routing.guard), so a
 router taking a partition over refuses replays of what its predecessor accepted.
 
 Identities live in Redis (``identities`` hash) where routers can read them; with per-peer Redis ACL

@@ -1,7 +1,7 @@
 """Control requests (subscribe, unsubscribe, register, leave, heartbeat, policy ack): one script each.
 
 :class:`ControlRequests` is the half of the router's RequestHandler that applies them; publishes are
-in :mod:`coordinator.requests`. Every control request is acknowledged by the script (or pipeline)
+in :mod:`coordinator.routing.publishes`. Every control request is acknowledged by the script (or pipeline)
 that applies it, and anything invalid is dead-lettered with the reason by the handler's rejection.
 """
 
@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, NoReturn
 
+from coordinator.cluster.membership import elect_call, heartbeat_call, leave_call, register_call
 from coordinator.errors import BadRequest, SidecarError, UnknownPeer
 from coordinator.keys import REQUEST_GROUP
-from coordinator.membership import elect_call, heartbeat_call, leave_call, register_call
 from coordinator.protocol import KINDS, PEER_ID_RE
 from coordinator.topics import check_pattern
 
 if TYPE_CHECKING:
-    from coordinator.requests import Rejection
-    from coordinator.router import Entry, Router
+    from coordinator.routing.publishes import Rejection
+    from coordinator.routing.router import Entry, Router
 
 __all__ = ["SYSTEM_SENDER", "ControlRequests", "Deposed", "Rerouted", "StopBatch", "VersionChurn"]
 
@@ -43,7 +43,7 @@ class VersionChurn(StopBatch):
 
 
 class ControlRequests:
-    """Applies non-publish requests; mixed into coordinator.requests.RequestHandler."""
+    """Applies non-publish requests; mixed into coordinator.routing.publishes.RequestHandler."""
 
     router: Router
 

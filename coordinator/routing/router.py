@@ -28,14 +28,15 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from coordinator import resp
-from coordinator.coalesce import ReadCoalescer
+from coordinator.clock import redis_ms
 from coordinator.errors import InternalError, SidecarError
-from coordinator.guard import Guard
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.leases import Lease
 from coordinator.protocol import PUBLISH_KINDS
-from coordinator.requests import DeferredRoute, Rejection, RequestHandler, StopBatch
-from coordinator.resp import RespConnection
+from coordinator.resp import RespConnection, stream_entries, stream_entries_py
+from coordinator.routing.coalesce import ReadCoalescer
+from coordinator.routing.guard import Guard
+from coordinator.routing.publishes import DeferredRoute, Rejection, RequestHandler, StopBatch
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 from coordinator.topics import SubscriptionIndex, check_pattern
@@ -229,7 +230,7 @@ class Router:
             replies = self.fast.pipeline(commands, timeout=self._block_ms / 1000 + 10)
             read = replies[-1]
             return (replies[0] if deferred is not None else None,
-                    read if isinstance(read, Exception) else _flatten_raw(read))
+                    read if isinstance(read, Exception) else stream_entries(read))
         pipe = self.client.pipeline(transaction=False)
         if deferred is not None:
             pipe.execute_command(*self._fan_out(deferred))
@@ -237,7 +238,7 @@ class Router:
         replies = pipe.execute(raise_on_error=False)
         read = replies[-1]
         return (replies[0] if deferred is not None else None,
-                read if isinstance(read, Exception) else _flatten(read))
+                read if isinstance(read, Exception) else stream_entries_py(read))
 
     # ------------------------------------------------------------------ leases
     def _streams(self) -> list[str]:
@@ -255,8 +256,7 @@ class Router:
             if not lease.acquire():
                 log.warning("router %s lost partition %d", self.name, p)
                 del self.leases[p]
-        t = self.client.time()
-        now_ms = int(t[0]) * 1000 + int(t[1]) // 1000
+        now_ms = redis_ms(self.client)
         stale_ms = now_ms - int(self.settings.router_lease * 2000)
         pipe = self.client.pipeline(transaction=False)
         pipe.zadd(self.keys.routers, {self.name: now_ms})
@@ -515,31 +515,6 @@ class Router:
         self.stats["rejected"] += len(rejections)
         for r in rejections:
             log.info("rejected %s from %s: %s (%s)", r.entry_id, r.sender or "?", r.code, r.message)
-
-
-def _flatten(reply: Any) -> list[Entry]:
-    """XREADGROUP reply (RESP2 list or RESP3 dict) as one ordered list of entries."""
-    if not reply:
-        return []
-    items = reply.items() if isinstance(reply, dict) else reply
-    out: list[Entry] = []
-    for stream, records in items:
-        if records and isinstance(records[0], list) and len(records) == 1 and \
-                isinstance(records[0][0], list | tuple):
-            records = records[0]
-        for eid, fields in records:
-            out.append((str(stream), str(eid), fields or {}))
-    return out
-
-
-def _flatten_raw(reply: Any) -> list[Entry]:
-    """A raw RESP2 XREADGROUP reply (lists of field/value lists) as one ordered list of entries."""
-    out: list[Entry] = []
-    for stream, records in reply or ():
-        for eid, flat in records:
-            fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
-            out.append((stream, eid, fields))
-    return out
 
 
 def _foreign(summary: Any, me: str) -> bool:

@@ -8,19 +8,17 @@ failure detection, elections and policy distribution. It competes for the same l
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from coordinator.duties import Duties
+from coordinator.cluster.duties import Duties
 from coordinator.keys import Keys
-from coordinator.leases import Lease
+from coordinator.leases import Lease, LeaseToken
 from coordinator.settings import Settings
 
 __all__ = ["DutyLoop"]
@@ -33,16 +31,15 @@ class DutyLoop:
 
     def __init__(self, client: Any, settings: Settings) -> None:
         self.duties = Duties(client, settings)
-        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        token = LeaseToken.new(f"duties@{socket.gethostname()}")
         self.lease = Lease(client, Keys(settings.namespace).beat_lease, token, settings.beat_lease)
-        fast = max(0.05, settings.member_ttl / 6)
-        self.tick = min(fast, settings.beat_lease / 3)
+        self.tick = min(settings.duty_period, settings.beat_renew_interval)
         self.schedule: list[tuple[float, Callable[[], object]]] = [
-            (fast, self.duties.sweep),
-            (fast, self.duties.elect),
+            (settings.duty_period, self.duties.sweep),
+            (settings.duty_period, self.duties.elect),
             (settings.heartbeat_interval, self.duties.cluster_heartbeat),
-            (0.5, self.duties.distribute_policies),
-            (60.0, self.duties.trim),
+            (settings.policy_period, self.duties.distribute_policies),
+            (settings.trim_period, self.duties.trim),
         ]
         self._due = [0.0] * len(self.schedule)
         self._stop = threading.Event()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator.cluster.membership import elect_call
 from coordinator.keys import Keys
-from coordinator.membership import elect_call
 from coordinator.scripts import scripts_for
 
 __all__ = ["Election"]

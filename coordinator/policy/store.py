@@ -12,9 +12,10 @@ import json
 import uuid
 from typing import Any
 
+from coordinator.clock import time_reply_ms
 from coordinator.errors import InvalidPolicy
 from coordinator.keys import REQUEST_GROUP, Keys
-from coordinator.policy import Policy, PolicyEngine, parse_policy
+from coordinator.policy.engine import Policy, PolicyEngine, parse_policy
 from coordinator.protocol import dumps
 from coordinator.scripts import scripts_for
 
@@ -93,8 +94,8 @@ class PolicyStore:
         pipe.zrange(self.keys.members, 0, -1)
         pipe.hgetall(self.keys.policy_acks)
         pipe.hgetall(self.keys.policy_sent)
-        (sec, usec), members, acks, sent = pipe.execute()
-        now = int(sec) * 1000 + int(usec) // 1000
+        clock, members, acks, sent = pipe.execute()
+        now = time_reply_ms(clock)
         targets = [p for p in (peers if peers is not None else members) if p in set(members)]
         out = self.client.pipeline(transaction=False)
         sends = 0

@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from coordinator.auth import Identities
 from coordinator.errors import SidecarError
-from coordinator.policy_store import PolicyStore
+from coordinator.policy.auth import Identities
+from coordinator.policy.store import PolicyStore
 
 __all__ = ["peer", "policy"]
 

@@ -6,19 +6,15 @@ import contextlib
 import json
 from typing import Any
 
+from coordinator.clock import redis_ms
 from coordinator.keys import Keys
 
 __all__ = ["cluster_report", "members_report", "recent_events"]
 
 
-def _now_ms(client: Any) -> int:
-    t = client.time()
-    return int(t[0]) * 1000 + int(t[1]) // 1000
-
-
 def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
     """Every live member with role, priority, eligibility and seconds since its last heartbeat."""
-    now = _now_ms(client)
+    now = redis_ms(client)
     members = client.zrange(keys.members, 0, -1, withscores=True)
     pipe = client.pipeline(transaction=False)
     for peer, _ in members:
