@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## run the sidecar (embedded Redis, worker, beat) with a conductor and two followers
 	$(BIN)/sidecar up $(DEMO_ARGS)
 
-test: $(STAMP)  ## lint, type-check, then the whole suite (starts its own Redis, workers, beat)
+test: $(STAMP)  ## lint, type-check, check the import contracts, then the whole suite (starts its own Redis, workers, beat)
 	$(BIN)/ruff check coordinator workers mixin ops examples tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 lint: $(STAMP)

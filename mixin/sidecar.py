@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.errors import NotLeader
-from coordinator.protocol import Message, dumps
+from coordinator.protocol import INTERNAL_SUBSCRIPTIONS, SYSTEM_SENDER, Message, dumps
 from coordinator.settings import Settings
 from coordinator.status import StatusField
 from coordinator.topics import SubscriptionIndex, check_pattern, check_publish_topic
@@ -37,8 +37,7 @@ __all__ = ["Handler", "SidecarMixin"]
 
 Handler = Callable[[Message], Any]
 _SEEN_LIMIT = 100_000
-_INTERNAL = ("cluster.leader",)
-"""Topics every peer follows for its own bookkeeping (not counted as its subscriptions)."""
+_INTERNAL = tuple(sorted(INTERNAL_SUBSCRIPTIONS))
 
 
 class SidecarMixin(Lifecycle):
@@ -282,7 +281,7 @@ class SidecarMixin(Lifecycle):
             return True
         topic = fields.get("t", "")
         sender = fields.get("s", "")
-        if (park and sender != "sidecar" and not self._patterns.match(topic)
+        if (park and sender != SYSTEM_SENDER and not self._patterns.match(topic)
                 and time.monotonic() < self._park_until):
             self._parked.append((eid, fields))
             return False
@@ -296,7 +295,7 @@ class SidecarMixin(Lifecycle):
             return True
         message = Message(topic, data, sender, mid, int(fields.get("ts", "0")) / 1000)
         self.messages_received += 1
-        if message.sender == "sidecar":
+        if message.sender == SYSTEM_SENDER:
             if topic == "cluster.leader" and isinstance(data, dict):
                 self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
             elif topic == "cluster.policy":

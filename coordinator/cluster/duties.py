@@ -14,7 +14,7 @@ from coordinator.cluster.election import Election
 from coordinator.cluster.membership import Membership
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.policy.store import PolicyStore
-from coordinator.protocol import dumps
+from coordinator.protocol import SYSTEM_SENDER, dumps
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 
@@ -71,7 +71,7 @@ class Duties:
         beat = {"cluster_size": int(size), "leader_id": leader or None, "term": int(term or 0),
                 "policy_version": int(policy or 0)}
         self.client.xadd(self.keys.system, {"k": "pub", "t": "cluster.heartbeat", "d": dumps(beat),
-                                            "s": "sidecar"}, maxlen=100_000, approximate=True)
+                                            "s": SYSTEM_SENDER}, maxlen=100_000, approximate=True)
         return beat
 
     def trim(self) -> dict[str, int]:

@@ -16,7 +16,7 @@ from coordinator.clock import time_reply_ms
 from coordinator.errors import InvalidPolicy
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.policy.engine import Policy, PolicyEngine, parse_policy
-from coordinator.protocol import dumps
+from coordinator.protocol import SYSTEM_SENDER, dumps
 from coordinator.scripts import scripts_for
 
 __all__ = ["PolicyStore"]
@@ -111,7 +111,7 @@ class PolicyStore:
             nonce = uuid.uuid4().hex[:12]
             body = dumps({"version": version, "nonce": nonce, "policies": current["policies"]})
             out.xadd(self.keys.responses(peer), {"k": "msg", "i": f"policy:{version}:{nonce}",
-                                                 "t": "cluster.policy", "d": body, "s": "sidecar",
+                                                 "t": "cluster.policy", "d": body, "s": SYSTEM_SENDER,
                                                  "ts": str(now)},
                      maxlen=self.inbox_maxlen, approximate=True)
             delay = min(_MAX_BACKOFF_MS, _FIRST_RETRY_MS * 2 ** (attempts - 1))
