@@ -18,7 +18,7 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:router.lease.<k>        string   token of the router owning partition k (PX lease)
     sidecar:{ns}:routers                 zset     worker name -> last renewal ms (partition spreading)
     sidecar:{ns}:beat.lease              string   token of the beat allowed to dispatch
-    sidecar:{ns}:stats                   hash     counters: routed, delivered, deadlettered, ...
+    sidecar:{ns}:stats                   hash     counters written by routers: routed, delivered, rejected
     sidecar:{ns}:policy.docs             hash     policy name -> current record (version, document, ...)
     sidecar:{ns}:policy.history.<name>   list     every record that name ever had
     sidecar:{ns}:policy.version          string   version of the policy set (grows on every change)
@@ -160,6 +160,12 @@ class Keys:
     def subject(self, topic: str) -> str:
         """NATS subject carrying ``topic`` between sidecars."""
         return f"{self.namespace}.{topic}"
+
+    def partition_of_stream(self, stream: str) -> int:
+        """The partition a request stream (or the system stream: partition 0) belongs to."""
+        if stream in (self._p + "sidecar.requests", self._p + "sidecar.system"):
+            return 0
+        return int(stream.rsplit(".", 1)[-1])
 
     @staticmethod
     def partition_of(sender: str, partitions: int) -> int:

@@ -27,6 +27,7 @@ SCRIPT_NAMES = (
     "policy_ack",
     "mark",
     "drop_inbox",
+    "reply",
 )
 
 
@@ -51,6 +52,7 @@ class Scripts:
     policy_ack: Any
     mark: Any
     drop_inbox: Any
+    reply: Any
 
     def __init__(self, client: Any) -> None:
         for name in SCRIPT_NAMES:

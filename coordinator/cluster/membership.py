@@ -41,10 +41,11 @@ def member_fields(peer_id: str, info: Mapping[str, Any]) -> tuple[str, list[str]
 
 def register_call(keys: Keys, peer_id: str, info: Mapping[str, Any], *, token: str = "",
                   stream: str | None = None, entry_id: str = "", request_id: str = "",
-                  inbox_maxlen: int = 10_000) -> Call:
-    """Arguments of register.lua for ``peer_id`` (from a router when ``token`` is given)."""
+                  inbox_maxlen: int = 10_000, lease_key: str | None = None) -> Call:
+    """Arguments of register.lua for ``peer_id`` (from a router, fenced by ``lease_key`` holding
+    ``token``, when ``token`` is given)."""
     event, pairs = member_fields(peer_id, info)
-    ks = [keys.router_lease(0), keys.members, keys.member(peer_id), stream or keys.requests(0),
+    ks = [lease_key or keys.router_lease(0), keys.members, keys.member(peer_id), stream or keys.requests(0),
           keys.responses(peer_id), keys.leader, keys.system, keys.events, keys.routing_version,
           keys.electorate]
     eligible = "1" if bool(info.get("eligible", True)) else "0"
@@ -55,14 +56,18 @@ def register_call(keys: Keys, peer_id: str, info: Mapping[str, Any], *, token: s
 
 
 def leave_call(keys: Keys, peer_id: str, reason: str, *, stream: str | None = None,
-               entry_id: str = "", silent_ms: int | None = None) -> Call:
+               entry_id: str = "", silent_ms: int | None = None,
+               fence: tuple[str, str] | None = None) -> Call:
     """Arguments of leave.lua: ``peer_id`` leaves (``reason``: leave, evicted, expired).
 
-    With ``silent_ms`` the member is removed only if it has been silent that long (sweep).
+    With ``silent_ms`` the member is removed only if it has been silent that long (sweep). With
+    ``fence`` (lease key, token) the script runs only while that router lease is the caller's.
     """
+    lease_key, token = fence or (keys.router_lease(0), "")
     ks = [keys.members, keys.member(peer_id), keys.subs, keys.routing_version, keys.system,
-          keys.events, stream or keys.requests(0), keys.leader, keys.electorate]
-    return ks, [peer_id, REQUEST_GROUP, entry_id, reason, "" if silent_ms is None else silent_ms]
+          keys.events, stream or keys.requests(0), keys.leader, keys.electorate, lease_key]
+    return ks, [peer_id, REQUEST_GROUP, entry_id, reason, "" if silent_ms is None else silent_ms,
+                token]
 
 
 def elect_call(keys: Keys, member_ttl: float, reason: str) -> Call:
@@ -71,10 +76,18 @@ def elect_call(keys: Keys, member_ttl: float, reason: str) -> Call:
     return ks, [int(member_ttl * 1000), reason]
 
 
-def heartbeat_call(keys: Keys, peer_id: str, extra: Any = None) -> Call:
-    """Arguments of heartbeat.lua; ``extra`` (JSON-able) replaces the last heartbeat payload."""
-    payload = "" if extra is None else dumps(extra)
-    return [keys.members, keys.member(peer_id), keys.leader], [peer_id, payload]
+def heartbeat_call(keys: Keys, peer_id: str, extra: Any = None, *, payload: str | None = None,
+                   fence: tuple[str, str] | None = None) -> Call:
+    """Arguments of heartbeat.lua; ``extra`` (JSON-able) replaces the last heartbeat payload.
+
+    ``payload`` passes JSON text as it is instead (a router relaying a peer's heartbeat). With
+    ``fence`` (lease key, token) the script runs only while that router lease is the caller's.
+    """
+    text = payload if payload is not None else "" if extra is None else dumps(extra)
+    ks = [keys.members, keys.member(peer_id), keys.leader]
+    if fence is None:
+        return ks, [peer_id, text]
+    return [*ks, fence[0]], [peer_id, text, fence[1]]
 
 
 class Membership:

@@ -1,8 +1,14 @@
 -- heartbeat.lua: stamp a member's last-seen time with Redis server time and return the leader.
 --
 -- KEYS[1] members zset   KEYS[2] member hash   KEYS[3] leader hash
+-- KEYS[4] router lease of the partition (only when ARGV[3] is given)
 -- ARGV[1] peer id        ARGV[2] heartbeat payload json, or '' to keep the last one
+-- ARGV[3] lease token of the router relaying the heartbeat, or absent / '' (a peer's own call)
 -- Returns {"ok", now_ms, leader_id, term} | {"evicted", now_ms, leader_id, term} when not a member
+--   | {"lost"} when relayed by a router whose lease is gone (nothing written)
+if ARGV[3] ~= nil and ARGV[3] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[3] then
+  return {'lost'}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local leader = redis.call('HMGET', KEYS[3], 'id', 'term')

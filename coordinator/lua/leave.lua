@@ -4,13 +4,18 @@
 -- KEYS[1] members zset   KEYS[2] member hash   KEYS[3] subscription index (hash)
 -- KEYS[4] routing version                      KEYS[5] system stream   KEYS[6] events stream
 -- KEYS[7] request stream (or any key when ARGV[3] is '')   KEYS[8] leader hash
--- KEYS[9] electorate zset
+-- KEYS[9] electorate zset   KEYS[10] router lease of the partition (only when ARGV[6] is given)
 -- ARGV[1] peer id   ARGV[2] consumer group   ARGV[3] request entry id to ack, or ''
 -- ARGV[4] reason ('leave' | 'evicted' | 'expired')
 -- ARGV[5] for 'expired': the silence in ms that makes a member dead ('' otherwise); a member that
 --         heartbeated more recently than that is left alone (the sweep's read may be stale)
--- Returns {left(0|1), subscriptions removed, was leader (0|1)}
+-- ARGV[6] lease token of the router applying a leave request, or absent / '' (sweep, CLI evict)
+-- Returns {left(0|1), subscriptions removed, was leader (0|1)} | {-1, 0, 0} when applied by a
+--   router whose lease is gone (nothing written)
 -- (the caller runs elect.lua next when the leader left, so a graceful leave re-elects at once)
+if ARGV[6] ~= nil and ARGV[6] ~= '' and redis.call('GET', KEYS[10]) ~= ARGV[6] then
+  return {-1, 0, 0}
+end
 if ARGV[5] ~= nil and ARGV[5] ~= '' then
   local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
   local t = redis.call('TIME')

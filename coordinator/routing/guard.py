@@ -16,16 +16,15 @@ from coordinator.keys import Keys
 from coordinator.policy.auth import Identities, Identity, verify
 from coordinator.policy.engine import PolicyEngine
 from coordinator.policy.store import PolicyStore
+from coordinator.protocol import INTERNAL_SUBSCRIPTIONS
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 
-__all__ = ["EXEMPT_SUBSCRIPTIONS", "Guard", "Mark"]
+__all__ = ["Guard", "Mark"]
 
 Mark = tuple[int, str]
 """(nonce, request entry id) of a sender's last accepted signed request."""
 
-EXEMPT_SUBSCRIPTIONS = frozenset({"cluster.leader"})
-"""Subscriptions every peer needs for its own bookkeeping; never denied by policy."""
 
 
 class Guard:
@@ -139,7 +138,7 @@ class Guard:
 
     def authorize(self, sender: str, action: str, resource: str) -> None:
         """Raise PolicyRejected unless the policies allow ``sender`` to ``action`` ``resource``."""
-        if not self.enforce or (action == "subscribe" and resource in EXEMPT_SUBSCRIPTIONS):
+        if not self.enforce or (action == "subscribe" and resource in INTERNAL_SUBSCRIPTIONS):
             return
         decision = self.engine.evaluate(self.roles.get(sender, frozenset()), action, resource,
                                         self.labels.get(sender))

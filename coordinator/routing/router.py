@@ -1,51 +1,102 @@
 """The router: reads request partitions in batches and fans publishes out to subscriber inboxes.
 
 A :class:`Router` runs in its own thread with a sync Redis client (the worker's bootstep and
-``ClusterSidecar.setup()`` both host one). It owns request partitions under leases
-(:mod:`coordinator.leases`); routers spread the partitions evenly over the live routers, and a
-standby takes a dead router's partitions when their leases expire. A router that takes a partition
-over first routes the entries its predecessor left pending (XAUTOCLAIM), then new ones, so order per
+``ClusterSidecar.setup()`` both host one). It holds request partitions under leases
+(:class:`~coordinator.routing.partitions.Partitions`). A router that takes a partition over first
+routes the entries its predecessor left pending (XAUTOCLAIM), then new ones, so order per
 publisher survives the crash.
 
-Every write is a script fenced by the lease token and the routing version: a router deposed while
-paused writes nothing, and one whose cached subscription index is stale reloads and recomputes
-before anything is delivered. Fan-out and acknowledgement are one atomic script, so a crash never
-leaves a request half routed.
+The router is the one owner of its routing state: the :class:`RoutingView` (version, index,
+members, leader), its leases, the fan-out riding along with the next read (:class:`InFlight`) and
+whether its partitions need settling after an error. The publish planner and the control handler
+read the view and return what happened; the router acts on it.
+
+What is fenced, and why the rest is safe. A router deposed while paused (GC, SIGSTOP, a network
+stall) may wake up and carry on with a batch its successor is routing too. Every write it could
+make that conflicts with the successor's checks the partition lease token inside the script that
+makes it, so a deposed router writes nothing:
+
+* the fan-out and its acknowledgements (route.lua, also fenced by the routing version);
+* subscribe, register, leave and a relayed heartbeat (subscribe/register/leave/heartbeat.lua);
+* nonce marks of control requests (mark.lua);
+* rejections, error replies, heartbeat and leave replies with their acks (reply.lua).
+
+Not fenced, and safe without: the election after a graceful leave (elect.lua is a compare-and-set
+on live members, so running it late or twice elects the same leader); policy acks (policy_ack.lua
+keeps the newest answer per peer, so applying the same entry again changes nothing); reading and
+claiming entries (XREADGROUP, XAUTOCLAIM move pending entries to the deposed router, but route.lua
+refuses to fan out while another consumer holds pending entries, and the successor claims them
+back and routes them first, in order); consumer-group creation (idempotent); trimming (only below
+the lowest pending entry); check-ins on the ``routers`` set and the routed/delivered/rejected
+counters (each router counts only work its fenced scripts did).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from coordinator import resp
-from coordinator.clock import redis_ms
 from coordinator.errors import InternalError, SidecarError
 from coordinator.keys import REQUEST_GROUP, Keys
-from coordinator.leases import Lease
+from coordinator.leases import LeaseToken
 from coordinator.protocol import PUBLISH_KINDS
-from coordinator.resp import RespConnection, stream_entries, stream_entries_py
+from coordinator.resp import Entry, RespConnection, stream_entries, stream_entries_py
 from coordinator.routing.coalesce import ReadCoalescer
-from coordinator.routing.guard import Guard
-from coordinator.routing.publishes import DeferredRoute, Rejection, RequestHandler, StopBatch
+from coordinator.routing.control import DEPOSED, ControlHandler
+from coordinator.routing.guard import Guard, Mark
+from coordinator.routing.partitions import Partitions
+from coordinator.routing.publishes import FanOut, PublishPlanner, outcome
+from coordinator.routing.rejections import Rejection, Rejector
+from coordinator.routing.view import RoutingView
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
-from coordinator.topics import SubscriptionIndex, check_pattern
 
-__all__ = ["Router"]
+__all__ = ["Entry", "InFlight", "Router"]
 
 log = logging.getLogger("sidecar.router")
 
-Entry = tuple[str, str, dict[str, str]]  # (stream key, entry id, fields)
+
+class StopBatch(Exception):
+    """Stop processing the current batch: its remaining entries are not ours to route now."""
+
+
+class Rerouted(StopBatch):
+    """The rest of the batch was routed by claiming every pending entry."""
+
+
+class Deposed(StopBatch):
+    """A fenced script found the partition's lease gone: its new owner routes the rest."""
+
+
+class VersionChurn(StopBatch):
+    """The routing version changed under every attempt at a run; it is settled again later."""
+
+
+class InFlight:
+    """The fan-out of the last read's final run, riding along with the next read's round trip.
+
+    ``written`` says it was already sent on the lean connection (before the router lingered), so
+    only its answer is still owed.
+    """
+
+    def __init__(self) -> None:
+        self.fanout: FanOut | None = None
+        self.written = False
+
+    def hold(self, fanout: FanOut) -> None:
+        self.fanout, self.written = fanout, False
+
+    def drop(self) -> None:
+        self.fanout, self.written = None, False
 
 
 class Router:
@@ -56,29 +107,28 @@ class Router:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.token = f"{self.name}:{uuid.uuid4().hex}"
+        self.token = str(LeaseToken.new(self.name))
         self.scripts = scripts_for(client)
-        self.leases: dict[int, Lease] = {}
-        self.index = SubscriptionIndex()
-        self.members: set[str] = set()
-        self.leader: tuple[str, int] = ("", 0)
-        self.version: str | None = None
-        self.stats = {"routed": 0, "delivered": 0, "rejected": 0, "batches": 0, "takeovers": 0}
+        self.parts = Partitions(client, self.keys, settings, name=self.name, token=self.token)
+        self.view = RoutingView(self.keys)
         self.guard = Guard(client, self.keys, settings)
-        self.handler = RequestHandler(self)
+        self.rejector = Rejector(client, self.keys, settings, self.view)
+        self.planner = PublishPlanner(self.keys, settings, self.view, self.guard, self.rejector,
+                                      token=self.token, consumer=self.name)
+        self.control = ControlHandler(client, self.keys, settings, self.view, self.guard,
+                                      self.rejector, token=self.token, refresh=self.refresh)
+        self.inflight = InFlight()
+        self.coalescer = ReadCoalescer(settings.router_linger, settings.batch_size)
+        self.stats = {"routed": 0, "delivered": 0, "rejected": 0, "batches": 0, "takeovers": 0}
         url = settings.redis_url
-        self.fast = RespConnection(url) if resp.supports(url) and url else None
+        self.fast = RespConnection(url) if url and resp.supports(url) else None
+        self.unsettled = False
+        """An error or a stopped batch may have left read entries unrouted: settle before reading."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_maintenance = 0.0
         self._flushed: dict[str, int] = {}
-        self._held: tuple[int, ...] = ()
-        self._held_streams: list[str] = []
         self._block_ms = settings.router_block_ms
-        self.coalescer = ReadCoalescer(settings.router_linger, settings.batch_size)
-        self._unsettled = False
-        self._deferred_sent = False
-        """The deferred fan-out was written on the lean connection; its answer is still owed."""
         self._last_trim = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -110,7 +160,7 @@ class Router:
     @property
     def partitions(self) -> list[int]:
         """Partitions this router holds now."""
-        return sorted(self.leases)
+        return self.parts.held
 
     def run(self) -> None:
         """The routing loop (blocking). Survives Redis outages: it backs off and carries on.
@@ -123,7 +173,7 @@ class Router:
         backoff = 0.05
         while not self._stop.is_set():
             try:
-                if self._unsettled:
+                if self.unsettled:
                     self._settle_held()
                 self.step()
                 backoff = 0.05
@@ -137,9 +187,8 @@ class Router:
                 log.warning("router %s: Redis error (%s); retrying in %.2fs", self.name, exc, backoff)
             except Exception:  # never let one bad batch kill routing
                 log.exception("router %s: unexpected error; carrying on", self.name)
-            self._unsettled = True
-            self.handler.deferred = None  # its entries are still pending: settling routes them
-            self._deferred_sent = False
+            self.unsettled = True
+            self.inflight.drop()  # its entries are still pending: settling routes them
             if self.fast is not None:
                 self.fast.close()  # a reply may still be owed on it: start afresh
             self._stop.wait(backoff)
@@ -148,7 +197,7 @@ class Router:
             self.flush()
         except (RedisError, StopBatch):
             pass
-        self._release_all()
+        self.parts.release_all()
         if self.fast is not None:
             self.fast.close()
 
@@ -158,166 +207,100 @@ class Router:
         if now >= self._next_maintenance:
             self._maintain()
             self._next_maintenance = now + self.settings.lease_renew_interval
-        if not self.leases:
+        if not self.parts.leases:
             self._stop.wait(max(0.0, self._next_maintenance - time.monotonic()))
             return 0
         block = max(1, min(self._block_ms,
                            int((self._next_maintenance - time.monotonic()) * 1000)))
         wait = self.coalescer.delay(time.monotonic())
         if wait > 0:
-            if self.handler.deferred is not None and not self._deferred_sent:
+            if self.inflight.fanout is not None and not self.inflight.written:
                 # the linger must only delay entries not read yet: the fan-out goes out now, and
                 # its answer is read with the next read's
-                try:
-                    self._send_deferred()
-                except StopBatch:
-                    self._unsettled = True
+                if not self._guarded(self._write_ahead):
                     return 0
                 wait = self.coalescer.delay(time.monotonic())
             if wait > 0 and self._stop.wait(wait):
                 return 0
-        deferred = self.handler.deferred
-        routed, reply = self._read({s: ">" for s in self._streams()}, block, deferred)
-        self._deferred_sent = False
-        if deferred is not None:
-            try:
-                self.handler.finish_deferred(routed)
-            except StopBatch:  # this read's entries stay pending: settling routes them
-                self._unsettled = True
-                return 0
+        fanout = self.inflight.fanout
+        answer, reply = self._read({s: ">" for s in self.parts.streams()}, block)
+        if fanout is not None:
+            self.inflight.drop()
+            if not self._guarded(lambda: self._finish(fanout, answer)):
+                return 0  # this read's entries stay pending: settling routes them
         if isinstance(reply, Exception):
             raise reply
-        entries = reply
-        self.coalescer.observe(time.monotonic(), len(entries))
-        if entries:
-            self.process(entries, defer_last=True)
-        return len(entries)
+        self.coalescer.observe(time.monotonic(), len(reply))
+        if reply:
+            self.process(reply, defer_last=True)
+        return len(reply)
 
-    def _send_deferred(self) -> None:
-        """Send the deferred fan-out now, before the router lingers.
+    def _guarded(self, action: Callable[[], None]) -> bool:
+        """Run ``action``; False (and settle later) if it stopped the batch."""
+        try:
+            action()
+        except StopBatch:
+            self.unsettled = True
+            return False
+        return True
+
+    def _write_ahead(self) -> None:
+        """Send the in-flight fan-out now, before the router lingers.
 
         On the lean connection it is only written (Redis runs it at once) and its answer is read
         with the next read's; through redis-py it is a round trip of its own, settled here.
         """
-        d = self.handler.deferred
-        assert d is not None
-        command = self._fan_out(d)
+        fanout = self.inflight.fanout
+        assert fanout is not None
+        command = fanout.command(self.scripts.route.sha)
         if self.fast is not None:
             self.fast.send([command])
-            self._deferred_sent = True
+            self.inflight.written = True
             return
+        self.inflight.drop()
         result = self.client.pipeline(transaction=False).execute_command(*command).execute(
             raise_on_error=False)[0]
-        self.handler.finish_deferred(result)
+        self._finish(fanout, result)
 
-    def _fan_out(self, d: DeferredRoute) -> tuple[Any, ...]:
-        """The route.lua call of a deferred run, as one command."""
-        return ("EVALSHA", self.scripts.route.sha, len(d.keys), *d.keys, *d.args)
-
-    def _read(self, streams: dict[str, str], block: int,
-              deferred: DeferredRoute | None) -> tuple[Any, list[Entry] | Exception]:
-        """One round trip: the last batch's fan-out (if deferred), then a blocking read.
+    def _read(self, streams: dict[str, str], block: int) -> tuple[Any, list[Entry] | Exception]:
+        """One round trip: the in-flight fan-out (unless written already), then a blocking read.
 
         Returns (the fan-out's answer or error, the entries read or the read's error).
         """
         count = self.settings.batch_size
+        fanout = self.inflight.fanout
         if self.fast is not None:
             commands: list[tuple[Any, ...]] = []
-            if deferred is not None and not self._deferred_sent:
-                commands.append(self._fan_out(deferred))
+            if fanout is not None and not self.inflight.written:
+                commands.append(fanout.command(self.scripts.route.sha))
             commands.append(("XREADGROUP", "GROUP", REQUEST_GROUP, self.name, "COUNT", count,
                              "BLOCK", block, "STREAMS", *streams, *streams.values()))
             replies = self.fast.pipeline(commands, timeout=self._block_ms / 1000 + 10)
             read = replies[-1]
-            return (replies[0] if deferred is not None else None,
+            return (replies[0] if fanout is not None else None,
                     read if isinstance(read, Exception) else stream_entries(read))
         pipe = self.client.pipeline(transaction=False)
-        if deferred is not None:
-            pipe.execute_command(*self._fan_out(deferred))
+        if fanout is not None:
+            pipe.execute_command(*fanout.command(self.scripts.route.sha))
         pipe.xreadgroup(REQUEST_GROUP, self.name, streams, count=count, block=block)
         replies = pipe.execute(raise_on_error=False)
         read = replies[-1]
-        return (replies[0] if deferred is not None else None,
+        return (replies[0] if fanout is not None else None,
                 read if isinstance(read, Exception) else stream_entries_py(read))
 
-    # ------------------------------------------------------------------ leases
-    def _streams(self) -> list[str]:
-        """The streams of the partitions held now (partition 0 includes the system stream)."""
-        held = tuple(sorted(self.leases))
-        if held != self._held:
-            self._held = held
-            self._held_streams = [s for p in held for s in (
-                (self.keys.requests(p), self.keys.system) if p == 0 else (self.keys.requests(p),))]
-        return self._held_streams
-
+    # ------------------------------------------------------------------ partitions
     def _maintain(self) -> None:
-        """Renew held leases, drop lost ones, and take or give partitions toward a fair share."""
-        for p, lease in list(self.leases.items()):
-            if not lease.acquire():
-                log.warning("router %s lost partition %d", self.name, p)
-                del self.leases[p]
-        now_ms = redis_ms(self.client)
-        stale_ms = now_ms - int(self.settings.router_lease * 2000)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(self.keys.routers, {self.name: now_ms})
-        pipe.zremrangebyscore(self.keys.routers, "-inf", stale_ms)
-        pipe.zcard(self.keys.routers)
-        live = max(1, int(pipe.execute()[2]))
-        total = self.settings.partitions
-        share = math.ceil(total / live)
-        while len(self.leases) > share:
-            p = max(self.leases)
-            self.leases.pop(p).release()
-            log.info("router %s handed partition %d back (fair share %d)", self.name, p, share)
-        for p in range(total):
-            if len(self.leases) >= share:
-                break
-            if p in self.leases:
-                continue
-            lease = Lease(self.client, self.keys.router_lease(p), self.token,
-                          self.settings.router_lease)
-            if lease.acquire():
-                self.leases[p] = lease
-                self._take_over(p)
-        for stream in self._streams():  # entries a deposed router read while no new ones arrive
+        """Renew held leases, take or give partitions toward a fair share, and tidy up."""
+        self.parts.renew()
+        for p in self.parts.rebalance():
+            self._take_over(p)
+        for stream in self.parts.streams():  # entries a deposed router read while no new ones arrive
             if _foreign(self.client.xpending(stream, REQUEST_GROUP), self.name):
                 self.claim_pending(stream)
         self._flush_stats()
         if time.monotonic() - self._last_trim > 5.0:
             self._last_trim = time.monotonic()
-            self._trim_requests()
-
-    def flush(self) -> None:
-        """Settle a deferred fan-out now and write the counters (before stopping, and in tests)."""
-        deferred = self.handler.deferred
-        if deferred is not None and self._deferred_sent and self.fast is not None:
-            self._deferred_sent = False  # written already: only its answer is still to be read
-            answer = self.fast.pipeline([], timeout=10.0)
-            if answer:
-                self.handler.finish_deferred(answer[0])
-            else:  # the connection went, and the answer with it: its entries stay pending for
-                self.handler.deferred = None  # settling or the partition's next owner
-        elif deferred is not None:
-            self.handler.deferred = None
-            self.handler.publish_run(deferred.run, marks=deferred.marks)
-        self._flush_stats()
-
-    def _flush_stats(self) -> None:
-        counts = {k: self.stats[k] - self._flushed.get(k, 0) for k in ("routed", "delivered")}
-        if any(counts.values()):
-            pipe = self.client.pipeline(transaction=False)
-            for key, delta in counts.items():
-                pipe.hincrby(self.keys.stats, key, delta)
-            pipe.execute()
-            self._flushed.update({k: self.stats[k] for k in counts})
-
-    def _release_all(self) -> None:
-        for lease in self.leases.values():
-            with contextlib.suppress(RedisError):
-                lease.release()
-        self.leases.clear()
-        with contextlib.suppress(RedisError):
-            self.client.zrem(self.keys.routers, self.name)
+            self.parts.trim()
 
     def _take_over(self, partition: int) -> None:
         """Start owning ``partition``: route what the last owner left pending, then new entries."""
@@ -327,26 +310,17 @@ class Router:
 
     def _settle_held(self) -> None:
         """Renew every lease (dropping lost ones), then settle the partitions still held."""
-        self._unsettled = False
-        for p, lease in list(self.leases.items()):
-            if not lease.acquire():
-                log.warning("router %s lost partition %d", self.name, p)
-                del self.leases[p]
-        for p in list(self.leases):
+        self.unsettled = False
+        self.parts.renew()
+        for p in self.parts.held:
             self._settle_partition(p)
 
     def _settle_partition(self, partition: int) -> None:
         """Make sure the partition's groups exist, then route every entry pending on it."""
-        self.version = None  # anything may have changed while we did not route it
+        self.view.invalidate()  # anything may have changed while we did not route it
         self.guard.forget_marks()
-        streams = [self.keys.requests(partition)] + ([self.keys.system] if partition == 0 else [])
-        for stream in streams:
-            try:
-                self.client.xgroup_create(stream, REQUEST_GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-        for stream in streams:
+        self.parts.ensure_groups(partition)
+        for stream in self.parts.streams_of(partition):
             self.claim_pending(stream)
 
     def claim_pending(self, stream: str) -> None:
@@ -356,9 +330,9 @@ class Router:
         another consumer: a router deposed while paused may read one more batch before its fenced
         writes are refused, and those entries are older than anything read since.
         """
-        deferred = self.handler.deferred
-        if deferred is not None and deferred.stream == stream:
-            self.handler.deferred = None  # its entries are pending too: routed below, in order
+        fanout = self.inflight.fanout
+        if fanout is not None and fanout.stream == stream:
+            self.inflight.drop()  # its entries are pending too: routed below, in order
         start = "0-0"
         claimed_all: list[Entry] = []
         while True:  # claim everything first, so routing them never finds a foreign entry again
@@ -374,65 +348,48 @@ class Router:
         if claimed_all:
             log.info("router %s re-routes %d pending entries of %s", self.name, len(claimed_all), stream)
         size = self.settings.batch_size
-        partition = self.handler.partition_of(stream)
         for i in range(0, len(claimed_all), size):
-            if partition not in self.leases:
+            if not self.parts.holds_stream(stream):
                 break  # deposed meanwhile: the new owner claims the rest
             self.process(claimed_all[i:i + size])
 
-    def _trim_requests(self) -> None:
-        """Drop routed entries from owned request streams (keep anything still pending)."""
-        for stream in self._streams():
-            try:
-                groups = self.client.xinfo_groups(stream)
-            except ResponseError:
-                continue
-            for g in groups:
-                if g.get("name") != REQUEST_GROUP:
-                    continue
-                floor = str(g.get("last-delivered-id") or "0-0")
-                if int(g.get("pending") or 0):
-                    summary = self.client.xpending(stream, REQUEST_GROUP)
-                    floor = str(summary.get("min") or floor)
-                self.client.xtrim(stream, minid=floor, approximate=True)
+    def flush(self) -> None:
+        """Settle the in-flight fan-out now and write the counters (before stopping, and in tests)."""
+        fanout = self.inflight.fanout
+        if fanout is not None and self.inflight.written and self.fast is not None:
+            self.inflight.drop()  # written already: only its answer is still to be read
+            answer = self.fast.pipeline([], timeout=10.0)
+            if answer:
+                self._finish(fanout, answer[0])
+            # else the connection went, and the answer with it: its entries stay pending for
+            # settling or the partition's next owner
+        elif fanout is not None:
+            self.inflight.drop()
+            self._route(fanout.run, marks=fanout.marks)
+        self._flush_stats()
 
-    def lost(self, stream: str) -> None:
-        """A fenced script said our lease on ``stream``'s partition is gone: stop routing it."""
-        for p in list(self.leases):
-            if stream in (self.keys.requests(p), self.keys.system if p == 0 else None):
-                log.warning("router %s was fenced off partition %d", self.name, p)
-                del self.leases[p]
+    def _flush_stats(self) -> None:
+        counts = {k: self.stats[k] - self._flushed.get(k, 0) for k in ("routed", "delivered")}
+        if any(counts.values()):
+            pipe = self.client.pipeline(transaction=False)
+            for key, delta in counts.items():
+                pipe.hincrby(self.keys.stats, key, delta)
+            pipe.execute()
+            self._flushed.update({k: self.stats[k] for k in counts})
 
-    # ------------------------------------------------------------------ routing state
+    # ------------------------------------------------------------------ routing
     def refresh(self) -> None:
-        """Reload subscriptions, members and leader in one transaction."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.get(self.keys.routing_version)
-        pipe.hkeys(self.keys.subs)
-        pipe.zrange(self.keys.members, 0, -1)
-        pipe.hmget(self.keys.leader, "id", "term")
-        version, fields, members, leader = pipe.execute()
-        index = SubscriptionIndex()
-        for field in fields:
-            peer, _, pattern = str(field).partition(" ")
-            try:
-                index.add(peer, check_pattern(pattern))
-            except ValueError:  # not written by subscribe.lua (it stores checked patterns only)
-                log.warning("router %s: ignoring malformed subscription %r", self.name, field)
-        self.index = index
-        self.members = {str(m) for m in members}
-        self.leader = (str(leader[0] or ""), int(leader[1] or 0))
-        self.version = str(version or "0")
-        self.guard.refresh(self.members)
-        self.handler.invalidate()
+        """Reload the routing view, and what the guard derives from it."""
+        self.view.refresh(self.client)
+        self.guard.refresh(set(self.view.members))
 
     def process(self, entries: list[Entry], *, defer_last: bool = False) -> None:
         """Route ``entries`` in order: runs of publishes in one script call, control one by one.
 
         With ``defer_last`` a final run of publishes may leave its script call for the next read's
-        round trip (see RequestHandler.publish_run).
+        round trip (see :class:`InFlight`).
         """
-        if self.version is None:
+        if self.view.stale:
             self.refresh()
         self.stats["batches"] += 1
         run: list[Entry] = []
@@ -447,16 +404,24 @@ class Router:
                 if run:
                     self._publish(run)
                     run = []
-                self._isolated(self.handler.control, entry)
+                self._isolated(self._control, entry)
             if run:
                 self._publish(run, defer=defer_last)
         except StopBatch:  # entries of other streams in this batch may be left pending
-            self._unsettled = True
+            self.unsettled = True
+
+    def _control(self, entry: Entry) -> None:
+        done = self.control.apply(entry)
+        if isinstance(done, Rejection):
+            self._reject([done])
+        elif done is DEPOSED:
+            self.parts.drop_stream(entry[0])
+            raise Deposed
 
     def _publish(self, run: list[Entry], *, defer: bool = False) -> None:
         """Route a run of publishes; if it breaks the router, route its entries one by one."""
         try:
-            self.handler.publish_run(run, defer=defer)
+            self._route(run, defer=defer)
         except (RedisError, StopBatch):
             raise
         except Exception as exc:
@@ -466,9 +431,61 @@ class Router:
             pending = self._pending(run[0][0], [eid for _, eid, _ in run])
             for entry in run:  # find the entry at fault; the others are routed as usual
                 if entry[1] in pending:
-                    self._isolated(lambda e: self.handler.publish_run([e]), entry)
+                    self._isolated(lambda e: self._route([e]), entry)
 
-    def _isolated(self, apply: Any, entry: Entry) -> None:
+    def _route(self, run: list[Entry], *, defer: bool = False,
+               marks: dict[str, Mark] | None = None) -> None:
+        """Deliver a run of publishes of one stream with one fenced script call.
+
+        With ``defer`` the call is held in :attr:`inflight` to ride along with the next read (a run
+        with rejections is never deferred: dead letters and error replies go out at once).
+        ``marks`` are the nonce marks of a run authenticated already (a retry).
+        """
+        stream = run[0][0]
+        refused: list[Rejection] = []
+        if marks is None:
+            run, refused, marks = self.planner.authenticate(run)
+        for attempt in range(5):
+            if self.view.stale:
+                self.refresh()
+            fanout = self.planner.plan(stream, run, marks)
+            fanout.rejections += refused
+            if defer and attempt == 0 and not fanout.rejections:
+                self.inflight.hold(fanout)
+                return
+            if self._settle(fanout, self.scripts.route(keys=fanout.keys, args=fanout.args)):
+                return
+        log.warning("router %s: routing version changed under five attempts; settling later", self.name)
+        raise VersionChurn
+
+    def _settle(self, fanout: FanOut, result: Any) -> bool:
+        """Act on a route.lua answer; False when the run must be planned again (stale view)."""
+        status, delivered = outcome(result)
+        if status == "ok":
+            self.stats["routed"] += fanout.messages
+            self.stats["delivered"] += delivered
+            self.guard.commit(fanout.marks)
+            self._reject(fanout.rejections)
+            return True
+        if status == "lost":
+            self.parts.drop_stream(fanout.stream)
+            raise Deposed
+        if status == "foreign":  # a deposed router's reads are older: route them, then ours
+            self.claim_pending(fanout.stream)
+            raise Rerouted
+        self.view.invalidate()  # stale: someone changed members or subscriptions
+        return False
+
+    def _finish(self, fanout: FanOut, answer: Any) -> None:
+        """Settle an in-flight fan-out with the answer its call got (or the error it raised)."""
+        if isinstance(answer, NoScriptError):  # Redis restarted: the synchronous path reloads it
+            self._route(fanout.run, marks=fanout.marks)
+        elif isinstance(answer, Exception):
+            raise answer
+        elif not self._settle(fanout, answer):
+            self._route(fanout.run, marks=fanout.marks)
+
+    def _isolated(self, apply: Callable[[Entry], None], entry: Entry) -> None:
         """``apply(entry)``; a failure that is not Redis's is the entry's: dead-letter it."""
         try:
             apply(entry)
@@ -489,32 +506,25 @@ class Router:
             return  # its script ran and acknowledged it before the failure: nothing to refuse
         error: SidecarError = InternalError(
             f"the router failed on this request ({type(exc).__name__}); see the router's log")
-        self.reject([self.handler.rejection(entry[0], entry[1], entry[2], error)])
+        self._reject([self.rejector.rejection(entry[0], entry[1], entry[2], error)])
+
+    def _reject(self, rejections: list[Rejection]) -> None:
+        """Write rejections under the lease of their stream's partition."""
+        if not rejections:
+            return
+        stream = rejections[0].stream
+        lease_key = self.planner.stream_info(stream)[0]
+        written = self.rejector.write(rejections, lease_key, self.token)
+        self.stats["rejected"] += written
+        if written < len(rejections):
+            self.parts.drop_stream(stream)
+            raise Deposed
 
     def _pending(self, stream: str, ids: list[str]) -> set[str]:
         """Which of ``ids`` (ascending entry ids of ``stream``) are still pending."""
         rows = self.client.xpending_range(stream, REQUEST_GROUP, min=ids[0], max=ids[-1],
                                           count=len(ids))
         return {str(r["message_id"]) for r in rows}
-
-    def reject(self, rejections: list[Rejection]) -> None:
-        """Dead-letter rejected entries, tell identifiable senders why, and ack them."""
-        if not rejections:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for r in rejections:
-            pipe.xadd(self.keys.deadletter, r.deadletter_fields(),
-                      maxlen=self.settings.deadletter_maxlen, approximate=True)
-            if r.reply_to:
-                pipe.xadd(self.keys.responses(r.reply_to), r.reply_fields(),
-                          maxlen=self.settings.inbox_maxlen, approximate=True)
-            if r.ack:
-                pipe.xack(r.stream, REQUEST_GROUP, r.entry_id)
-        pipe.hincrby(self.keys.stats, "rejected", len(rejections))
-        pipe.execute()
-        self.stats["rejected"] += len(rejections)
-        for r in rejections:
-            log.info("rejected %s from %s: %s (%s)", r.entry_id, r.sender or "?", r.code, r.message)
 
 
 def _foreign(summary: Any, me: str) -> bool:

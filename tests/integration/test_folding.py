@@ -13,12 +13,8 @@ import redis
 from coordinator.keys import Keys
 from coordinator.settings import Settings
 from coordinator.sidecar import ClusterSidecar
-from mixin import Agent, Message, SidecarMixin
-from tests.support import async_wait_for
-
-
-class Peer(Agent, SidecarMixin):
-    pass
+from mixin import Message
+from tests.support import Peer, async_wait_for
 
 
 @pytest.fixture
@@ -57,6 +53,8 @@ async def test_bad_batches_and_bad_items_are_dead_lettered(settings: Settings, c
         batch_id = client.xadd(keys.requests(0), {"k": "pubs", "s": pub.id, "b": json.dumps(items)})
         await async_wait_for(lambda: len(got) == 2, what="the good items")
         assert got == [1, 3]
+        # rejections are written once the fan-out they belong to succeeded: wait for them too
+        await async_wait_for(lambda: client.xlen(keys.deadletter) == 3, what="three dead letters")
         dead = {f["entry"]: f["reason"] for _, f in client.xrange(keys.deadletter)}
         assert dead[f"{batch_id}:1"] == "invalid_topic"
         assert dead[f"{batch_id}:2"] == "bad_request"

@@ -266,14 +266,14 @@ def test_an_entry_that_breaks_the_router_is_dead_lettered_and_the_rest_flow(
     # a fault nobody foresaw, tripped by one topic: it must not wedge the partition
     members(client, keys, P1, P2)
     r = router(routers, client, fast, "r1")
-    original = r.handler._match
+    original = r.view.match
 
     def match(topic: str) -> tuple[str, ...]:
         if topic == "poison.pill":
             raise RuntimeError("unforeseen")
         return original(topic)
 
-    monkeypatch.setattr(r.handler, "_match", match)
+    monkeypatch.setattr(r.view, "match", match)
     r.start()
     reply_to(client, keys, P2, sub(client, keys, P2, ">"))
     r.stop()  # queue one batch that mixes good and bad publishes and a subscribe, then route it
@@ -354,19 +354,19 @@ def test_a_fan_out_written_before_lingering_is_settled_by_the_next_read_or_at_st
         routed = r.stats["routed"]
         for i in range(3):
             pub(client, keys, P1, f"b.{stop_while_lingering}.{i}", i)
-        assert r.step() == 3 and r.handler.deferred is not None  # read; its fan-out deferred
+        assert r.step() == 3 and r.inflight.fanout is not None  # read; its fan-out deferred
         busy()
         if stop_while_lingering:
             r._stop.set()
             assert r.step() == 0  # wrote the fan-out, then stopped instead of lingering
-            assert r._deferred_sent
+            assert r.inflight.written
             r.flush()  # what a stopping router does: reads the answer it is owed
             r._stop.clear()
         else:
             r.step()  # wrote the fan-out, lingered, then read: the answer came with the read
         assert written == ["EVALSHA"]  # written on its own before lingering
         written.clear()
-        assert r.handler.deferred is None and not r._deferred_sent
+        assert r.inflight.fanout is None and not r.inflight.written
         assert r.stats["routed"] == routed + 3
         assert topics_of(client, keys, P2)[-3:] == [f"b.{stop_while_lingering}.{i}" for i in range(3)]
     assert int(client.xpending(keys.requests(0), REQUEST_GROUP)["pending"]) == 0

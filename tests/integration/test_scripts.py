@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
 import redis
 
 from coordinator.clock import redis_ms
@@ -13,15 +12,6 @@ from coordinator.cluster.membership import Membership, heartbeat_call, leave_cal
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.scripts import scripts_for
 from tests.support import wait_for
-
-
-@pytest.fixture
-def keys(namespace: str) -> Keys:
-    return Keys(namespace)
-
-
-def server_ms(client: redis.Redis) -> int:
-    return redis_ms(client)
 
 
 def system_topics(client: redis.Redis, keys: Keys) -> list[str]:
@@ -137,10 +127,10 @@ def test_heartbeat_stamps_server_time(client: redis.Redis, keys: Keys) -> None:
     Membership(client, keys).register("p1")
     client.zadd(keys.members, {"p1": 1})  # pretend it was seen long ago
     client.hset(keys.leader, mapping={"id": "p1", "term": "2"})
-    before = server_ms(client)
+    before = redis_ms(client)
     ks, args = heartbeat_call(keys, "p1", {"load": 0.5})
     status, now, leader, term = s.heartbeat(keys=ks, args=args)
-    after = server_ms(client)
+    after = redis_ms(client)
     assert (status, leader, term) == ("ok", "p1", "2")
     assert before <= now <= after
     assert client.zscore(keys.members, "p1") == now
@@ -203,7 +193,7 @@ def test_silence_guard_spares_a_recently_seen_member(client: redis.Redis, keys: 
     assert client.hkeys(keys.subs) == ["p1 a"]
     assert "cluster.member.left" not in system_topics(client, keys)
 
-    client.zadd(keys.members, {"p1": server_ms(client) - 120_000})  # silent for two minutes
+    client.zadd(keys.members, {"p1": redis_ms(client) - 120_000})  # silent for two minutes
     assert s.leave(keys=ks, args=args)[:2] == [1, 1]
     assert system_topics(client, keys).count("cluster.member.left") == 1
     assert m.sweep(60.0) == []  # nothing left to evict
@@ -213,7 +203,7 @@ def test_sweep_evicts_only_silent_members(client: redis.Redis, keys: Keys) -> No
     m = Membership(client, keys)
     m.register("old")
     m.register("new")
-    client.zadd(keys.members, {"old": server_ms(client) - 10_000})
+    client.zadd(keys.members, {"old": redis_ms(client) - 10_000})
     assert m.sweep(3.0) == ["old"]
     assert set(m.members()) == {"new"}
 
@@ -264,7 +254,7 @@ def test_subscribe_script(client: redis.Redis, keys: Keys) -> None:
 
 
 def route_args(token: str, version: str, eid: str, consumer: str = "me") -> list[Any]:
-    return [token, version, REQUEST_GROUP, 1000, 1, 1, 1, consumer, 1, 1, eid, "p1", f"7 {eid}",
+    return [token, version, REQUEST_GROUP, 1000, 1, 1, consumer, 1, eid, "p1", f"7 {eid}",
             f"0:{eid}", "a.b", '{"x":1}', "p1", "1700000000000", 1, 1]
 
 
@@ -297,26 +287,24 @@ def test_route_is_fenced_by_lease_and_version(client: redis.Redis, keys: Keys) -
 def test_route_acks_thousands_of_entries_and_stores_their_marks(client: redis.Redis,
                                                                      keys: Keys) -> None:
     s = scripts_for(client)
-    streams = [keys.requests(0), keys.system]
-    for stream in streams:
-        client.xgroup_create(stream, REQUEST_GROUP, id="0", mkstream=True)
+    stream = keys.requests(0)
+    client.xgroup_create(stream, REQUEST_GROUP, id="0", mkstream=True)
     pipe = client.pipeline(transaction=False)
     for i in range(2_500):
-        pipe.xadd(streams[i % 2], {"k": "pub", "s": "p1", "t": "a.b", "d": str(i)})
+        pipe.xadd(stream, {"k": "pub", "s": "p1", "t": "a.b", "d": str(i)})
     pipe.execute()
-    read = client.xreadgroup(REQUEST_GROUP, "me", {st: ">" for st in streams}, count=5_000)
-    acks = [(1 + streams.index(stream), eid) for stream, records in read for eid, _ in records]
+    read = client.xreadgroup(REQUEST_GROUP, "me", {stream: ">"}, count=5_000)
+    acks = [eid for _, records in read for eid, _ in records]
     assert len(acks) == 2_500
     client.set(keys.router_lease(0), "tok")
     client.set(keys.routing_version, "1")
     marks = [(f"peer{i}", f"{i} 1-{i}") for i in range(1_200)]
     client.hset(keys.nonces, "peer7", "99 1-99")  # a higher mark stored earlier stays
-    args: list[Any] = ["tok", "1", REQUEST_GROUP, 1000, 2, len(acks), 0, "me", len(marks)]
-    args += [x for pair in acks for x in pair]
+    args: list[Any] = ["tok", "1", REQUEST_GROUP, 1000, len(acks), 0, "me", len(marks), *acks]
     args += [x for pair in marks for x in pair]
-    assert s.route(keys=[keys.router_lease(0), keys.routing_version, keys.nonces, *streams],
+    assert s.route(keys=[keys.router_lease(0), keys.routing_version, keys.nonces, stream],
                    args=args) == ["ok", 0]
-    assert [pending_count(client, st) for st in streams] == [0, 0]
+    assert pending_count(client, stream) == 0
     assert client.hgetall(keys.nonces) == {**dict(marks), "peer7": "99 1-99"}
 
 
@@ -341,7 +329,7 @@ def test_elect_is_sticky_and_picks_priority_then_oldest(client: redis.Redis, key
     assert election.run("first") == ("elected", "01C", 1)
     assert election.run() == ("kept", "01C", 1)
     assert election.leader() == ("01C", 1)
-    client.zadd(keys.members, {"01C": server_ms(client) - 60_000})  # the leader went silent
+    client.zadd(keys.members, {"01C": redis_ms(client) - 60_000})  # the leader went silent
     assert election.run("expired") == ("elected", "01A", 2)  # 01D is not eligible
     ks, args = leave_call(keys, "01A", "leave")
     assert scripts_for(client).leave(keys=ks, args=args)[2] == 1  # was the leader

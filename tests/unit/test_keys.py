@@ -40,6 +40,7 @@ def every_key(k: Keys) -> list[str]:
     out = []
     for name, attr in vars(Keys).items():
         if name.startswith("_") or name in ("celery_prefix", "responses_prefix", "partition_of",
+                                            "partition_of_stream",
                                             "subject", "namespace"):
             continue
         if isinstance(attr, property):
