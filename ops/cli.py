@@ -189,7 +189,10 @@ def tail(obj: Context, pattern: str, count: int | None) -> None:
 def evict(obj: Context, peer_id: str, timeout: float) -> None:
     """Remove PEER_ID from the cluster now (a Celery task, visible in Flower)."""
     obj.require_redis()
+    from workers.application import app
     from workers.tasks import evict as evict_task
+
+    app.use_sidecar_settings(obj.settings)  # the flags, not only SIDECAR_*, pick broker and queue
 
     try:
         left = evict_task.delay(peer_id).get(timeout=timeout)

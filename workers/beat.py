@@ -2,16 +2,16 @@
 
 Run two ``celery -A workers beat`` processes for availability: both tick, only the lease holder
 sends tasks, and when it dies the other takes the lease over within about one lease period (it
-retries every third of one). Renewals are checked by token, so a beat that stalled past its lease
-stops dispatching instead of fighting the new holder.
+retries every ``Settings.beat_renew_interval``). Renewals are checked by token, so a beat that
+stalled past its lease stops dispatching instead of fighting the new holder. The settings are those
+of beat's app (``self.app.sidecar_settings``, see workers.application); the lease's value is a
+``LeaseToken`` named ``beat@<hostname>``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import uuid
 from typing import Any
 
 import redis
@@ -19,7 +19,8 @@ from celery.beat import PersistentScheduler
 from redis.exceptions import RedisError
 
 from coordinator.keys import Keys
-from coordinator.leases import Lease
+from coordinator.leases import Lease, LeaseToken
+from coordinator.settings import Settings
 
 __all__ = ["LeasedScheduler"]
 
@@ -30,19 +31,18 @@ class LeasedScheduler(PersistentScheduler):
     """PersistentScheduler gated by a Redis lease (``Settings.beat_lease``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        from workers.application import settings
-
+        super().__init__(*args, **kwargs)
+        settings: Settings = self.app.sidecar_settings
         self._settings = settings
-        client = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
-                                      decode_responses=True)
-        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # the lease lives on the app's broker, which its configuration derived from these settings
+        client = redis.Redis.from_url(self.app.conf.broker_url, decode_responses=True)
+        token = LeaseToken.new(f"beat@{socket.gethostname()}")
         self.lease = Lease(client, Keys(settings.namespace).beat_lease, token, settings.beat_lease)
         self.holding = False
-        super().__init__(*args, **kwargs)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Renew (or try to take) the lease, then dispatch due tasks only if we hold it."""
-        renew_every = self._settings.beat_lease / 3
+        renew_every = self._settings.beat_renew_interval
         try:
             held = self.lease.acquire()
         except RedisError as exc:

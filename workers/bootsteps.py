@@ -1,4 +1,8 @@
-"""Worker bootstep hosting one ClusterSidecar (its router) for the worker's lifetime."""
+"""Worker bootstep hosting one ClusterSidecar (its router) for the worker's lifetime.
+
+The step reads the sidecar settings of the worker's own app (``parent.app.sidecar_settings``, see
+workers.application), as Celery's steps read ``parent.app.conf``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+
+from coordinator.sidecar import ClusterSidecar
 
 __all__ = ["RouterStep"]
 
@@ -19,16 +25,15 @@ class RouterStep(bootsteps.StartStopStep):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.sidecar: Any = None
+        self.sidecar: ClusterSidecar | None = None
 
     def start(self, parent: Any) -> None:
-        from coordinator.sidecar import ClusterSidecar
-        from workers.application import settings
-
-        self.sidecar = ClusterSidecar(settings=settings, run_duties=False,  # beat runs those
-                                      name=f"{getattr(parent, 'hostname', 'worker')}")
-        self.sidecar.start()
-        log.info("sidecar router %s started for namespace %r", self.sidecar.router.name,
+        settings = parent.app.sidecar_settings
+        sidecar = ClusterSidecar(settings=settings, run_duties=False,  # beat runs those
+                                 name=f"{getattr(parent, 'hostname', 'worker')}")
+        sidecar.start()
+        self.sidecar = sidecar
+        log.info("sidecar router %s started for namespace %r", sidecar.router.name,
                  settings.namespace)
 
     def stop(self, parent: Any) -> None:

@@ -1,4 +1,8 @@
-"""Thin Celery tasks over coordinator classes: beat's duties and the CLI's admin actions."""
+"""Thin Celery tasks over coordinator classes: beat's duties and the CLI's admin actions.
+
+Each duty task is bound and reads the settings of the app it runs under
+(``self.app.sidecar_settings``, see workers.application); there is no module-level settings object.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +10,55 @@ from functools import cache
 from typing import Any
 
 import redis
+from celery import Task
 
 from coordinator.cluster.duties import Duties
-from workers.application import app, settings
+from workers.application import app
 
 __all__ = ["cluster_heartbeat", "distribute_policies", "elect", "evict", "ping", "sweep", "trim"]
 
 
 @cache
-def _duties() -> Duties:
-    client = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
-    return Duties(client, settings)
+def _duties(task_app: Any) -> Duties:
+    """One Duties (and Redis client) per app, built from that app's broker and sidecar settings."""
+    client = redis.Redis.from_url(task_app.conf.broker_url, decode_responses=True)
+    return Duties(client, task_app.sidecar_settings)
 
 
-@app.task(name="sidecar.sweep", ignore_result=True)
-def sweep() -> list[str]:
+@app.task(name="sidecar.sweep", bind=True, ignore_result=True)
+def sweep(self: Task) -> list[str]:
     """Evict silent members."""
-    return _duties().sweep()
+    return _duties(self.app).sweep()
 
 
-@app.task(name="sidecar.trim", ignore_result=True)
-def trim() -> dict[str, int]:
+@app.task(name="sidecar.trim", bind=True, ignore_result=True)
+def trim(self: Task) -> dict[str, int]:
     """Trim inboxes by age."""
-    return _duties().trim()
+    return _duties(self.app).trim()
 
 
-@app.task(name="sidecar.elect", ignore_result=True)
-def elect() -> dict[str, Any]:
+@app.task(name="sidecar.elect", bind=True, ignore_result=True)
+def elect(self: Task) -> dict[str, Any]:
     """Keep or change the leader."""
-    return _duties().elect()
+    return _duties(self.app).elect()
 
 
-@app.task(name="sidecar.cluster_heartbeat", ignore_result=True)
-def cluster_heartbeat() -> dict[str, Any]:
+@app.task(name="sidecar.cluster_heartbeat", bind=True, ignore_result=True)
+def cluster_heartbeat(self: Task) -> dict[str, Any]:
     """Publish cluster.heartbeat."""
-    return _duties().cluster_heartbeat()
+    return _duties(self.app).cluster_heartbeat()
 
 
-@app.task(name="sidecar.distribute_policies", ignore_result=True)
-def distribute_policies() -> int:
+@app.task(name="sidecar.distribute_policies", bind=True, ignore_result=True)
+def distribute_policies(self: Task) -> int:
     """Send the policy set to peers that have not acknowledged it."""
-    return _duties().distribute_policies()
+    return _duties(self.app).distribute_policies()
 
 
-@app.task(name="sidecar.evict")
-def evict(peer_id: str) -> bool:
+@app.task(name="sidecar.evict", bind=True)
+def evict(self: Task, peer_id: str) -> bool:
     """Operator action: remove ``peer_id`` from the cluster now."""
-    return _duties().evict(peer_id)
+    return _duties(self.app).evict(peer_id)
 
 
 @app.task(name="sidecar.ping")

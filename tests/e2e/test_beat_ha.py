@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from coordinator.keys import Keys
+from coordinator.leases import LeaseToken
 from tests.e2e.election_peer import PeerHandle, leader_record, members, start_peer, start_sidecar, stop_all
 from tests.support import Processes, sidecar_env, wait_for
 
@@ -63,9 +64,9 @@ class LeaderChecker(threading.Thread):
 
 
 def beat_pid(client: redis.Redis, namespace: str) -> int:
-    """Pid of the beat holding the dispatch lease (its token is ``<hostname>:<pid>:<hex>``)."""
-    token = str(client.get(Keys(namespace).beat_lease) or "")
-    return int(token.rsplit(":", 2)[1]) if token.count(":") >= 2 else 0
+    """Pid of the beat holding the dispatch lease (its value is a LeaseToken), 0 for none."""
+    token = LeaseToken.parse(client.get(Keys(namespace).beat_lease))
+    return token.pid if token is not None else 0
 
 
 def test_two_beats_under_churn_keep_one_leader_and_take_over(
