@@ -12,18 +12,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
 
 from coordinator.cluster.membership import elect_call, heartbeat_call, leave_call, register_call
 from coordinator.errors import BadRequest, SidecarError, UnknownPeer
-from coordinator.keys import REQUEST_GROUP, Keys
+from coordinator.keys import REQUEST_GROUP
 from coordinator.protocol import KINDS, PEER_ID_RE, SYSTEM_SENDER
 from coordinator.resp import Entry
-from coordinator.routing.guard import Guard
-from coordinator.routing.rejections import Rejection, Rejector
-from coordinator.routing.view import RoutingView
+from coordinator.routing.context import RouterContext
+from coordinator.routing.rejections import Rejection
 from coordinator.scripts import scripts_for
-from coordinator.settings import Settings
 from coordinator.topics import check_pattern
 
 __all__ = ["APPLIED", "DEPOSED", "ControlHandler", "Done"]
@@ -49,19 +46,17 @@ class _Deposed(Exception):
 class ControlHandler:
     """Applies non-publish requests for one router (identified by its lease ``token``)."""
 
-    def __init__(self, client: Any, keys: Keys, settings: Settings, view: RoutingView,
-                 guard: Guard, rejector: Rejector, *, token: str,
-                 refresh: Callable[[], None]) -> None:
-        self.client = client
+    def __init__(self, ctx: RouterContext, *, refresh: Callable[[], None]) -> None:
+        self.client = ctx.client
+        self.keys = ctx.keys
+        self.settings = ctx.settings
+        self.view = ctx.view
+        self.guard = ctx.guard
+        self.rejector = ctx.rejector
+        self.token = ctx.token
         self.refresh = refresh
         """Reloads the view and what the guard derives from it (the router's)."""
-        self.keys = keys
-        self.settings = settings
-        self.view = view
-        self.guard = guard
-        self.rejector = rejector
-        self.token = token
-        self.scripts = scripts_for(client)
+        self.scripts = scripts_for(ctx.client)
 
     def apply(self, entry: Entry) -> Done | Rejection:
         """Apply one non-publish request entry; a refused one comes back as a Rejection for the

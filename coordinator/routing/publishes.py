@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import BadRequest, NotLeader, PayloadTooLarge, SidecarError, UnknownPeer
-from coordinator.keys import REQUEST_GROUP, Keys
+from coordinator.keys import REQUEST_GROUP
 from coordinator.resp import Entry
-from coordinator.routing.guard import Guard, Mark
-from coordinator.routing.rejections import Rejection, Rejector
-from coordinator.routing.view import RoutingView
-from coordinator.settings import Settings
+from coordinator.routing.context import RouterContext
+from coordinator.routing.guard import Mark
+from coordinator.routing.rejections import Rejection
 from coordinator.topics import check_publish_topic
 
 __all__ = ["FanOut", "PublishPlanner", "outcome"]
@@ -52,15 +51,14 @@ def outcome(result: Any) -> tuple[str, int]:
 class PublishPlanner:
     """Validation, matching and the route.lua arguments for one router."""
 
-    def __init__(self, keys: Keys, settings: Settings, view: RoutingView, guard: Guard,
-                 rejector: Rejector, *, token: str, consumer: str) -> None:
-        self.keys = keys
-        self.settings = settings
-        self.view = view
-        self.guard = guard
-        self.rejector = rejector
-        self.token = token
-        self.consumer = consumer
+    def __init__(self, ctx: RouterContext) -> None:
+        self.keys = ctx.keys
+        self.settings = ctx.settings
+        self.view = ctx.view
+        self.guard = ctx.guard
+        self.rejector = ctx.rejector
+        self.token = ctx.token
+        self.consumer = ctx.name
         self._streams: dict[str, tuple[str, str, bool]] = {}
 
     def authenticate(self, run: list[Entry]) -> tuple[list[Entry], list[Rejection], dict[str, Mark]]:

@@ -51,6 +51,7 @@ from coordinator.leases import LeaseToken
 from coordinator.protocol import PUBLISH_KINDS
 from coordinator.resp import Entry, RespConnection, stream_entries, stream_entries_py
 from coordinator.routing.coalesce import ReadCoalescer
+from coordinator.routing.context import RouterContext
 from coordinator.routing.control import DEPOSED, ControlHandler
 from coordinator.routing.guard import Guard, Mark
 from coordinator.routing.partitions import Partitions
@@ -113,10 +114,10 @@ class Router:
         self.view = RoutingView(self.keys)
         self.guard = Guard(client, self.keys, settings)
         self.rejector = Rejector(client, self.keys, settings, self.view)
-        self.planner = PublishPlanner(self.keys, settings, self.view, self.guard, self.rejector,
-                                      token=self.token, consumer=self.name)
-        self.control = ControlHandler(client, self.keys, settings, self.view, self.guard,
-                                      self.rejector, token=self.token, refresh=self.refresh)
+        ctx = RouterContext(client, self.keys, settings, self.view, self.guard, self.rejector,
+                            self.token, self.name)
+        self.planner = PublishPlanner(ctx)
+        self.control = ControlHandler(ctx, refresh=self.refresh)
         self.inflight = InFlight()
         self.coalescer = ReadCoalescer(settings.router_linger, settings.batch_size)
         self.stats = {"routed": 0, "delivered": 0, "rejected": 0, "batches": 0, "takeovers": 0}
