@@ -1,16 +1,30 @@
-"""Fixtures: a real Redis started by the suite, a fresh namespace per test, process helpers."""
+"""Fixtures: a real Redis started by the suite, a fresh namespace per test, process helpers.
+
+Every test under tests/e2e is marked ``e2e`` here (``make test-fast`` deselects them with ``slow``).
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
+from coordinator.keys import Keys
 from coordinator.settings import Settings
 from ops.embedded import RedisServer
 from tests.support import Processes
+
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test collected from tests/e2e ``e2e``: they start real celery processes."""
+    for item in items:
+        if item.path.resolve().is_relative_to(E2E_DIR):
+            item.add_marker(pytest.mark.e2e)
 
 
 def _running_redis() -> Iterator[RedisServer]:
@@ -42,6 +56,12 @@ def redis_url(redis_server: RedisServer) -> str:
 def namespace() -> str:
     """A namespace no other test uses, so tests never see each other's keys."""
     return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def keys(namespace: str) -> Keys:
+    """The key names of this test's namespace."""
+    return Keys(namespace)
 
 
 @pytest.fixture

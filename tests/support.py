@@ -17,8 +17,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from mixin import Agent, SidecarMixin
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+
+
+class Peer(Agent, SidecarMixin):
+    """A peer with nothing but the mixin (its status section is ``peer``)."""
+
+
+class P(Agent, SidecarMixin):
+    """The smallest peer application (its status section is ``p``)."""
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
@@ -119,3 +129,4 @@ class Processes:
                 except ProcessLookupError:
                     continue
                 self.kill(proc, signal.SIGTERM)
+

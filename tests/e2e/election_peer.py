@@ -56,6 +56,7 @@ from coordinator.keys import Keys
 from coordinator.protocol import Message, dumps
 from coordinator.settings import Settings
 from mixin import Agent, SidecarMixin
+from tests.e2e.helpers import holders, wait_until_routing
 from tests.support import Processes, wait_for
 
 __all__ = ["ElectionPeer", "PeerHandle", "command_key", "leader_record", "members", "start_peer",
@@ -254,18 +255,16 @@ def start_sidecar(procs: Processes, env: dict[str, str], client: redis.Redis, *,
                   workers: tuple[str, ...] = ("w1",), beats: tuple[str, ...] = ("beat",),
                   timeout: float = 30.0) -> dict[str, subprocess.Popen[bytes]]:
     """Start workers and beats; return once a worker routes partition 0 and a beat holds the lease."""
-    keys = Keys(env["SIDECAR_NAMESPACE"])
+    namespace = env["SIDECAR_NAMESPACE"]
     started = {name: procs.worker(env, name) for name in workers}
     started.update({name: procs.beat(env, name) for name in beats})
 
     def ready() -> bool:
-        for name, proc in started.items():
-            if proc.poll() is not None:
-                raise AssertionError(f"{name} exited with {proc.returncode}:\n{procs.log(proc)}")
-        routing = str(client.get(keys.router_lease(0)) or "").split("@", 1)[0] in workers
-        return routing and (not beats or client.get(keys.beat_lease) is not None)
+        routes = holders(client, namespace)[0] in workers
+        return routes and (not beats or client.get(Keys(namespace).beat_lease) is not None)
 
-    wait_for(ready, timeout, interval=0.02, what="the worker to route and a beat to hold its lease")
+    wait_until_routing(procs, started, ready, timeout,
+                       what="the worker to route and a beat to hold its lease")
     return started
 
 

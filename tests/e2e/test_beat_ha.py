@@ -69,6 +69,7 @@ def beat_pid(client: redis.Redis, namespace: str) -> int:
     return token.pid if token is not None else 0
 
 
+@pytest.mark.slow
 def test_two_beats_under_churn_keep_one_leader_and_take_over(
         procs: Processes, redis_url: str, namespace: str, client: redis.Redis) -> None:
     env = sidecar_env(redis_url, namespace, **FAST)
@@ -117,8 +118,9 @@ def test_two_beats_under_churn_keep_one_leader_and_take_over(
             assert seen.setdefault(e["term"], e["leader"] or "") == (e["leader"] or ""), (peer, e)
     assert checker.samples > CHURN_SECONDS * 20  # the 10 ms sampler really sampled
     assert len(checker.by_term) >= 5, checker.by_term
-    assert takeover < 2 * FAST["beat_lease"] + 1.0
-    assert eviction < 5.0
+    # how long the takeover and the eviction took is measured by `make bench` (beat_takeover_s,
+    # failover_s); here it matters that they happened, by whom, and in order (see
+    # kill_the_dispatching_beat)
     # Every peer that died without leaving was evicted, every one that left is gone, and the
     # live peers (still heartbeating through all of it) agree with the leader record.
     gone = set(killed) | set(left)

@@ -24,6 +24,7 @@ FIGURES = ("raw_hop_msgs_per_s", "raw_hop_p50_us", "celery_task_msgs_per_s", "ro
            "beat_takeover_s", "dual_leader_samples", "policy_convergence_50_peers_s")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "results.json"

@@ -25,6 +25,7 @@ KILL_AFTER = 1_000
 PEER_PROC = str(Path(__file__).with_name("peer_proc.py"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_worker_killed_mid_stream_loses_nothing_and_repeats_nothing(
         procs: Processes, redis_url: str, namespace: str, client: redis.Redis) -> None:

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +56,7 @@ def assert_nothing_left(out: str) -> tuple[str, str, Path]:
     return url, redis_line.group(2), Path(logs_line.group(1))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_sidecar_up_runs_the_demo_and_leaves_nothing_behind(procs: Processes) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
@@ -84,6 +84,7 @@ def test_sidecar_up_runs_the_demo_and_leaves_nothing_behind(procs: Processes) ->
     assert {"worker.log", "beat.log", "conductor.log", "follower-1.log", "follower-2.log"} <= logs
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_ctrl_c_stops_sidecar_up_and_every_child(procs: Processes) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
@@ -93,12 +94,10 @@ def test_ctrl_c_stops_sidecar_up_and_every_child(procs: Processes) -> None:
              what="`sidecar up` to report three peers")
     assert up.poll() is None, procs.log(up)
     os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-    stopped = time.monotonic()
     try:
         up.wait(30)
     except subprocess.TimeoutExpired:
         pytest.fail(f"`sidecar up` ignored Ctrl-C for 30s:\n{procs.log(up)}")
-    took = time.monotonic() - stopped
     out = procs.log(up)
     _, _, logs_dir = assert_nothing_left(out)
     # Regression (fixed) (coordinator/embedded.py EmbeddedServer.start): redis-server was started in
@@ -107,7 +106,8 @@ def test_ctrl_c_stops_sidecar_up_and_every_child(procs: Processes) -> None:
     # supervisor SIGKILLs it after 10s, and the followers die with a ConnectionError traceback from
     # publish_heartbeat: the orderly "peers first, so they leave cleanly" shutdown never happens.
     assert "did not stop" not in out, out
-    assert took < 10, f"Ctrl-C took {took:.1f}s:\n{out}"
     for name in ("conductor", "follower-1", "follower-2"):
         log = (logs_dir / f"{name}.log").read_text(errors="replace")
         assert "Traceback" not in log, f"{name}:\n{log[-3000:]}"
+        # each peer left while the worker still routed (its leave was answered): peers stop first
+        assert "leave not confirmed" not in log, f"{name}:\n{log[-3000:]}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,7 +22,6 @@ from tests.e2e.election_peer import (
     members,
     start_peer,
     start_sidecar,
-    stop_all,
 )
 from tests.support import Processes, sidecar_env, wait_for
 
@@ -31,10 +29,7 @@ FAST = {"heartbeat_interval": 0.2, "member_ttl": 0.6}
 """Tuned timings: a silent peer is evicted (and a dead leader replaced) within about a second."""
 
 
-@pytest.fixture(autouse=True)
-def _stop_peers_first(procs: Processes) -> Iterator[None]:
-    yield
-    stop_all(procs)
+pytestmark = [pytest.mark.usefixtures("stop_peers_first"), pytest.mark.slow]  # each takes 5 s or more
 
 
 def agreed(peers: list[PeerHandle], client: redis.Redis, namespace: str,
@@ -100,7 +95,15 @@ def test_killing_the_leader_elects_one_new_leader_with_a_higher_term(
     changes = leader_events(client, namespace)
     assert [int(e["term"]) for e in changes] == sorted(int(e["term"]) for e in changes)
     assert changes[-1]["leader"] == new and changes[-1]["previous"] == old
-    assert failover < 10
+    # what each survivor saw, in order: the old leader, then (only after the kill) the new one, its
+    # term never going down
+    for s in survivors:
+        views = [(e["leader"], e["term"], e["mono"]) for e in s.events("leader")]
+        assert [t for _, t, _ in views] == sorted(t for _, t, _ in views), views
+        assert views[-1][:2] == (new, new_term)
+        first_new = next(i for i, (leader, term, _) in enumerate(views) if (leader, term) == (new, new_term))
+        assert (old, old_term) in [v[:2] for v in views[:first_new]], views
+        assert views[first_new][2] > killed, views
 
 
 def test_paused_leader_is_deposed_and_its_fenced_publishes_are_rejected(
@@ -188,12 +191,22 @@ def test_graceful_leave_re_elects_without_waiting_for_the_ttl(
     took = time.monotonic() - asked
     print(f"\nre-election after a graceful leave: {took:.2f}s (member_ttl {ttl}s)")
 
-    assert took < ttl / 2
     assert new in {s.id for s in survivors} and new_term == old_term + 1
     assert old not in members(client, namespace)
     left = [f for _, f in client.xrange(Keys(namespace).events) if f.get("event") == "left"]
     assert [(f["peer"], f["reason"]) for f in left] == [(old, "leave")]
     assert leader_events(client, namespace)[-1]["reason"] == "leader left"
+    # in this order: the leader left, then the election of its successor (on the leave itself: no
+    # eviction came in between, see `left`), then each survivor learned the new leader
+    events = [f for _, f in client.xrange(Keys(namespace).events)]
+    left_at = next(i for i, f in enumerate(events) if f.get("event") == "left" and f["peer"] == old)
+    elected_at = next(i for i, f in enumerate(events) if f.get("event") == "leader"
+                      and (f["leader"], int(f["term"])) == (new, new_term))
+    assert left_at < elected_at, events
+    assert events[elected_at]["previous"] == old
+    for s in survivors:
+        learned_new = next(e for e in s.events("leader") if (e["leader"], e["term"]) == (new, new_term))
+        assert learned_new["mono"] > asked
     one_leader_per_term(peers)
 
 
@@ -222,7 +235,10 @@ def test_evicted_peer_learns_the_current_leader_and_term_when_it_rejoins(
     learned = paused.events("leader")[-1]["mono"] - resumed
     print(f"\nrejoined peer learned leader and term {learned:.3f}s after SIGCONT")
     assert paused.view() == (new, new_term)
-    assert 0 < learned < 2.0
+    assert learned > 0
+    # after SIGCONT it went straight from its stale view to the current leader and term, once
+    after = [(e["leader"], e["term"]) for e in paused.events("leader") if e["mono"] > resumed]
+    assert after == [(new, new_term)]
     wait_for(lambda: paused.id in members(client, namespace), 5, what="the peer to register again")
     joins = [f["peer"] for _, f in client.xrange(keys.events) if f.get("event") == "joined"]
     assert joins.count(paused.id) == 2

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -16,23 +15,15 @@ from ulid import ULID
 
 from coordinator.keys import Keys
 from coordinator.settings import Settings
-from mixin import Agent, Message, SidecarMixin
-from tests.e2e.election_peer import stop_all
-from tests.support import Processes, async_wait_for, sidecar_env
+from mixin import Message
+from tests.e2e.helpers import holders, routing
+from tests.support import Peer, Processes, async_wait_for, sidecar_env
 
 PARTITIONS = 4
 LEASE = 1.0
 PER_PUBLISHER = 600
 
-
-class Peer(Agent, SidecarMixin):
-    """A bare peer in the test's own event loop."""
-
-
-@pytest.fixture(autouse=True)
-def _stop_in_order(procs: Processes) -> Iterator[None]:
-    yield
-    stop_all(procs)
+pytestmark = [pytest.mark.usefixtures("stop_peers_first"), pytest.mark.slow]
 
 
 def ids_one_per_partition() -> list[str]:
@@ -42,13 +33,6 @@ def ids_one_per_partition() -> list[str]:
         peer_id = str(ULID())
         found.setdefault(Keys.partition_of(peer_id, PARTITIONS), peer_id)
     return [found[p] for p in range(PARTITIONS)]
-
-
-def holders(client: redis.Redis, namespace: str) -> dict[int, str]:
-    """Partition -> name of the worker whose router holds its lease ('' when nobody does)."""
-    keys = Keys(namespace)
-    tokens = client.mget([keys.router_lease(p) for p in range(PARTITIONS)])
-    return {p: str(t or "").split("@", 1)[0] for p, t in enumerate(tokens)}
 
 
 async def test_partitions_spread_over_two_workers_and_survive_a_worker_kill(
@@ -62,14 +46,12 @@ async def test_partitions_spread_over_two_workers_and_survive_a_worker_kill(
     workers = {name: procs.worker(env, name) for name in ("w1", "w2")}
 
     def spread() -> bool:
-        for name, proc in workers.items():
-            assert proc.poll() is None, f"{name} exited:\n{procs.log(proc)}"
-        return Counter(holders(client, namespace).values()) == {"w1": 2, "w2": 2}
+        return Counter(holders(client, namespace, PARTITIONS).values()) == {"w1": 2, "w2": 2}
 
-    await async_wait_for(spread, 30, what="each worker to route two partitions")
-    victim = holders(client, namespace)[0]  # the one routing partition 0 (and the system stream)
+    await async_wait_for(routing(procs, workers, spread), 30, what="each worker to route two partitions")
+    victim = holders(client, namespace, PARTITIONS)[0]  # the one routing partition 0 (and the system stream)
     survivor = "w2" if victim == "w1" else "w1"
-    victim_partitions = {p for p, w in holders(client, namespace).items() if w == victim}
+    victim_partitions = {p for p, w in holders(client, namespace, PARTITIONS).items() if w == victim}
 
     ids = ids_one_per_partition()
     received: list[Message] = []
@@ -94,7 +76,7 @@ async def test_partitions_spread_over_two_workers_and_survive_a_worker_kill(
         procs.kill(workers[victim])
         killed = time.monotonic()
         at_kill = dict(published)
-        await async_wait_for(lambda: set(holders(client, namespace).values()) == {survivor},
+        await async_wait_for(lambda: set(holders(client, namespace, PARTITIONS).values()) == {survivor},
                              LEASE * 2 + 8, what=f"{survivor} to take every partition")
         takeover = time.monotonic() - killed
         await asyncio.gather(*tasks)
@@ -123,4 +105,4 @@ async def test_partitions_spread_over_two_workers_and_survive_a_worker_kill(
             f"in order: {ints == sorted(ints)}")
     assert len(received) == len({m.id for m in received}) == total + PARTITIONS  # handled once each
     assert workers[survivor].poll() is None
-    assert holders(client, namespace) == dict.fromkeys(range(PARTITIONS), survivor)
+    assert holders(client, namespace, PARTITIONS) == dict.fromkeys(range(PARTITIONS), survivor)

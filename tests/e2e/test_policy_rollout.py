@@ -7,8 +7,6 @@ through a real ``celery -A workers worker`` started with ``SIDECAR_ENFORCE_POLIC
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,22 +18,12 @@ from coordinator.errors import PolicyRejected
 from coordinator.keys import Keys
 from coordinator.policy.store import PolicyStore
 from coordinator.settings import Settings
-from mixin import Agent, SidecarMixin
-from tests.e2e.helpers import Recorder, start_worker
-from tests.support import Processes, async_wait_for, sidecar_env, wait_for
+from tests.e2e.helpers import Recorder, sidecar_cli, start_worker
+from tests.support import Peer, Processes, async_wait_for, sidecar_env, wait_for
 
-SIDECAR = Path(sys.executable).parent / "sidecar"
 PEERS_SCRIPT = str(Path(__file__).with_name("policy_peers.py"))
 PROCESSES = 2
 PER_PROCESS = 25
-
-
-def sidecar_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
-    """Run ``sidecar ARGS``; return its output (fails the test on a non-zero exit)."""
-    done = subprocess.run([str(SIDECAR), *args], env=env, input=stdin, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, f"sidecar {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
 
 
 def rollout_doc(**data: Any) -> dict[str, Any]:
@@ -48,6 +36,7 @@ def rollout_doc(**data: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- rollout
 
 
+@pytest.mark.slow
 def test_rollout_nack_fix_and_rollback_across_peer_processes(
         procs: Processes, redis_url: str, namespace: str, client: redis.Redis, tmp_path: Path) -> None:
     keys = Keys(namespace)
@@ -150,10 +139,6 @@ def test_rollout_nack_fix_and_rollback_across_peer_processes(
 
 
 # ---------------------------------------------------------------------------------------- enforcement
-
-
-class Peer(Agent, SidecarMixin):
-    """A peer with nothing but the mixin."""
 
 
 ENFORCED = {

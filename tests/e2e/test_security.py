@@ -8,11 +8,8 @@ import hashlib
 import hmac
 import json
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,23 +20,12 @@ from redis.exceptions import NoPermissionError
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.policy.auth import FRESHNESS_MS, TAG_HEX, Identities, Signer, canonical
 from coordinator.settings import Settings
-from mixin import Agent, SidecarMixin
 from ops.embedded import RedisServer
-from tests.e2e.helpers import Recorder, start_worker
-from tests.support import Processes, async_wait_for, sidecar_env, wait_for
+from tests.e2e.helpers import Recorder, sidecar_cli, start_worker
+from tests.support import Peer, Processes, async_wait_for, sidecar_env, wait_for
 
-SIDECAR = Path(sys.executable).parent / "sidecar"
 DASHBOARD_PASSWORD = "dashboard-pa55word-never-logged"
 
-
-class Peer(Agent, SidecarMixin):
-    """A peer with nothing but the mixin."""
-
-
-def sidecar_cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([str(SIDECAR), *args], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"sidecar {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
 
 
 def sign_by_hand(secret: str, fields: dict[str, str]) -> dict[str, str]:

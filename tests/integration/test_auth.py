@@ -16,8 +16,8 @@ from coordinator.errors import AuthenticationFailed, PolicyRejected
 from coordinator.policy.auth import FRESHNESS_MS, TAG_HEX, Identities, Identity, Signer, canonical, verify
 from coordinator.policy.store import PolicyStore
 from coordinator.routing.guard import Guard, Mark
-from mixin import Agent, Message, SidecarMixin
-from tests.support import async_wait_for
+from mixin import Message
+from tests.support import P, async_wait_for
 
 SECRET = "s3cret-of-peer-a-0123456789abcdef"
 OTHER = "s3cret-of-peer-b-fedcba9876543210"
@@ -192,11 +192,6 @@ def test_no_secret_in_any_repr() -> None:
 # ---------------------------------------------------------------------------------------- identities
 
 
-@pytest.fixture
-def keys(namespace: str) -> Keys:
-    return Keys(namespace)
-
-
 def test_identities_add_and_load(client: redis.Redis, keys: Keys) -> None:
     store = Identities(client, keys)
     before = int(client.get(keys.routing_version) or 0)
@@ -278,10 +273,6 @@ def test_guard_authenticates_against_identities_in_redis(client: redis.Redis, ke
 
 
 # ---------------------------------------------------------------------------------------- a router
-
-
-class P(Agent, SidecarMixin):
-    """The smallest peer application."""
 
 
 def auth_settings(settings: Settings, **extra: Any) -> Settings:

@@ -15,13 +15,9 @@ from click.testing import CliRunner
 
 from coordinator.settings import Settings
 from coordinator.sidecar import ClusterSidecar
-from mixin import Agent, Message, SidecarMixin
+from mixin import Message
 from ops.cli import cli
-from tests.support import VENV_BIN, wait_for
-
-
-class Peer(Agent, SidecarMixin):
-    pass
+from tests.support import VENV_BIN, Peer, wait_for
 
 
 @pytest.fixture

@@ -12,14 +12,10 @@ import redis
 from ulid import ULID
 
 from coordinator import ClusterSidecar, InvalidTopic, Keys, Settings, SidecarTimeout
-from mixin import Agent, Message, SidecarMixin
+from mixin import Message
 from mixin.link import SidecarLink
 from ops.embedded import RedisServer
-from tests.support import async_wait_for
-
-
-class P(Agent, SidecarMixin):
-    """The smallest peer application."""
+from tests.support import P, async_wait_for
 
 
 class Cluster:
@@ -61,11 +57,6 @@ async def cluster(settings: Settings) -> AsyncIterator[Cluster]:
         yield c
     finally:
         await c.close()
-
-
-@pytest.fixture
-def keys(namespace: str) -> Keys:
-    return Keys(namespace)
 
 
 def messages(client: redis.Redis, keys: Keys, peer: str) -> list[dict[str, str]]:

@@ -15,9 +15,8 @@ from coordinator.cluster.membership import Membership
 from coordinator.errors import InvalidPolicy, PolicyRejected
 from coordinator.keys import Keys
 from coordinator.policy.store import PolicyStore
-from mixin import Agent, SidecarMixin
 from ops.cli import cli
-from tests.support import async_wait_for, wait_for
+from tests.support import P, async_wait_for, wait_for
 
 
 def doc(tempo: int = 120, resource: str = "conductor.>") -> dict[str, Any]:
@@ -28,17 +27,8 @@ def doc(tempo: int = 120, resource: str = "conductor.>") -> dict[str, Any]:
 
 
 @pytest.fixture
-def keys(namespace: str) -> Keys:
-    return Keys(namespace)
-
-
-@pytest.fixture
 def store(client: redis.Redis, keys: Keys) -> PolicyStore:
     return PolicyStore(client, keys)
-
-
-def server_ms(client: redis.Redis) -> int:
-    return redis_ms(client)
 
 
 def policy_entries(client: redis.Redis, keys: Keys, peer: str) -> list[dict[str, Any]]:
@@ -69,11 +59,11 @@ def test_set_gives_increasing_versions_across_documents(store: PolicyStore, clie
 
 
 def test_get_and_documents_show_the_current_record(store: PolicyStore, client: redis.Redis) -> None:
-    before = server_ms(client)
+    before = redis_ms(client)
     store.set("conductors", doc(120), by="alice")
     store.set("players", json.dumps({"statements": []}), by="bob")
     store.set("conductors", "name: ignored\nstatements: []\ndata: {tempo: 140}\n", by="carol")
-    after = server_ms(client)
+    after = redis_ms(client)
 
     record = store.get("conductors")
     assert record is not None
@@ -107,7 +97,7 @@ def test_history_records_who_when_and_what(store: PolicyStore, client: redis.Red
     stamps = []
     for i, who in enumerate(["alice", "bob", "carol"]):
         store.set("conductors", doc(100 + i), by=who)
-        stamps.append(server_ms(client))
+        stamps.append(redis_ms(client))
     store.set("players", {"statements": []})  # another document's versions stay out of this history
     rows = store.history("conductors")
     assert [r["version"] for r in rows] == [1, 2, 3]
@@ -230,7 +220,7 @@ def test_distribute_backs_off_exponentially(store: PolicyStore, members: list[st
     assert store.distribute([a]) == 0
     # not due before next_at, due after it: polling distribute() finds the moment it becomes due
     wait_for(lambda: store.distribute([a]) == 1, timeout=5, interval=0.02, what="the first retry")
-    assert server_ms(client) >= first["next_at"]
+    assert redis_ms(client) >= first["next_at"]
     second = state()
     assert second["attempts"] == 2
     assert second["next_at"] - second["sent_at"] == 1000
@@ -261,7 +251,7 @@ def test_status_reports_synced_stale_and_nacked(store: PolicyStore, members: lis
     a, b, c = members
     assert {r["state"] for r in store.status()} == {"STALE"}
     v1 = store.set("conductors", doc(120))
-    before = server_ms(client)
+    before = redis_ms(client)
     store.record_ack(a, v1, "na", True, "")
     store.record_ack(b, v1, "nb", False, "ValueError: policy lacks data.tempo")
     rows = {r["peer_id"]: r for r in store.status()}
@@ -346,10 +336,6 @@ def test_cli_refuses_bad_input_with_the_reason(redis_url: str, namespace: str, s
 
 
 # ---------------------------------------------------------------------------------------- a router
-
-
-class P(Agent, SidecarMixin):
-    """The smallest peer application."""
 
 
 def open_to(resource: str) -> dict[str, Any]:
