@@ -12,6 +12,7 @@ __all__ = [
     "BadRequest",
     "ConfigurationError",
     "InternalError",
+    "InvalidHeaders",
     "InvalidPolicy",
     "InvalidTopic",
     "NotLeader",
@@ -53,6 +54,12 @@ class PayloadTooLarge(BadRequest):
     """A publish carried more bytes than ``Settings.max_payload_bytes`` allows."""
 
     code = "payload_too_large"
+
+
+class InvalidHeaders(BadRequest):
+    """Message headers must be a small mapping of header names to strings; the message says how."""
+
+    code = "invalid_headers"
 
 
 class InvalidPolicy(BadRequest):
@@ -117,6 +124,7 @@ _BY_CODE: dict[str, type[SidecarError]] = {
         SidecarUnavailable,
         SidecarTimeout,
         InvalidPolicy,
+        InvalidHeaders,
         AuthenticationFailed,
         InternalError,
     )

@@ -3,10 +3,13 @@
 Request entry (``sidecar.requests[.<k>]``), written by the mixin::
 
     k    kind: pub | pubs (folded publishes) | sub | unsub | reg | leave | hb (heartbeat) | pack (policy ack)
-    b    pubs only: JSON list of [topic, payload json text, fence term or null], in publish order
+    b    pubs only: JSON list of [topic, payload json text, fence term or null, message id,
+         headers json text or null], in publish order
     s    sender peer id
     t    topic (pub) or pattern (sub, unsub)
     d    payload as JSON text (pub)
+    i    message id (pub): made by the publisher, the same on every retry (coordinator.ids)
+    h    headers as JSON text (pub, optional): a mapping of header names to strings
     r    request id (control requests): the reply carries it back
     f    leader term the sender claims (fenced publishes only)
     m    member info as JSON (reg)
@@ -16,7 +19,8 @@ Request entry (``sidecar.requests[.<k>]``), written by the mixin::
 
 Response entry (``sidecar.responses.<peer_id>``), written by the router::
 
-    k=msg    i message id, t topic, d payload JSON, s sender, ts publish time (ms)
+    k=msg    i message id, t topic, d payload JSON, s sender, ts publish time (ms), h headers JSON
+             (only when the message has headers)
     k=reply  r request id, ok "1" | "0", e error code, m error message, plus reply fields
 """
 
@@ -24,17 +28,23 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.errors import InvalidHeaders
+
 __all__ = [
+    "HEADER_NAME_RE",
     "INTERNAL_SUBSCRIPTIONS",
     "KINDS",
     "PEER_ID_RE",
     "PUBLISH_KINDS",
     "SYSTEM_SENDER",
     "Message",
+    "check_headers",
     "dumps",
+    "parse_headers",
 ]
 
 PEER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -49,6 +59,44 @@ membership scripts (register.lua, leave.lua, elect.lua) write the same literal."
 INTERNAL_SUBSCRIPTIONS = frozenset({"cluster.leader"})
 """Subscriptions every peer makes for its own bookkeeping: never denied by policy, and not counted
 among the peer's own subscriptions."""
+
+
+HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+"""What a header name may look like (``traceparent``, ``Nats-Msg-Id``, ``x-request-id``...)."""
+
+
+def check_headers(headers: Any, limit: int) -> str:
+    """``headers`` as compact JSON text ('' for none); InvalidHeaders unless it is a mapping of
+    header names to strings (no control characters) of at most ``limit`` bytes as JSON."""
+    if not headers:
+        return ""
+    if not isinstance(headers, Mapping):
+        raise InvalidHeaders(f"headers must be a mapping of names to strings, got {type(headers).__name__}")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not HEADER_NAME_RE.match(name):
+            raise InvalidHeaders(f"header name {str(name)[:80]!r} must be 1-128 letters, digits, "
+                                 "'_', '.' or '-', starting with a letter or digit")
+        if not isinstance(value, str):
+            raise InvalidHeaders(f"header {name!r} must be a string, got {type(value).__name__}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise InvalidHeaders(f"header {name!r} holds a control character")
+    text = dumps(dict(headers))
+    if len(text.encode()) > limit:
+        raise InvalidHeaders(f"headers take {len(text.encode())} bytes as JSON; the limit is {limit}")
+    return text
+
+
+def parse_headers(text: str | None) -> dict[str, str]:
+    """Headers as a peer receives them: the JSON text the router checked ({} for none or garbage)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def dumps(data: Any) -> str:
@@ -66,3 +114,7 @@ class Message:
     id: str
     timestamp: float
     """Publish time, seconds since the epoch (Redis server clock)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Headers the publisher set (``traceparent`` and the like), passed through untouched."""
+    site: str | None = None
+    """Site the message was published on; None for this site."""

@@ -74,6 +74,8 @@ class Settings:
     """Entries kept in the dead-letter stream."""
     max_payload_bytes: int = 1_048_576
     """Largest JSON payload a publish may carry."""
+    max_header_bytes: int = 4096
+    """Largest a message's headers may be, as JSON text."""
     request_timeout: float = 5.0
     """How long a control request (register, subscribe, ...) waits for the router's reply."""
     publish_buffer: int = 10_000
@@ -106,7 +108,7 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("partitions", "batch_size", "inbox_maxlen", "deadletter_maxlen",
-                     "max_payload_bytes", "publish_buffer"):
+                     "max_payload_bytes", "max_header_bytes", "publish_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.member_ttl < 2 * self.heartbeat_interval:

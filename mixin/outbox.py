@@ -8,7 +8,10 @@ Order is kept: entries go out in the order the writes were made, and a batch kee
 in order inside the entry.
 
 When Redis is unreachable the pending writes wait while the outbox retries with backoff; at most
-``publish_buffer`` may wait, beyond that a write raises SidecarUnavailable at once.
+``publish_buffer`` may wait, beyond that a write raises SidecarUnavailable at once. A write whose
+reply was lost may have reached Redis: it is sent again, signed afresh (so the router does not take
+it for a replay), and its messages keep their ids, so subscribers drop the second copy and each
+handler runs once per message.
 """
 
 from __future__ import annotations
@@ -64,11 +67,10 @@ class Outbox:
         self._busy = True
         handed_off = False
         try:
-            entry = self._signed(fields)
             try:
-                eid: str = await self._send_one(entry)
-            except TRANSIENT:
-                eid = await self._retrying(lambda: self._send_one(entry))
+                eid: str = await self._send_one(self._signed(fields))
+            except TRANSIENT:  # signed afresh: a retry is a new request (the ids make it a repeat)
+                eid = await self._retrying(lambda: self._send_one(self._signed(fields)))
             if self._queue:
                 handed_off = True
                 asyncio.get_running_loop().create_task(self._drain())
@@ -96,17 +98,18 @@ class Outbox:
 
     def _fold(self, batch: list[tuple[Fields, asyncio.Future[str]]]
               ) -> list[tuple[Fields, list[asyncio.Future[str]]]]:
-        """Entries to send: runs of plain publishes of one sender become single ``pubs`` entries."""
+        """Entries to send (unsigned): runs of plain publishes of one sender become single ``pubs``
+        entries."""
         out: list[tuple[Fields, list[asyncio.Future[str]]]] = []
         run: list[tuple[Fields, asyncio.Future[str]]] = []
 
         def flush() -> None:
             if len(run) == 1:
-                out.append((self._signed(run[0][0]), [run[0][1]]))
+                out.append((run[0][0], [run[0][1]]))
             elif run:
-                items = [[f["t"], f["d"], f.get("f")] for f, _ in run]
+                items = [[f["t"], f["d"], f.get("f"), f.get("i"), f.get("h")] for f, _ in run]
                 entry = {"k": "pubs", "s": run[0][0]["s"], "b": dumps(items)}
-                out.append((self._signed(entry), [fut for _, fut in run]))
+                out.append((entry, [fut for _, fut in run]))
             run.clear()
 
         for fields, fut in batch:
@@ -118,7 +121,7 @@ class Outbox:
                     flush()
             else:
                 flush()
-                out.append((self._signed(fields), [fut]))
+                out.append((fields, [fut]))
         flush()
         return out
 
@@ -129,14 +132,17 @@ class Outbox:
                 entries = self._fold(batch)
 
                 async def send(entries: list[tuple[Fields, list[asyncio.Future[str]]]] = entries) -> Any:
+                    # signed on every attempt: a retry after a lost reply is a new request, whose
+                    # messages keep their ids (subscribers drop the repeats by them)
+                    signed = [self._signed(e) for e, _ in entries]
                     if self.fast is not None:
-                        replies = await self.fast.pipeline([self._xadd(e) for e, _ in entries])
+                        replies = await self.fast.pipeline([self._xadd(e) for e in signed])
                         for reply in replies:
                             if isinstance(reply, Exception):
                                 raise reply
                         return replies
                     pipe = self.redis.pipeline(transaction=False)
-                    for entry, _ in entries:
+                    for entry in signed:
                         pipe.xadd(self.stream, entry)
                     return await pipe.execute()
 

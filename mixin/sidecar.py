@@ -26,10 +26,19 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.errors import NotLeader
-from coordinator.protocol import INTERNAL_SUBSCRIPTIONS, SYSTEM_SENDER, Message, dumps
+from coordinator.ids import MessageIds
+from coordinator.protocol import (
+    INTERNAL_SUBSCRIPTIONS,
+    SYSTEM_SENDER,
+    Message,
+    check_headers,
+    dumps,
+    parse_headers,
+)
 from coordinator.settings import Settings
 from coordinator.status import StatusField
 from coordinator.topics import SubscriptionIndex, check_pattern, check_publish_topic
+from mixin import tracing
 from mixin.agent import Lifecycle
 from mixin.link import SidecarLink
 
@@ -75,6 +84,7 @@ class SidecarMixin(Lifecycle):
         self._hook_tasks: set[asyncio.Future[Any]] = set()
         self._dispatch_lock = asyncio.Lock()
         self._valid_topics: set[str] = set()
+        self._ids = MessageIds()
         self._parked: list[tuple[str, dict[str, str]]] = []
         self._park_until = 0.0
 
@@ -152,11 +162,17 @@ class SidecarMixin(Lifecycle):
         if pattern not in _INTERNAL:
             await link.request("unsub", t=pattern)
 
-    async def cluster_publish(self, topic: str, data: Any, *, fenced: bool = False) -> str:
-        """Publish ``data`` (JSON-able) to literal ``topic``; returns once the request is in Redis.
+    async def cluster_publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None,
+                              fenced: bool = False) -> str:
+        """Publish ``data`` (JSON-able) to literal ``topic``; returns its message id once the
+        request is in Redis.
 
-        With ``fenced=True`` the message carries this peer's leader term and is delivered only if
-        this peer is still the leader of that term.
+        The id is made here and kept on every retry, so subscribers drop the repeats a lost reply
+        causes and run each handler once. ``headers`` (names to strings, at most
+        ``max_header_bytes`` as JSON) travel with the message untouched; with OpenTelemetry
+        installed the current span's ``traceparent`` is added. With ``fenced=True`` the message
+        carries this peer's leader term and is delivered only if this peer is still the leader of
+        that term. Bad topics, payloads and headers raise here, at the call.
         """
         if topic not in self._valid_topics:
             check_publish_topic(topic)
@@ -164,13 +180,19 @@ class SidecarMixin(Lifecycle):
                 self._valid_topics.add(topic)
         payload = dumps(data)  # TypeError for anything JSON cannot carry, at the call
         link = self._require_link()
-        fields = {"k": "pub", "s": link.peer_id, "t": topic, "d": payload}
+        mid = self._ids.next()
+        fields = {"k": "pub", "s": link.peer_id, "t": topic, "d": payload, "i": mid}
+        if headers or tracing.ACTIVE:
+            text = check_headers(tracing.inject(headers), self.sidecar_settings.max_header_bytes)
+            if text:
+                fields["h"] = text
         if fenced:
             if not self.is_leader:
                 raise NotLeader(f"peer {link.peer_id} is not the leader (leader: "
                                 f"{self._leader[0] or 'nobody'}, term {self._leader[1]})")
             fields["f"] = str(self._leader[1])
-        return await link.write(fields)
+        await link.write(fields)
+        return mid
 
     async def publish_heartbeat(self, extra: dict[str, Any] | None = None) -> None:
         """Stamp membership now, storing ``extra`` (JSON-able) as this peer's heartbeat payload."""
@@ -277,15 +299,16 @@ class SidecarMixin(Lifecycle):
     async def _dispatch(self, eid: str, fields: dict[str, str], *, park: bool = True) -> bool:
         """Run the handlers of one message; False if it was parked for handlers yet to come."""
         mid = fields.get("i") or eid
-        if mid in self._seen:
-            return True
         topic = fields.get("t", "")
         sender = fields.get("s", "")
+        seen = f"{sender} {mid}"  # with the sender: a peer cannot suppress another's messages
+        if seen in self._seen:
+            return True
         if (park and sender != SYSTEM_SENDER and not self._patterns.match(topic)
                 and time.monotonic() < self._park_until):
             self._parked.append((eid, fields))
             return False
-        self._seen[mid] = None
+        self._seen[seen] = None
         if len(self._seen) > _SEEN_LIMIT:
             self._seen.popitem(last=False)
         try:
@@ -293,7 +316,8 @@ class SidecarMixin(Lifecycle):
         except ValueError:
             self.handler_errors += 1
             return True
-        message = Message(topic, data, sender, mid, int(fields.get("ts", "0")) / 1000)
+        message = Message(topic, data, sender, mid, int(fields.get("ts", "0")) / 1000,
+                          parse_headers(fields.get("h")))
         self.messages_received += 1
         if message.sender == SYSTEM_SENDER:
             if topic == "cluster.leader" and isinstance(data, dict):
@@ -307,9 +331,10 @@ class SidecarMixin(Lifecycle):
 
     async def _call(self, handler: Handler, message: Message) -> None:
         try:
-            result = handler(message)
-            if inspect.isawaitable(result):
-                await result
+            with tracing.context_of(message.headers):
+                result = handler(message)
+                if inspect.isawaitable(result):
+                    await result
         except Exception:
             self.handler_errors += 1
             log = getattr(self, "logger", None)

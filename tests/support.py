@@ -130,3 +130,10 @@ class Processes:
                     continue
                 self.kill(proc, signal.SIGTERM)
 
+
+def request_entry(client: Any, stream: str, message_id: str) -> dict[str, str]:
+    """The fields of the request entry that carried publish ``message_id`` ({} if trimmed away)."""
+    for _, fields in client.xrevrange(stream, count=1000):
+        if fields.get("i") == message_id:
+            return dict(fields)
+    return {}

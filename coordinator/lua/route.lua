@@ -15,7 +15,7 @@
 -- then A request entry ids to acknowledge
 -- then K pairs (peer id, "<nonce> <entry id>"), stored in KEYS[3] with the fan-out (unless a
 --   higher mark is there), so a router taking over knows exactly which nonces were consumed
--- then M quintets (message id, topic, data json, sender, timestamp ms)
+-- then M sextets (message id, topic, data json, sender, timestamp ms, headers json or '')
 -- then pairs (message index 1..M, inbox index 1..) up to the end; inbox i is KEYS[4 + i]
 -- Returns {"ok", deliveries} | {"lost"} when the lease is not ours | {"stale", version}
 --   | {"foreign"} when another consumer holds pending entries of the request stream: a router
@@ -43,12 +43,18 @@ local nmarks = tonumber(ARGV[8])
 local a = 9
 local marks = a + nacks
 local msgbase = marks + 2 * nmarks
-local p = msgbase + 5 * nmsgs
+local p = msgbase + 6 * nmsgs
 local n = 0
 while p < #ARGV do
-  local m = msgbase + 5 * (tonumber(ARGV[p]) - 1)
-  redis.call('XADD', KEYS[4 + tonumber(ARGV[p + 1])], 'MAXLEN', '~', maxlen, '*',
-    'k', 'msg', 'i', ARGV[m], 't', ARGV[m + 1], 'd', ARGV[m + 2], 's', ARGV[m + 3], 'ts', ARGV[m + 4])
+  local m = msgbase + 6 * (tonumber(ARGV[p]) - 1)
+  if ARGV[m + 5] == '' then
+    redis.call('XADD', KEYS[4 + tonumber(ARGV[p + 1])], 'MAXLEN', '~', maxlen, '*',
+      'k', 'msg', 'i', ARGV[m], 't', ARGV[m + 1], 'd', ARGV[m + 2], 's', ARGV[m + 3], 'ts', ARGV[m + 4])
+  else
+    redis.call('XADD', KEYS[4 + tonumber(ARGV[p + 1])], 'MAXLEN', '~', maxlen, '*',
+      'k', 'msg', 'i', ARGV[m], 't', ARGV[m + 1], 'd', ARGV[m + 2], 's', ARGV[m + 3], 'ts', ARGV[m + 4],
+      'h', ARGV[m + 5])
+  end
   n = n + 1
   p = p + 2
 end

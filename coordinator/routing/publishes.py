@@ -13,8 +13,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.errors import BadRequest, NotLeader, PayloadTooLarge, SidecarError, UnknownPeer
+from coordinator.errors import (
+    BadRequest,
+    InvalidHeaders,
+    NotLeader,
+    PayloadTooLarge,
+    SidecarError,
+    UnknownPeer,
+)
+from coordinator.ids import MESSAGE_ID_RE
 from coordinator.keys import REQUEST_GROUP
+from coordinator.protocol import check_headers
 from coordinator.resp import Entry
 from coordinator.routing.context import RouterContext
 from coordinator.routing.guard import Mark
@@ -108,8 +117,9 @@ class PublishPlanner:
             targets = self.view.targets(topic)
             if not targets:
                 continue
-            m = len(msgs) // 5 + 1
-            msgs += (f"{tag}:{msg_id}", topic, data, sender, eid.partition("-")[0])
+            m = len(msgs) // 6 + 1
+            msgs += (f.get("i") or f"{tag}:{msg_id}", topic, data, sender, eid.partition("-")[0],
+                     f.get("h") or "")
             for inbox in targets:
                 i = inboxes.get(inbox)
                 if i is None:
@@ -117,19 +127,20 @@ class PublishPlanner:
                 deliveries += (m, i)
         keys = [lease_key, self.keys.routing_version, self.keys.nonces, stream, *inboxes]
         args: list[Any] = [self.token, self.view.version, REQUEST_GROUP, self.settings.inbox_maxlen,
-                           len(acks), len(msgs) // 5, self.consumer, len(marks), *acks]
+                           len(acks), len(msgs) // 6, self.consumer, len(marks), *acks]
         for sender, (nonce, eid) in marks.items():
             args += (sender, f"{nonce} {eid}")
         args += msgs
         args += deliveries
-        return FanOut(run, stream, keys, args, len(msgs) // 5, marks, rejections)
+        return FanOut(run, stream, keys, args, len(msgs) // 6, marks, rejections)
 
     def _publishes(self, run: list[Entry], stream: str, rejections: list[Rejection],
                    acks: list[str]) -> Iterator[tuple[str, str, dict[str, str]]]:
         """(entry id, message id, publish fields) of every publish in ``run``, batches unfolded.
 
         A ``pubs`` entry (publishes a peer folded together) carries ``b``: a JSON list of
-        ``[topic, payload json, fence or null]``; its messages are ``<entry id>:<n>``.
+        ``[topic, payload json, fence or null, message id or null, headers json or null]``; a
+        message without an id of its own is known as ``<partition>:<entry id>:<n>``.
         """
         for _, eid, f in run:
             if f.get("k") == "pub":
@@ -139,18 +150,22 @@ class PublishPlanner:
             try:
                 items = json.loads(f.get("b") or "")
                 if not isinstance(items, list) or not all(
-                        isinstance(i, list) and len(i) == 3 for i in items):
+                        isinstance(i, list) and len(i) == 5 for i in items):
                     raise ValueError
             except ValueError:
                 rejections.append(self.rejector.rejection(stream, eid, f, BadRequest(
-                    "batch field 'b' must be a JSON list of [topic, payload, fence]")))
+                    "batch field 'b' must be a JSON list of [topic, payload, fence, id, headers]")))
                 continue
             acks.append(eid)
             sender = f.get("s", "")
-            for n, (topic, data, fence) in enumerate(items):
+            for n, (topic, data, fence, mid, headers) in enumerate(items):
                 one = {"k": "pub", "s": sender, "t": topic, "d": data}
                 if fence is not None:
                     one["f"] = str(fence)
+                if mid is not None:
+                    one["i"] = mid
+                if headers is not None:
+                    one["h"] = headers
                 yield eid, f"{eid}:{n}", one
 
     def _check(self, f: dict[str, str], trusted: bool) -> tuple[str, str, str]:
@@ -174,6 +189,19 @@ class PublishPlanner:
             json.loads(data)
         except ValueError:
             raise BadRequest("payload field 'd' is not valid JSON") from None
+        mid = f.get("i")
+        if mid is not None and (not isinstance(mid, str) or not MESSAGE_ID_RE.match(mid)):
+            raise BadRequest(f"message id {str(mid)[:80]!r} must be 1-64 letters, digits or "
+                             "'_', '.', ':', '-'")
+        headers = f.get("h")
+        if headers is not None:
+            if not isinstance(headers, str):
+                raise InvalidHeaders("headers field 'h' must be JSON text")
+            try:
+                parsed = json.loads(headers)
+            except ValueError:
+                raise InvalidHeaders("headers field 'h' is not valid JSON") from None
+            check_headers(parsed, self.settings.max_header_bytes)
         fence = f.get("f")
         if fence is not None and not trusted:
             leader, term = view.leader

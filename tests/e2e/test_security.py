@@ -22,7 +22,7 @@ from coordinator.policy.auth import FRESHNESS_MS, TAG_HEX, Identities, Signer, c
 from coordinator.settings import Settings
 from ops.embedded import RedisServer
 from tests.e2e.helpers import Recorder, sidecar_cli, start_worker
-from tests.support import Peer, Processes, async_wait_for, sidecar_env, wait_for
+from tests.support import Peer, Processes, async_wait_for, request_entry, sidecar_env, wait_for
 
 DASHBOARD_PASSWORD = "dashboard-pa55word-never-logged"
 
@@ -65,9 +65,8 @@ async def test_forged_tampered_replayed_and_unsigned_requests_are_refused(
         sent: list[Any] = []
         while not captured and len(sent) < 20:
             sent.append({"n": len(sent)})
-            eid = await b.cluster_publish("chat.hello", sent[-1])
-            found = client.xrange(keys.requests(0), eid, eid)
-            captured = found[0][1] if found else {}
+            mid = await b.cluster_publish("chat.hello", sent[-1])
+            captured = request_entry(client, keys.requests(0), mid)
         assert captured.get("sig"), "could not capture a signed entry"
         await got.wait_for_data(sent[-1])
 

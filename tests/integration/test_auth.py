@@ -17,7 +17,7 @@ from coordinator.policy.auth import FRESHNESS_MS, TAG_HEX, Identities, Identity,
 from coordinator.policy.store import PolicyStore
 from coordinator.routing.guard import Guard, Mark
 from mixin import Message
-from tests.support import P, async_wait_for
+from tests.support import P, async_wait_for, request_entry
 
 SECRET = "s3cret-of-peer-a-0123456789abcdef"
 OTHER = "s3cret-of-peer-b-fedcba9876543210"
@@ -380,9 +380,8 @@ async def test_a_router_taking_over_refuses_replays_of_what_its_predecessor_rout
             await a.cluster_subscribe("chat.>", lambda m: got.append(m.data))
             captured: dict[str, str] = {}
             while not captured:  # the router's periodic trim may remove an entry before we read it
-                eid = await b.cluster_publish("chat.hello", len(got))
-                found = client.xrange(keys.requests(0), eid, eid)
-                captured = found[0][1] if found else {}
+                mid = await b.cluster_publish("chat.hello", len(got))
+                captured = request_entry(client, keys.requests(0), mid)
             await async_wait_for(lambda: captured["d"] in map(str, got), what="the captured publish")
             assert client.hget(keys.nonces, b.id) is not None  # stored with the fan-out
 

@@ -255,7 +255,7 @@ def test_subscribe_script(client: redis.Redis, keys: Keys) -> None:
 
 def route_args(token: str, version: str, eid: str, consumer: str = "me") -> list[Any]:
     return [token, version, REQUEST_GROUP, 1000, 1, 1, consumer, 1, eid, "p1", f"7 {eid}",
-            f"0:{eid}", "a.b", '{"x":1}', "p1", "1700000000000", 1, 1]
+            f"0:{eid}", "a.b", '{"x":1}', "p1", "1700000000000", "", 1, 1]
 
 
 def test_route_is_fenced_by_lease_and_version(client: redis.Redis, keys: Keys) -> None:
