@@ -10,6 +10,7 @@ from typing import Any
 import redis
 
 from coordinator.keys import Keys
+from coordinator.leases import LeaseToken
 from mixin import Message
 from tests.support import VENV_BIN, Peer, Processes, async_wait_for, wait_for
 
@@ -48,8 +49,8 @@ def lease_holder(client: redis.Redis, namespace: str, partition: int = 0) -> str
 def holders(client: redis.Redis, namespace: str, partitions: int = 1) -> dict[int, str]:
     """Partition -> name of the worker whose router holds its lease ('' when nobody does)."""
     keys = Keys(namespace)
-    tokens = client.mget([keys.router_lease(p) for p in range(partitions)])
-    return {p: str(t or "").split("@", 1)[0] for p, t in enumerate(tokens)}
+    tokens = [LeaseToken.parse(t) for t in client.mget([keys.router_lease(p) for p in range(partitions)])]
+    return {p: t.name.split("@", 1)[0] if t else "" for p, t in enumerate(tokens)}
 
 
 def routing(procs: Processes, started: Mapping[str, subprocess.Popen[bytes]],
