@@ -7,6 +7,7 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:sidecar.requests.<k>    stream   request partition k > 0
     sidecar:{ns}:sidecar.responses.<id>  stream   peer <id>'s inbox: deliveries and control replies
     sidecar:{ns}:deadletter              stream   rejected request entries with the reason
+    sidecar:{ns}:inbox.drops             hash     peer_id -> messages its full inbox dropped or refused
     sidecar:{ns}:subs                    hash     "<peer_id> <pattern>" -> "" : the subscription index
     sidecar:{ns}:sidecar.system          stream   the sidecar's own events (cluster.*), trusted, partition 0
     sidecar:{ns}:routing.version         string   bumped on every member or subscription change
@@ -71,6 +72,11 @@ class Keys:
     @property
     def deadletter(self) -> str:
         return self._p + "deadletter"
+
+    @property
+    def inbox_drops(self) -> str:
+        """Messages each peer's full inbox dropped (drop_oldest) or refused (reject)."""
+        return self._p + "inbox.drops"
 
     @property
     def subs(self) -> str:

@@ -67,7 +67,10 @@ class Settings:
     read before the next one (see coordinator.routing.coalesce); sparse traffic never waits; 0 turns
     it off."""
     inbox_maxlen: int = 100_000
-    """Entries a peer's inbox keeps (approximate); past it the oldest unread entries are dropped."""
+    """Entries a peer's inbox holds; what happens past it is ``inbox_overflow``'s to say."""
+    inbox_overflow: str = "drop_oldest"
+    """A full inbox: ``drop_oldest`` trims its oldest entries, ``reject`` refuses the new message
+    (dead-lettered for that peer as ``inbox_full``, nothing queued is lost); both are counted."""
     inbox_max_age: float = 3600.0
     """Entries older than this are trimmed from response streams by the trim duty."""
     deadletter_maxlen: int = 10_000
@@ -130,6 +133,9 @@ class Settings:
             raise ConfigurationError(
                 f"task_expiry ({self.task_expiry}s) is shorter than the sweep period "
                 f"({self.duty_period:.2f}s): every sweep would expire before it ran")
+        if self.inbox_overflow not in ("drop_oldest", "reject"):
+            raise ConfigurationError(
+                f"inbox_overflow must be 'drop_oldest' or 'reject', got {self.inbox_overflow!r}")
         if self.auth not in ("off", "required"):
             raise ConfigurationError(f"auth must be 'off' or 'required', got {self.auth!r}")
         for name in ("redis_url", "nats_url"):

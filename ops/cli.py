@@ -86,6 +86,7 @@ def status(obj: Context, as_json: bool) -> None:
     report["members"] = members_report(obj.client(), obj.keys)
     lines = [f"{k}: {v}" for k, v in report.items() if k != "members"]
     lines += [f"  {m['id']} {m['role']:<10} last seen {m['last_seen_s']}s ago"
+              + (f", inbox dropped {m['inbox_drops']}" if m["inbox_drops"] else "")
               for m in report["members"]]
     _emit(report, as_json, "\n".join(lines))
 
@@ -94,10 +95,11 @@ def status(obj: Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def peers(obj: Context, as_json: bool) -> None:
-    """Live members with role, priority and last heartbeat."""
+    """Live members with role, priority, last heartbeat and inbox drops."""
     rows = members_report(obj.client(), obj.keys)
     text = "\n".join(f"{m['id']} {m['role']:<10} prio={m['priority']} eligible={m['eligible']} "
-                     f"last_seen={m['last_seen_s']}s" for m in rows) or "(no members)"
+                     f"last_seen={m['last_seen_s']}s drops={m['inbox_drops']}" for m in rows
+                     ) or "(no members)"
     _emit(rows, as_json, text)
 
 

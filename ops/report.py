@@ -13,13 +13,15 @@ __all__ = ["cluster_report", "members_report", "recent_events"]
 
 
 def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
-    """Every live member with role, priority, eligibility and seconds since its last heartbeat."""
+    """Every live member with role, priority, eligibility, seconds since its last heartbeat and the
+    messages its full inbox dropped or refused."""
     now = redis_ms(client)
     members = client.zrange(keys.members, 0, -1, withscores=True)
     pipe = client.pipeline(transaction=False)
     for peer, _ in members:
         pipe.hgetall(keys.member(peer))
-    records = pipe.execute()
+    pipe.hgetall(keys.inbox_drops)
+    *records, drops = pipe.execute()
     out = []
     for (peer, seen), rec in zip(members, records, strict=True):
         extra: Any = rec.get("extra")
@@ -33,6 +35,7 @@ def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
             "eligible": rec.get("eligible", "1") == "1",
             "last_seen_s": round(max(0, now - seen) / 1000, 3),
             "joined_s_ago": round(max(0, now - int(rec.get("joined", now) or now)) / 1000, 1),
+            "inbox_drops": int(drops.get(peer, 0) or 0),
             "extra": extra,
         })
     return out
@@ -48,7 +51,8 @@ def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
     pipe.zrange(keys.routers, 0, -1)
     pipe.xlen(keys.deadletter)
     pipe.get(keys.policy_version)
-    size, leader, subs, stats, routers, dead, policy = pipe.execute()
+    pipe.hvals(keys.inbox_drops)
+    size, leader, subs, stats, routers, dead, policy, drops = pipe.execute()
     return {
         "namespace": keys.namespace,
         "cluster_size": int(size),
@@ -61,6 +65,7 @@ def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
         "rejected": int(stats.get("rejected", 0)),
         "deadletters": int(dead),
         "policy_version": int(policy or 0),
+        "inbox_drops": sum(int(d or 0) for d in drops),
     }
 
 

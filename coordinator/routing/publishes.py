@@ -103,11 +103,12 @@ class PublishPlanner:
         """The fan-out of ``run`` (entries of ``stream``, perhaps none left after authentication)
         under the view as it is now (the view must not be stale)."""
         lease_key, tag, trusted = self.stream_info(stream)
-        inboxes: dict[str, int] = {}
+        inboxes: dict[str, int] = {}  # peer id -> inbox index (1-based)
         acks: list[str] = []
-        msgs: list[str] = []
-        deliveries: list[int] = []
+        records: list[Any] = []
+        deliveries: list[int] = []  # (record offset within records, inbox index) pairs
         rejections: list[Rejection] = []
+        messages = 0
         for eid, msg_id, f in self._publishes(run, stream, rejections, acks):
             try:
                 topic, data, sender = self._check(f, trusted)
@@ -117,22 +118,29 @@ class PublishPlanner:
             targets = self.view.targets(topic)
             if not targets:
                 continue
-            m = len(msgs) // 6 + 1
-            msgs += (f.get("i") or f"{tag}:{msg_id}", topic, data, sender, eid.partition("-")[0],
-                     f.get("h") or "")
-            for inbox in targets:
-                i = inboxes.get(inbox)
+            messages += 1
+            at = len(records)
+            headers = f.get("h")
+            records += ("msg", f.get("i") or f"{tag}:{msg_id}", topic, data, sender,
+                        eid.partition("-")[0], *((1, "h", headers) if headers else (0,)))
+            for peer in targets:
+                i = inboxes.get(peer)
                 if i is None:
-                    i = inboxes[inbox] = len(inboxes) + 1
-                deliveries += (m, i)
-        keys = [lease_key, self.keys.routing_version, self.keys.nonces, stream, *inboxes]
-        args: list[Any] = [self.token, self.view.version, REQUEST_GROUP, self.settings.inbox_maxlen,
-                           len(acks), len(msgs) // 6, self.consumer, len(marks), *acks]
+                    i = inboxes[peer] = len(inboxes) + 1
+                deliveries += (at, i)
+        view = self.view
+        keys = [lease_key, self.keys.routing_version, self.keys.nonces, stream, self.keys.inbox_drops,
+                self.keys.deadletter, *(view.inbox(p) for p in inboxes)]
+        args: list[Any] = [self.token, view.version, REQUEST_GROUP, self.settings.inbox_maxlen,
+                           len(acks), 0, self.consumer, len(marks), self.settings.inbox_overflow,
+                           self.settings.deadletter_maxlen, len(inboxes), *inboxes, *acks]
         for sender, (nonce, eid) in marks.items():
             args += (sender, f"{nonce} {eid}")
-        args += msgs
-        args += deliveries
-        return FanOut(run, stream, keys, args, len(msgs) // 6, marks, rejections)
+        base = len(args) + 1  # ARGV is 1-based: a record at records[k] is ARGV[base + k]
+        args += records
+        args[5] = len(args) + 1
+        args += [x + base if n % 2 == 0 else x for n, x in enumerate(deliveries)]
+        return FanOut(run, stream, keys, args, messages, marks, rejections)
 
     def _publishes(self, run: list[Entry], stream: str, rejections: list[Rejection],
                    acks: list[str]) -> Iterator[tuple[str, str, dict[str, str]]]:

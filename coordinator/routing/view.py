@@ -90,7 +90,7 @@ class RoutingView:
 
     # ------------------------------------------------------------------ derived
     def targets(self, topic: str) -> tuple[str, ...]:
-        """Inbox keys of the live members subscribed to ``topic``, in peer order (cached)."""
+        """The live members subscribed to ``topic``, in peer order (cached)."""
         found = self._targets.get(topic)
         if found is None:
             found = self.match(topic)
@@ -98,7 +98,7 @@ class RoutingView:
 
     def match(self, topic: str) -> tuple[str, ...]:
         """Compute (and cache) the targets of ``topic``."""
-        found = tuple(self.inbox(p) for p in sorted(self.index.match(topic)) if p in self.members)
+        found = tuple(p for p in sorted(self.index.match(topic)) if p in self.members)
         if len(self._targets) > _CACHE_LIMIT:
             self._targets.clear()
         self._targets[topic] = found

@@ -254,8 +254,18 @@ def test_subscribe_script(client: redis.Redis, keys: Keys) -> None:
 
 
 def route_args(token: str, version: str, eid: str, consumer: str = "me") -> list[Any]:
-    return [token, version, REQUEST_GROUP, 1000, 1, 1, consumer, 1, eid, "p1", f"7 {eid}",
-            f"0:{eid}", "a.b", '{"x":1}', "p1", "1700000000000", "", 1, 1]
+    """One message of p1 (entry ``eid``, with p1's nonce mark 7) for inbox 1, p2's."""
+    record = ["msg", f"0:{eid}", "a.b", '{"x":1}', "p1", "1700000000000", 0]
+    head = [token, version, REQUEST_GROUP, 1000, 1, 0, consumer, 1, "drop_oldest", 10_000, 1, "p2",
+            eid, "p1", f"7 {eid}"]
+    first = len(head) + 1
+    head[5] = first + len(record)
+    return [*head, *record, first, 1]
+
+
+def route_keys(keys: Keys, *inboxes: str) -> list[str]:
+    return [keys.router_lease(0), keys.routing_version, keys.nonces, keys.requests(0),
+            keys.inbox_drops, keys.deadletter, *inboxes]
 
 
 def test_route_is_fenced_by_lease_and_version(client: redis.Redis, keys: Keys) -> None:
@@ -264,7 +274,7 @@ def test_route_is_fenced_by_lease_and_version(client: redis.Redis, keys: Keys) -
     inbox = keys.responses("p2")
     eid = pending_entry(client, stream, {"k": "pub", "s": "p1", "t": "a.b", "d": '{"x":1}'})
     client.set(keys.router_lease(0), "tok")
-    ks = [keys.router_lease(0), keys.routing_version, keys.nonces, stream, inbox]
+    ks = route_keys(keys, inbox)
     assert s.route(keys=ks, args=route_args("tok", "1", eid)) == ["stale", "0"]  # no key: 0
     client.set(keys.routing_version, "3")
 
@@ -300,10 +310,11 @@ def test_route_acks_thousands_of_entries_and_stores_their_marks(client: redis.Re
     client.set(keys.routing_version, "1")
     marks = [(f"peer{i}", f"{i} 1-{i}") for i in range(1_200)]
     client.hset(keys.nonces, "peer7", "99 1-99")  # a higher mark stored earlier stays
-    args: list[Any] = ["tok", "1", REQUEST_GROUP, 1000, len(acks), 0, "me", len(marks), *acks]
+    args: list[Any] = ["tok", "1", REQUEST_GROUP, 1000, len(acks), 0, "me", len(marks), "drop_oldest",
+                       10_000, 0, *acks]
     args += [x for pair in marks for x in pair]
-    assert s.route(keys=[keys.router_lease(0), keys.routing_version, keys.nonces, stream],
-                   args=args) == ["ok", 0]
+    args[5] = len(args) + 1  # no records, no deliveries
+    assert s.route(keys=route_keys(keys), args=args) == ["ok", 0]
     assert pending_count(client, stream) == 0
     assert client.hgetall(keys.nonces) == {**dict(marks), "peer7": "99 1-99"}
 
