@@ -15,9 +15,12 @@ __all__ = [
     "InvalidHeaders",
     "InvalidPolicy",
     "InvalidTopic",
+    "NoResponders",
     "NotLeader",
     "PayloadTooLarge",
     "PolicyRejected",
+    "RemoteError",
+    "RequestTimeout",
     "SidecarError",
     "SidecarTimeout",
     "SidecarUnavailable",
@@ -110,6 +113,24 @@ class SidecarTimeout(SidecarError, TimeoutError):
     code = "timeout"
 
 
+class NoResponders(SidecarError):
+    """A request went to a topic nobody is subscribed to (answered at once, as NATS does)."""
+
+    code = "no_responders"
+
+
+class RequestTimeout(SidecarTimeout):
+    """No answer to a request came within its timeout."""
+
+    code = "request_timeout"
+
+
+class RemoteError(SidecarError):
+    """The handler that took a request raised; the message is its error text."""
+
+    code = "remote_error"
+
+
 _BY_CODE: dict[str, type[SidecarError]] = {
     cls.code: cls
     for cls in (
@@ -127,6 +148,9 @@ _BY_CODE: dict[str, type[SidecarError]] = {
         InvalidHeaders,
         AuthenticationFailed,
         InternalError,
+        NoResponders,
+        RequestTimeout,
+        RemoteError,
     )
 }
 

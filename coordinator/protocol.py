@@ -10,6 +10,9 @@ Request entry (``sidecar.requests[.<k>]``), written by the mixin::
     d    payload as JSON text (pub)
     i    message id (pub): made by the publisher, the same on every retry (coordinator.ids)
     h    headers as JSON text (pub, optional): a mapping of header names to strings
+    rt   reply-to (pub of a request): the requester, which must be the sender
+    to, ri, ok, e   rep (a responder's answer): the requester, the request's message id, "1" with
+         the answer in d, or "0" with the handler's error text in e
     r    request id (control requests): the reply carries it back
     f    leader term the sender claims (fenced publishes only)
     m    member info as JSON (reg)
@@ -22,13 +25,15 @@ Response entry (``sidecar.responses.<peer_id>``), written by the router::
     k=msg    i message id, t topic, d payload JSON, s sender, ts publish time (ms), h headers JSON
              (only when the message has headers)
     k=reply  r request id, ok "1" | "0", e error code, m error message, plus reply fields
+    k=rep    i the request's message id, d answer JSON, s responder, ok "1" | "0", e error text
+    k=nr     i the request's message id, t topic: nobody is subscribed to it (no responders)
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +54,9 @@ __all__ = [
 
 PEER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """What a peer id may look like (a ULID does)."""
-KINDS = frozenset({"pub", "pubs", "sub", "unsub", "reg", "leave", "hb", "pack"})
-PUBLISH_KINDS = frozenset({"pub", "pubs"})
+KINDS = frozenset({"pub", "pubs", "rep", "sub", "unsub", "reg", "leave", "hb", "pack"})
+PUBLISH_KINDS = frozenset({"pub", "pubs", "rep"})
+"""Kinds routed in runs through route.lua (in order with the sender's other publishes)."""
 
 SYSTEM_SENDER = "sidecar"
 """Sender id of the sidecar's own events (``cluster.*``). No peer may register under it; the
@@ -118,3 +124,17 @@ class Message:
     """Headers the publisher set (``traceparent`` and the like), passed through untouched."""
     site: str | None = None
     """Site the message was published on; None for this site."""
+    reply_to: str | None = None
+    """For a request (``cluster_request``): the requester; a handler's return value answers it."""
+    _respond: Callable[[Any], Awaitable[None]] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_request(self) -> bool:
+        return self.reply_to is not None
+
+    async def respond(self, data: Any) -> None:
+        """Answer this request with ``data`` (JSON-able) now; the handler's return value is then
+        not sent. RuntimeError for a message that is not a request."""
+        if self._respond is None:
+            raise RuntimeError(f"message {self.id} on {self.topic!r} is not a request")
+        await self._respond(data)

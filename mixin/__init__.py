@@ -4,8 +4,12 @@ Nothing here imports Celery: a peer needs only Redis and this package.
 """
 
 from coordinator.errors import (
+    InvalidHeaders,
     InvalidTopic,
+    NoResponders,
     NotLeader,
+    RemoteError,
+    RequestTimeout,
     SidecarError,
     SidecarTimeout,
     SidecarUnavailable,
@@ -17,9 +21,13 @@ from mixin.sidecar import SidecarMixin
 
 __all__ = [
     "Agent",
+    "InvalidHeaders",
     "InvalidTopic",
     "Message",
+    "NoResponders",
     "NotLeader",
+    "RemoteError",
+    "RequestTimeout",
     "SidecarError",
     "SidecarMixin",
     "SidecarTimeout",

@@ -76,6 +76,8 @@ class SidecarLink:
         self.member_info: dict[str, Any] = {}
         self.extra: Any = None
         self._replies: dict[str, asyncio.Future[dict[str, str]]] = {}
+        self._answers: dict[str, asyncio.Future[dict[str, str]]] = {}
+        """Requests to peers (cluster_request) waiting for an answer, by message id."""
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._leaving = False
@@ -201,8 +203,12 @@ class SidecarLink:
                     cursor = ">"
                     continue
                 for eid, fields in entries:
-                    if fields.get("k") == "reply":
+                    kind = fields.get("k")
+                    if kind == "reply":
                         self._resolve(fields)
+                        done.append(eid)
+                    elif kind in ("rep", "nr"):
+                        self._answered(fields)
                         done.append(eid)
                     elif await self.on_entry(eid, fields):
                         done.append(eid)
@@ -261,6 +267,22 @@ class SidecarLink:
             pipe.execute_command(*command)
         pipe.xreadgroup(PEER_GROUP, _CONSUMER, {self.inbox: cursor}, count=256, block=block)
         return [(eid, f) for _, eid, f in stream_entries_py((await pipe.execute())[-1])]
+
+    # ------------------------------------------------------------------ requests to peers
+    def expect_answer(self, message_id: str) -> asyncio.Future[dict[str, str]]:
+        """A future for the answer (``rep``) or refusal (``nr``) to request ``message_id``."""
+        fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        self._answers[message_id] = fut
+        return fut
+
+    def forget_answer(self, message_id: str) -> None:
+        self._answers.pop(message_id, None)
+
+    def _answered(self, fields: dict[str, str]) -> None:
+        """An answer came; answers nobody waits for any more (a timeout, a second responder) go."""
+        fut = self._answers.pop(fields.get("i", ""), None)
+        if fut is not None and not fut.done():
+            fut.set_result(fields)
 
     def _resolve(self, fields: dict[str, str]) -> None:
         fut = self._replies.get(fields.get("r", ""))

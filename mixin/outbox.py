@@ -115,7 +115,7 @@ class Outbox:
         for fields, fut in batch:
             if fut.done():
                 continue
-            if fields.get("k") == "pub":
+            if fields.get("k") == "pub" and "rt" not in fields:  # requests travel alone
                 run.append((fields, fut))
                 if len(run) >= MAX_FOLD:
                     flush()

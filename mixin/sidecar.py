@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from coordinator.errors import NotLeader
+from coordinator.errors import NoResponders, NotLeader, RemoteError, RequestTimeout
 from coordinator.ids import MessageIds
 from coordinator.protocol import (
     INTERNAL_SUBSCRIPTIONS,
@@ -194,6 +194,40 @@ class SidecarMixin(Lifecycle):
         await link.write(fields)
         return mid
 
+    async def cluster_request(self, topic: str, data: Any, *, timeout: float,
+                              headers: dict[str, str] | None = None) -> Any:
+        """Send ``data`` to the subscribers of ``topic`` and return the first answer's data.
+
+        A subscriber's handler answers by returning a value (or calling ``message.respond``).
+        Raises NoResponders at once when nobody is subscribed, RequestTimeout when no answer
+        comes within ``timeout`` seconds, and RemoteError with the error text when the handler
+        that took the request raised.
+        """
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        check_publish_topic(topic)
+        payload = dumps(data)
+        link = self._require_link()
+        mid = self._ids.next()
+        fields = {"k": "pub", "s": link.peer_id, "t": topic, "d": payload, "i": mid, "rt": link.peer_id}
+        if headers or tracing.ACTIVE:
+            text = check_headers(tracing.inject(headers), self.sidecar_settings.max_header_bytes)
+            if text:
+                fields["h"] = text
+        answer = link.expect_answer(mid)
+        try:
+            await link.write(fields)
+            reply = await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no answer to the request on {topic!r} within {timeout}s") from None
+        finally:
+            link.forget_answer(mid)
+        if reply.get("k") == "nr":
+            raise NoResponders(f"nobody is subscribed to {topic!r}")
+        if reply.get("ok") != "1":
+            raise RemoteError(reply.get("e") or "the responder's handler failed")
+        return json.loads(reply.get("d", "null"))
+
     async def publish_heartbeat(self, extra: dict[str, Any] | None = None) -> None:
         """Stamp membership now, storing ``extra`` (JSON-able) as this peer's heartbeat payload."""
         await self._require_link().heartbeat(extra)
@@ -316,8 +350,23 @@ class SidecarMixin(Lifecycle):
         except ValueError:
             self.handler_errors += 1
             return True
+        reply_to = fields.get("rt") or None
+        answered: list[bool] = []
+
+        async def respond(value: Any, ok: bool = True) -> None:
+            if answered or reply_to is None or self._link is None:
+                return  # one answer per request and peer
+            answered.append(True)
+            answer = {"k": "rep", "s": self._link.peer_id, "to": reply_to, "ri": mid}
+            if ok:
+                answer.update(ok="1", d=dumps(value))
+            else:
+                answer.update(ok="0", e=str(value)[:2000])
+            await self._link.write(answer)
+
         message = Message(topic, data, sender, mid, int(fields.get("ts", "0")) / 1000,
-                          parse_headers(fields.get("h")))
+                          parse_headers(fields.get("h")), None, reply_to,
+                          respond if reply_to is not None else None)
         self.messages_received += 1
         if message.sender == SYSTEM_SENDER:
             if topic == "cluster.leader" and isinstance(data, dict):
@@ -326,20 +375,25 @@ class SidecarMixin(Lifecycle):
                 await self._apply_policy(data)
         for pattern in self._patterns.match(topic):
             for handler in list(self._handlers.get(pattern, ())):
-                await self._call(handler, message)
+                ok, result = await self._call(handler, message)
+                if reply_to is not None and (not ok or result is not None):
+                    await respond(result, ok)
         return True
 
-    async def _call(self, handler: Handler, message: Message) -> None:
+    async def _call(self, handler: Handler, message: Message) -> tuple[bool, Any]:
+        """(True, what the handler returned) or (False, its error as text)."""
         try:
             with tracing.context_of(message.headers):
                 result = handler(message)
                 if inspect.isawaitable(result):
-                    await result
-        except Exception:
+                    result = await result
+            return True, result
+        except Exception as exc:
             self.handler_errors += 1
             log = getattr(self, "logger", None)
             if log is not None:
                 log.exception("handler %r failed on %s (%s)", handler, message.topic, message.id)
+            return False, f"{type(exc).__name__}: {exc}"
 
     async def _resubscribe(self) -> None:
         link = self._require_link()

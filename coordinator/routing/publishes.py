@@ -23,7 +23,7 @@ from coordinator.errors import (
 )
 from coordinator.ids import MESSAGE_ID_RE
 from coordinator.keys import REQUEST_GROUP
-from coordinator.protocol import check_headers
+from coordinator.protocol import SYSTEM_SENDER, check_headers
 from coordinator.resp import Entry
 from coordinator.routing.context import RouterContext
 from coordinator.routing.guard import Mark
@@ -110,19 +110,25 @@ class PublishPlanner:
         rejections: list[Rejection] = []
         messages = 0
         for eid, msg_id, f in self._publishes(run, stream, rejections, acks):
+            ts = eid.partition("-")[0]
             try:
-                topic, data, sender = self._check(f, trusted)
+                if f.get("k") == "rep":
+                    to, record = self._reply(f, ts)
+                    targets: tuple[str, ...] = (to,) if to in self.view.members else ()
+                else:
+                    topic, data, sender = self._check(f, trusted)
+                    targets = self.view.targets(topic)
+                    record = self._message(f, msg_id, tag, topic, data, sender, ts, bool(targets))
+                    if not targets and "rt" in f:  # a request nobody can answer: say so at once
+                        targets = (sender,)
             except SidecarError as exc:
                 rejections.append(self.rejector.rejection(stream, eid, f, exc, part=msg_id))
                 continue
-            targets = self.view.targets(topic)
             if not targets:
                 continue
             messages += 1
             at = len(records)
-            headers = f.get("h")
-            records += ("msg", f.get("i") or f"{tag}:{msg_id}", topic, data, sender,
-                        eid.partition("-")[0], *((1, "h", headers) if headers else (0,)))
+            records += record
             for peer in targets:
                 i = inboxes.get(peer)
                 if i is None:
@@ -142,6 +148,41 @@ class PublishPlanner:
         args += [x + base if n % 2 == 0 else x for n, x in enumerate(deliveries)]
         return FanOut(run, stream, keys, args, messages, marks, rejections)
 
+    @staticmethod
+    def _message(f: dict[str, str], msg_id: str, tag: str, topic: str, data: str, sender: str,
+                 ts: str, answered: bool) -> tuple[Any, ...]:
+        """The route.lua record of a checked publish (for a request nobody answers: ``nr``)."""
+        mid = f.get("i") or f"{tag}:{msg_id}"
+        if not answered and "rt" in f:
+            return ("nr", mid, topic, "null", SYSTEM_SENDER, ts, 0)
+        extras: list[str] = []
+        if f.get("h"):
+            extras += ("h", f["h"])
+        if "rt" in f:
+            extras += ("rt", f["rt"])
+        return ("msg", mid, topic, data, sender, ts, len(extras) // 2, *extras)
+
+    def _reply(self, f: dict[str, str], ts: str) -> tuple[str, tuple[Any, ...]]:
+        """(requester, route.lua record) of a responder's answer (``rep``)."""
+        sender, to, request = f.get("s"), f.get("to"), f.get("ri")
+        if not sender or sender not in self.view.members:
+            raise UnknownPeer(f"peer {sender!r} is not a registered member; register before answering")
+        if not to or not isinstance(request, str) or not MESSAGE_ID_RE.match(request):
+            raise BadRequest("an answer needs the requester 'to' and the request's message id 'ri'")
+        if f.get("ok") == "1":
+            data = f.get("d")
+            if not isinstance(data, str):
+                raise BadRequest("an answer without a payload field 'd' (JSON text)")
+            limit = self.settings.max_payload_bytes
+            if len(data) * 4 > limit and len(data.encode()) > limit:
+                raise PayloadTooLarge(f"answer of {len(data.encode())} bytes exceeds the {limit}-byte limit")
+            try:
+                json.loads(data)
+            except ValueError:
+                raise BadRequest("answer field 'd' is not valid JSON") from None
+            return to, ("rep", request, "", data, sender, ts, 1, "ok", "1")
+        return to, ("rep", request, "", "null", sender, ts, 2, "ok", "0", "e", str(f.get("e", ""))[:2000])
+
     def _publishes(self, run: list[Entry], stream: str, rejections: list[Rejection],
                    acks: list[str]) -> Iterator[tuple[str, str, dict[str, str]]]:
         """(entry id, message id, publish fields) of every publish in ``run``, batches unfolded.
@@ -151,7 +192,7 @@ class PublishPlanner:
         message without an id of its own is known as ``<partition>:<entry id>:<n>``.
         """
         for _, eid, f in run:
-            if f.get("k") == "pub":
+            if f.get("k") in ("pub", "rep"):
                 acks.append(eid)
                 yield eid, eid, f
                 continue
@@ -197,6 +238,9 @@ class PublishPlanner:
             json.loads(data)
         except ValueError:
             raise BadRequest("payload field 'd' is not valid JSON") from None
+        reply_to = f.get("rt")
+        if reply_to is not None and reply_to != sender:
+            raise BadRequest(f"a request's reply-to must be its sender {sender!r}, not {reply_to!r}")
         mid = f.get("i")
         if mid is not None and (not isinstance(mid, str) or not MESSAGE_ID_RE.match(mid)):
             raise BadRequest(f"message id {str(mid)[:80]!r} must be 1-64 letters, digits or "

@@ -1,0 +1,108 @@
+"""Request/reply: answers, no responders, timeouts, remote errors, and a requester that dies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis
+
+from coordinator.keys import Keys
+from coordinator.settings import Settings
+from coordinator.sidecar import ClusterSidecar
+from mixin import Message, NoResponders, RemoteError, RequestTimeout
+from tests.support import Peer, async_wait_for
+
+
+@pytest.fixture
+async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
+    sc = ClusterSidecar(settings=settings, run_duties=False)
+    await sc.setup()
+    try:
+        yield sc
+    finally:
+        await sc.teardown()
+
+
+async def test_a_handler_answers_by_returning_or_responding(settings: Settings,
+                                                            sidecar: ClusterSidecar) -> None:
+    async def double(m: Message) -> Any:
+        return {"twice": m.data["n"] * 2, "by": "return", "request": m.is_request}
+
+    async def echo(m: Message) -> None:
+        await m.respond({"echo": m.data, "headers": m.headers})
+
+    async with Peer(settings=settings) as asker, Peer(settings=settings) as answerer:
+        await answerer.cluster_subscribe("math.double", double)
+        await answerer.cluster_subscribe("echo.>", echo)
+        await answerer.cluster_subscribe("sync.len", lambda m: len(m.data))
+        assert await asker.cluster_request("math.double", {"n": 21}, timeout=5) == \
+            {"twice": 42, "by": "return", "request": True}
+        assert await asker.cluster_request("echo.x", [1, 2], timeout=5, headers={"a": "b"}) == \
+            {"echo": [1, 2], "headers": {"a": "b"}}
+        assert await asker.cluster_request("sync.len", "abcd", timeout=5) == 4
+        # many in flight at once, each answered with its own data
+        answers = await asyncio.gather(*(asker.cluster_request("math.double", {"n": i}, timeout=5)
+                                         for i in range(50)))
+        assert [a["twice"] for a in answers] == [2 * i for i in range(50)]
+
+
+async def test_no_responders_timeouts_and_remote_errors(settings: Settings,
+                                                        sidecar: ClusterSidecar) -> None:
+    def boom(m: Message) -> None:
+        raise ValueError(f"cannot handle {m.data}")
+
+    async with Peer(settings=settings) as asker, Peer(settings=settings) as answerer:
+        await answerer.cluster_subscribe("fail.>", boom)
+        await answerer.cluster_subscribe("quiet.>", lambda m: None)  # takes it, never answers
+        with pytest.raises(NoResponders, match=r"nobody.*'nobody\.home'"):  # not a timeout: at once
+            await asker.cluster_request("nobody.home", 1, timeout=30)
+        with pytest.raises(RemoteError, match="ValueError: cannot handle 7"):
+            await asker.cluster_request("fail.x", 7, timeout=5)
+        with pytest.raises(RequestTimeout, match=r"'quiet\.x' within 0\.3s"):
+            await asker.cluster_request("quiet.x", 1, timeout=0.3)
+        with pytest.raises(ValueError):
+            await asker.cluster_request("quiet.x", 1, timeout=0)
+        # the link forgot every request it no longer waits for
+        assert not asker._require_link()._answers
+
+
+async def test_a_requester_that_dies_leaves_the_responder_unharmed(
+        settings: Settings, sidecar: ClusterSidecar, client: redis.Redis) -> None:
+    keys = Keys(settings.namespace)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(m: Message) -> str:
+        started.set()
+        await release.wait()
+        return "late"
+
+    async with Peer(settings=settings) as answerer:
+        await answerer.cluster_subscribe("slow.x", slow)
+        await answerer.cluster_subscribe("fast.x", lambda m: "quick")
+        asker = Peer(settings=settings)
+        await asker.setup()
+        pending = asyncio.ensure_future(asker.cluster_request("slow.x", 1, timeout=30))
+        await asyncio.wait_for(started.wait(), 10)
+        pending.cancel()
+        await asker.teardown()  # gone before the answer
+        release.set()
+        await async_wait_for(lambda: answerer.status_snapshot(include_hidden=True)["handler_errors"] == 0
+                             and client.xlen(keys.deadletter) == 0, what="the late answer to be sent")
+        async with Peer(settings=settings) as other:  # the responder still answers others
+            assert await other.cluster_request("fast.x", None, timeout=5) == "quick"
+
+
+async def test_a_reply_to_someone_else_is_refused(settings: Settings, sidecar: ClusterSidecar,
+                                                  client: redis.Redis) -> None:
+    keys = Keys(settings.namespace)
+    async with Peer(settings=settings) as a, Peer(settings=settings) as b:
+        eid = client.xadd(keys.requests(0), {"k": "pub", "s": a.id, "t": "x.y", "d": "1", "i": "r1",
+                                             "rt": b.id})
+        await async_wait_for(lambda: client.xlen(keys.deadletter) == 1, what="the refusal")
+        (_, dead), = client.xrange(keys.deadletter)
+        assert (dead["entry"], dead["reason"]) == (eid, "bad_request")
+        assert "reply-to must be its sender" in dead["message"]
