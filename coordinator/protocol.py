@@ -2,7 +2,8 @@
 
 Request entry (``sidecar.requests[.<k>]``), written by the mixin::
 
-    k    kind: pub | pubs (folded publishes) | sub | unsub | reg | leave | hb (heartbeat) | pack (policy ack)
+    k    kind: pub | pubs (folded publishes) | rep (answer) | sub | unsub | reg | leave | hb (heartbeat)
+         | pack (policy ack) | dl (dead-letter a delivered message)
     b    pubs only: JSON list of [topic, payload json text, fence term or null, message id,
          headers json text or null], in publish order
     s    sender peer id
@@ -13,6 +14,9 @@ Request entry (``sidecar.requests[.<k>]``), written by the mixin::
     rt   reply-to (pub of a request): the requester, which must be the sender
     to, ri, ok, e   rep (a responder's answer): the requester, the request's message id, "1" with
          the answer in d, or "0" with the handler's error text in e
+    reason, p, e, i, t, o, d, h, ts   dl (a subscriber gives a message up): handler_failed or
+         expired, the pattern, the error, and the message (id, topic, original sender, data,
+         headers, publish time)
     r    request id (control requests): the reply carries it back
     f    leader term the sender claims (fenced publishes only)
     m    member info as JSON (reg)
@@ -40,6 +44,7 @@ from typing import Any
 from coordinator.errors import InvalidHeaders
 
 __all__ = [
+    "DELIVERY_DEAD_LETTERS",
     "HEADER_NAME_RE",
     "INTERNAL_SUBSCRIPTIONS",
     "KINDS",
@@ -54,9 +59,12 @@ __all__ = [
 
 PEER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """What a peer id may look like (a ULID does)."""
-KINDS = frozenset({"pub", "pubs", "rep", "sub", "unsub", "reg", "leave", "hb", "pack"})
+KINDS = frozenset({"pub", "pubs", "rep", "sub", "unsub", "reg", "leave", "hb", "pack", "dl"})
 PUBLISH_KINDS = frozenset({"pub", "pubs", "rep"})
 """Kinds routed in runs through route.lua (in order with the sender's other publishes)."""
+
+DELIVERY_DEAD_LETTERS = frozenset({"handler_failed", "expired"})
+"""Reasons a subscriber may give for dead-lettering a message delivered to it (``dl``)."""
 
 SYSTEM_SENDER = "sidecar"
 """Sender id of the sidecar's own events (``cluster.*``). No peer may register under it; the

@@ -79,6 +79,10 @@ class Settings:
     """Largest JSON payload a publish may carry."""
     max_header_bytes: int = 4096
     """Largest a message's headers may be, as JSON text."""
+    handler_max_deliveries: int = 5
+    """Tries a message gets when its handler raises, before it is dead-lettered (handler_failed)."""
+    handler_backoff: float = 0.1
+    """Wait before the second try of a failed message; it doubles with each further try."""
     request_timeout: float = 5.0
     """How long a control request (register, subscribe, ...) waits for the router's reply."""
     publish_buffer: int = 10_000
@@ -105,13 +109,13 @@ class Settings:
             raise ConfigurationError(
                 f"namespace {self.namespace!r} must be 1-64 characters of letters, digits, '_' or '-'"
             )
-        positive = ("heartbeat_interval", "member_ttl", "router_lease", "request_timeout",
+        positive = ("heartbeat_interval", "member_ttl", "router_lease", "request_timeout", "handler_backoff",
                     "inbox_max_age", "beat_lease", "task_expiry")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("partitions", "batch_size", "inbox_maxlen", "deadletter_maxlen",
-                     "max_payload_bytes", "max_header_bytes", "publish_buffer"):
+                     "max_payload_bytes", "max_header_bytes", "publish_buffer", "handler_max_deliveries"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.member_ttl < 2 * self.heartbeat_interval:

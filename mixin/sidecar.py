@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -41,6 +42,7 @@ from coordinator.topics import SubscriptionIndex, check_pattern, check_publish_t
 from mixin import tracing
 from mixin.agent import Lifecycle
 from mixin.link import SidecarLink
+from mixin.retries import Failure, HandlerRetries
 
 __all__ = ["Handler", "SidecarMixin"]
 
@@ -87,6 +89,10 @@ class SidecarMixin(Lifecycle):
         self._ids = MessageIds()
         self._parked: list[tuple[str, dict[str, str]]] = []
         self._park_until = 0.0
+        self._retries = HandlerRetries(self.sidecar_settings, lock=self._dispatch_lock, run=self._call,
+                                       ack=self._ack_later, dead_letter=self._dead_letter,
+                                       redispatch=self._redispatch,
+                                       log=getattr(self, "logger", None) or logging.getLogger("sidecar.peer"))
 
     # ------------------------------------------------------------------ lifecycle
     async def setup(self, *args: Any, **kwargs: Any) -> None:
@@ -94,6 +100,7 @@ class SidecarMixin(Lifecycle):
         await self.setup_sidecar_communication()
 
     async def teardown(self) -> None:
+        await self._retries.close()
         if self._link is not None:
             link, self._link = self._link, None
             await link.close(leave=True)
@@ -342,6 +349,9 @@ class SidecarMixin(Lifecycle):
                 and time.monotonic() < self._park_until):
             self._parked.append((eid, fields))
             return False
+        if self._retries.blocked(sender):  # an earlier message of this sender is being retried
+            self._retries.hold(sender, eid, fields)
+            return False
         self._seen[seen] = None
         if len(self._seen) > _SEEN_LIMIT:
             self._seen.popitem(last=False)
@@ -373,12 +383,37 @@ class SidecarMixin(Lifecycle):
                 self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
             elif topic == "cluster.policy":
                 await self._apply_policy(data)
+        failures: list[Failure] = []
         for pattern in self._patterns.match(topic):
             for handler in list(self._handlers.get(pattern, ())):
                 ok, result = await self._call(handler, message)
                 if reply_to is not None and (not ok or result is not None):
-                    await respond(result, ok)
+                    await respond(result, ok)  # a request is answered, never retried
+                elif not ok and sender != SYSTEM_SENDER:
+                    failures.append(Failure(pattern, handler, str(result)))
+        if failures:
+            self._retries.failed(eid, message, failures)
+            return False  # acknowledged once the retries settle it
         return True
+
+    async def _dead_letter(self, message: Message, failure: Failure, tries: int) -> None:
+        """Ask the sidecar to dead-letter ``message`` as handler_failed (peers cannot write there)."""
+        link = self._require_link()
+        fields = {"k": "dl", "s": link.peer_id, "reason": "handler_failed", "p": failure.pattern,
+                  "e": f"failed {tries} times; last: {failure.error}"[:2000], "i": message.id,
+                  "t": message.topic, "o": message.sender, "d": dumps(message.data),
+                  "ts": str(int(message.timestamp * 1000))}
+        if message.headers:
+            fields["h"] = dumps(message.headers)
+        self._seen.pop(f"{message.sender} {message.id}", None)  # a replay of it is welcome
+        await link.write(fields)
+
+    async def _ack_later(self, entry_ids: list[str]) -> None:
+        if entry_ids and self._link is not None:
+            await self._link.ack(entry_ids)
+
+    async def _redispatch(self, eid: str, fields: dict[str, str]) -> bool:
+        return await self._dispatch(eid, fields, park=False)
 
     async def _call(self, handler: Handler, message: Message) -> tuple[bool, Any]:
         """(True, what the handler returned) or (False, its error as text)."""

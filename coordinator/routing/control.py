@@ -16,7 +16,7 @@ from enum import Enum
 from coordinator.cluster.membership import elect_call, heartbeat_call, leave_call, register_call
 from coordinator.errors import BadRequest, SidecarError, UnknownPeer
 from coordinator.keys import REQUEST_GROUP
-from coordinator.protocol import KINDS, PEER_ID_RE, SYSTEM_SENDER
+from coordinator.protocol import DELIVERY_DEAD_LETTERS, KINDS, PEER_ID_RE, SYSTEM_SENDER
 from coordinator.resp import Entry
 from coordinator.routing.context import RouterContext
 from coordinator.routing.rejections import Rejection
@@ -90,6 +90,8 @@ class ControlHandler:
             self._heartbeat(stream, eid, f, lease)
         elif kind == "pack":
             self._policy_ack(stream, eid, f)
+        elif kind == "dl":
+            self._dead_letter(stream, eid, f, lease)
         else:
             self._leave(stream, eid, f, lease)
 
@@ -157,6 +159,26 @@ class ControlHandler:
         self._reply(stream, eid, sender, {"k": "reply", "r": f.get("r", ""), "ok": "1",
                                           "status": str(status), "leader": str(leader),
                                           "term": str(term), "now": str(now)}, lease)
+
+    def _dead_letter(self, stream: str, eid: str, f: dict[str, str], lease: str) -> None:
+        """A subscriber gives up a message delivered to it (its handler kept failing, or the
+        message expired before it was handled): dead-letter it for that subscriber."""
+        reason = f.get("reason")
+        if reason not in DELIVERY_DEAD_LETTERS:
+            raise BadRequest(f"dead-letter reason {reason!r} must be one of {sorted(DELIVERY_DEAD_LETTERS)}")
+        if f["s"] not in self.view.members:
+            raise UnknownPeer(f"peer {f['s']!r} is not a registered member")
+        dead = {"reason": reason, "message": f.get("e", "")[:2000], "stream": stream,
+                "entry": f.get("i", "")[:64], "sender": f.get("o", "")[:64], "peer": f["s"],
+                "pattern": f.get("p", "")[:256], "topic": f.get("t", "")[:256],
+                "raw": f.get("d", "")[:65536], "headers": f.get("h", "")[:8192],
+                "ts": f.get("ts", "")[:20]}
+        done = self.scripts.reply(
+            keys=[lease, stream, self.keys.deadletter, self.keys.deadletter],
+            args=[self.token, REQUEST_GROUP, eid, self.settings.inbox_maxlen,
+                  self.settings.deadletter_maxlen, 0, len(dead), *(x for kv in dead.items() for x in kv)])
+        if not int(done):
+            raise _Deposed
 
     def _policy_ack(self, stream: str, eid: str, f: dict[str, str]) -> None:
         """A peer applied (ok=1) or refused (ok=0, e=error) a policy set version.

@@ -103,25 +103,47 @@ async def test_two_handlers_on_one_pattern_both_run(cluster: Cluster) -> None:
     assert first == second == [0, 1, 2]  # per-publisher order
 
 
-async def test_raising_handler_is_counted_and_delivery_goes_on(cluster: Cluster) -> None:
-    await cluster.sidecar()
-    a, b = await cluster.peer(), await cluster.peer()
-    seen: list[Any] = []
+async def test_a_raising_handler_is_retried_in_order_then_dead_lettered(
+        settings: Settings, client: redis.Redis, keys: Keys) -> None:
+    cluster = Cluster(settings.replace(handler_backoff=0.02, handler_max_deliveries=5))
+    try:
+        await cluster.sidecar()
+        a, b, c = await cluster.peer(), await cluster.peer(), await cluster.peer()
+        seen: list[Any] = []
+        tries: dict[str, int] = {}
+        c_during_retries: list[bool] = []
 
-    def flaky(msg: Message) -> None:
-        seen.append(msg.data)
-        if msg.data == "boom":
-            raise RuntimeError("handler bug")
+        async def flaky(msg: Message) -> None:
+            seen.append(msg.data)
+            tries[msg.data] = tries.get(msg.data, 0) + 1
+            if msg.data == "boom" and tries["boom"] < 3:
+                if tries["boom"] == 1:  # c's message must not wait behind b's failing one
+                    await c.cluster_publish("x", "from-c")
+                raise RuntimeError("handler bug")
+            if msg.data == "from-c":
+                c_during_retries.append(tries.get("boom", 0) < 3)
+            if msg.data == "always":
+                raise ValueError("never works")
 
-    await a.cluster_subscribe("x", flaky)
-    for data in ("ok1", "boom", "ok2"):
-        await b.cluster_publish("x", data)
-    await async_wait_for(lambda: len(seen) == 3, what="all three messages")
-    assert seen == ["ok1", "boom", "ok2"]
-    snap = a.status_snapshot(include_hidden=True)
-    assert snap["handler_errors"] == 1
-    assert snap["messages_received"] >= 3
-    assert "handler_errors" not in a.status["p"]
+        await a.cluster_subscribe("x", flaky)
+        for data in ("ok1", "boom", "ok2", "always", "ok3"):
+            await b.cluster_publish("x", data)
+        await async_wait_for(lambda: "ok3" in seen, timeout=20, what="the last message")
+        b_seen = [d for d in seen if d != "from-c"]
+        assert b_seen == ["ok1", "boom", "boom", "boom", "ok2", *["always"] * 5, "ok3"]  # b's order
+        assert c_during_retries == [True]  # c's message flowed while b's was retried
+        snap = a.status_snapshot(include_hidden=True)
+        assert snap["handler_errors"] == 2 + 5
+        assert "handler_errors" not in a.status["p"]
+        await async_wait_for(lambda: client.xlen(keys.deadletter) == 1, what="the dead letter")
+        (_, dead), = client.xrange(keys.deadletter)
+        assert (dead["reason"], dead["peer"], dead["pattern"], dead["topic"], dead["sender"],
+                dead["raw"]) == ("handler_failed", a.id, "x", "x", b.id, '"always"')
+        assert "ValueError: never works" in dead["message"] and "5 times" in dead["message"]
+        await async_wait_for(lambda: client.xpending(keys.responses(a.id), "peer")["pending"] == 0,
+                             what="every inbox entry acknowledged")
+    finally:
+        await cluster.close()
 
 
 async def test_duplicate_message_ids_are_dropped(cluster: Cluster, client: redis.Redis,
