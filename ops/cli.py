@@ -252,10 +252,12 @@ def bench(args: tuple[str, ...]) -> None:
 
 
 def _register_groups() -> None:
+    from ops.cli_deadletter import deadletter
     from ops.cli_policy import peer, policy
 
     cli.add_command(policy)
     cli.add_command(peer)
+    cli.add_command(deadletter)
 
 
 _register_groups()

@@ -1,14 +1,16 @@
-"""Refused requests: the dead-letter stream's only writer, and the error replies that go with it.
+"""The dead-letter stream: refused requests and given-up deliveries, written, listed and replayed.
 
 A :class:`Rejection` says which request entry was refused and why. :class:`Rejector` writes each
 one with ``reply.lua``: a dead-letter entry with the reason, an error reply when the sender can be
 identified (it is a member, or it has an inbox), and the entry's acknowledgement, in one atomic
 step fenced by the router's lease, so a deposed router never dead-letters or answers a request its
-successor handles too.
+successor handles too. (Subscribers give up deliveries through the router too: ``dl`` requests,
+see coordinator.routing.control.) :class:`DeadLetters` lists them and sends them again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +22,7 @@ from coordinator.routing.view import RoutingView
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 
-__all__ = ["Rejection", "Rejector"]
+__all__ = ["DeadLetters", "Rejection", "Rejector"]
 
 log = logging.getLogger("sidecar.router")
 
@@ -95,3 +97,72 @@ class Rejector:
         for r in rejections[:written]:
             log.info("rejected %s from %s: %s (%s)", r.entry_id, r.sender or "?", r.code, r.message)
         return written
+
+
+DELIVERY_REASONS = frozenset({"handler_failed", "expired", "inbox_full"})
+"""Dead letters of a message delivered (or due) to one peer: replayed into that peer's inbox."""
+
+
+class DeadLetters:
+    """Reads the dead-letter stream and replays entries of it (operator tooling calls this)."""
+
+    def __init__(self, client: Any, keys: Keys, settings: Settings) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+
+    def list(self, count: int = 50, reason: str | None = None) -> list[dict[str, str]]:
+        """The newest ``count`` dead letters (of ``reason`` only, if given), oldest first."""
+        out: list[dict[str, str]] = []
+        last = "+"
+        while len(out) < count:
+            batch = self.client.xrevrange(self.keys.deadletter, max=last, count=max(count, 100))
+            if last != "+":
+                batch = batch[1:]  # the boundary entry was seen already
+            if not batch:
+                break
+            for eid, fields in batch:
+                if reason is None or fields.get("reason") == reason:
+                    out.append({"id": eid, **fields})
+            last = batch[-1][0]
+        return list(reversed(out[:count]))
+
+    def replay(self, entry_id: str) -> str:
+        """Send dead letter ``entry_id`` again and delete it; returns where it went.
+
+        A given-up delivery goes back into its peer's inbox with its message id, topic, data and
+        headers; a refused request is appended to its request stream again (and checked again).
+        Raises KeyError for an unknown entry and ValueError for one that cannot be replayed.
+        """
+        found = self.client.xrange(self.keys.deadletter, entry_id, entry_id)
+        if not found:
+            raise KeyError(f"no dead letter {entry_id} (list them with `sidecar deadletter list`)")
+        fields = found[0][1]
+        reason = fields.get("reason", "")
+        if reason in DELIVERY_REASONS:
+            peer = fields.get("peer", "")
+            if not self.client.zscore(self.keys.members, peer):
+                raise ValueError(f"dead letter {entry_id} was for peer {peer!r}, which is not a "
+                                 "member any more")
+            target = self.keys.responses(peer)
+            entry = {"k": "msg", "i": fields.get("entry", ""), "t": fields.get("topic", ""),
+                     "d": fields.get("raw", "null"), "s": fields.get("sender", ""),
+                     "ts": fields.get("ts", "") or entry_id.partition("-")[0]}
+            if fields.get("headers"):
+                entry["h"] = fields["headers"]
+        else:
+            try:
+                entry = json.loads(fields.get("raw", ""))
+                if not isinstance(entry, dict) or not entry:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"dead letter {entry_id} keeps no request to replay") from None
+            target = fields.get("stream", "")
+            if target not in (self.keys.requests(p) for p in range(self.settings.partitions)):
+                raise ValueError(f"dead letter {entry_id} came from {target!r}, not a request stream")
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(target, {str(k): str(v) for k, v in entry.items()},
+                  maxlen=self.settings.inbox_maxlen, approximate=True)
+        pipe.xdel(self.keys.deadletter, entry_id)
+        pipe.execute()
+        return target
