@@ -11,6 +11,7 @@ Request entry (``sidecar.requests[.<k>]``), written by the mixin::
     d    payload as JSON text (pub)
     i    message id (pub): made by the publisher, the same on every retry (coordinator.ids)
     h    headers as JSON text (pub, optional): a mapping of header names to strings
+    x    time to live in ms (pub, optional): the message expires that long after Redis got it
     rt   reply-to (pub of a request): the requester, which must be the sender
     to, ri, ok, e   rep (a responder's answer): the requester, the request's message id, "1" with
          the answer in d, or "0" with the handler's error text in e
@@ -26,8 +27,8 @@ Request entry (``sidecar.requests[.<k>]``), written by the mixin::
 
 Response entry (``sidecar.responses.<peer_id>``), written by the router::
 
-    k=msg    i message id, t topic, d payload JSON, s sender, ts publish time (ms), h headers JSON
-             (only when the message has headers)
+    k=msg    i message id, t topic, d payload JSON, s sender, ts publish time (ms), and when set:
+             h headers JSON, x expiry (Redis ms), rt the requester of a request
     k=reply  r request id, ok "1" | "0", e error code, m error message, plus reply fields
     k=rep    i the request's message id, d answer JSON, s responder, ok "1" | "0", e error text
     k=nr     i the request's message id, t topic: nobody is subscribed to it (no responders)
@@ -48,6 +49,7 @@ __all__ = [
     "HEADER_NAME_RE",
     "INTERNAL_SUBSCRIPTIONS",
     "KINDS",
+    "MAX_TTL_MS",
     "PEER_ID_RE",
     "PUBLISH_KINDS",
     "SYSTEM_SENDER",
@@ -62,6 +64,9 @@ PEER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 KINDS = frozenset({"pub", "pubs", "rep", "sub", "unsub", "reg", "leave", "hb", "pack", "dl"})
 PUBLISH_KINDS = frozenset({"pub", "pubs", "rep"})
 """Kinds routed in runs through route.lua (in order with the sender's other publishes)."""
+
+MAX_TTL_MS = 7 * 24 * 3600 * 1000
+"""Longest time to live a message may ask for (a week)."""
 
 DELIVERY_DEAD_LETTERS = frozenset({"handler_failed", "expired"})
 """Reasons a subscriber may give for dead-lettering a message delivered to it (``dl``)."""

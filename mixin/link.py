@@ -296,6 +296,13 @@ class SidecarLink:
     rejected = 0
     """Requests the router rejected without anybody waiting for the reply (publishes)."""
 
+    clock_offset_ms = 0.0
+    """Redis server time minus this process's clock, as of the last heartbeat (0 before one)."""
+
+    def redis_now_ms(self) -> float:
+        """Redis server time now, estimated from the last heartbeat (message expiry uses it)."""
+        return time.time() * 1000 + self.clock_offset_ms
+
     # ------------------------------------------------------------------ membership
     async def heartbeat(self, extra: Any = None) -> tuple[str, int]:
         """Stamp our membership now; returns (leader id, term). Re-registers if we were evicted."""
@@ -303,16 +310,21 @@ class SidecarLink:
             self.extra = extra
         if self.signer is not None:  # authenticated mode: only the router may run scripts
             payload = {} if extra is None else {"x": dumps(extra)}
+            sent = time.time()
             reply = await self.request("hb", timeout=self.settings.member_ttl, **payload)
             status, leader, term = reply.get("status"), reply.get("leader", ""), reply.get("term", "0")
+            now = reply.get("now", "")
         else:
             keys, args = heartbeat_call(self.keys, self.peer_id, extra)
             try:
-                status, _now, leader, term = await self.scripts.heartbeat(keys=keys, args=args)
+                sent = time.time()
+                status, now, leader, term = await self.scripts.heartbeat(keys=keys, args=args)
             except _TRANSIENT as exc:
                 self.connected = False
                 raise SidecarUnavailable(f"cannot reach the sidecar's Redis: {exc}") from exc
         self.connected = True
+        if str(now).isdigit():  # Redis time, halfway through the round trip
+            self.clock_offset_ms = int(now) - (sent + time.time()) * 500
         if status == "evicted":
             self._schedule_rejoin()
         if self.on_heartbeat is not None:

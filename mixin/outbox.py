@@ -107,7 +107,7 @@ class Outbox:
             if len(run) == 1:
                 out.append((run[0][0], [run[0][1]]))
             elif run:
-                items = [[f["t"], f["d"], f.get("f"), f.get("i"), f.get("h")] for f, _ in run]
+                items = [[f["t"], f["d"], f.get("f"), f.get("i"), f.get("h"), f.get("x")] for f, _ in run]
                 entry = {"k": "pubs", "s": run[0][0]["s"], "b": dumps(items)}
                 out.append((entry, [fut for _, fut in run]))
             run.clear()

@@ -30,6 +30,7 @@ from coordinator.errors import NoResponders, NotLeader, RemoteError, RequestTime
 from coordinator.ids import MessageIds
 from coordinator.protocol import (
     INTERNAL_SUBSCRIPTIONS,
+    MAX_TTL_MS,
     SYSTEM_SENDER,
     Message,
     check_headers,
@@ -58,6 +59,7 @@ class SidecarMixin(Lifecycle):
     cluster_subscriptions = StatusField(0, doc="patterns this peer is subscribed to")
     messages_received = StatusField(0, hidden=True)
     handler_errors = StatusField(0, hidden=True)
+    messages_expired = StatusField(0, hidden=True)
 
     def __init__(self, *args: Any, settings: Settings | None = None, redis_url: str | None = None,
                  role: str = "peer", labels: dict[str, str] | None = None, priority: int = 0,
@@ -170,14 +172,16 @@ class SidecarMixin(Lifecycle):
             await link.request("unsub", t=pattern)
 
     async def cluster_publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None,
-                              fenced: bool = False) -> str:
+                              ttl: float | None = None, fenced: bool = False) -> str:
         """Publish ``data`` (JSON-able) to literal ``topic``; returns its message id once the
         request is in Redis.
 
         The id is made here and kept on every retry, so subscribers drop the repeats a lost reply
         causes and run each handler once. ``headers`` (names to strings, at most
         ``max_header_bytes`` as JSON) travel with the message untouched; with OpenTelemetry
-        installed the current span's ``traceparent`` is added. With ``fenced=True`` the message
+        installed the current span's ``traceparent`` is added. With ``ttl`` (seconds) a message not
+        handled that long after Redis got it is never handed to a handler: it is counted and
+        dead-lettered as ``expired``. With ``fenced=True`` the message
         carries this peer's leader term and is delivered only if this peer is still the leader of
         that term. Bad topics, payloads and headers raise here, at the call.
         """
@@ -189,6 +193,11 @@ class SidecarMixin(Lifecycle):
         link = self._require_link()
         mid = self._ids.next()
         fields = {"k": "pub", "s": link.peer_id, "t": topic, "d": payload, "i": mid}
+        if ttl is not None:
+            if not 0 < ttl <= MAX_TTL_MS / 1000:
+                raise ValueError(f"ttl must be more than 0 and at most {MAX_TTL_MS // 1000} seconds, "
+                                 f"got {ttl!r}")
+            fields["x"] = str(max(1, round(ttl * 1000)))
         if headers or tracing.ACTIVE:
             text = check_headers(tracing.inject(headers), self.sidecar_settings.max_header_bytes)
             if text:
@@ -352,6 +361,10 @@ class SidecarMixin(Lifecycle):
         if self._retries.blocked(sender):  # an earlier message of this sender is being retried
             self._retries.hold(sender, eid, fields)
             return False
+        expiry = fields.get("x")
+        if expiry and self._link is not None and self._link.redis_now_ms() > int(expiry):
+            await self._expired(mid, fields)
+            return True
         self._seen[seen] = None
         if len(self._seen) > _SEEN_LIMIT:
             self._seen.popitem(last=False)
@@ -407,6 +420,18 @@ class SidecarMixin(Lifecycle):
             fields["h"] = dumps(message.headers)
         self._seen.pop(f"{message.sender} {message.id}", None)  # a replay of it is welcome
         await link.write(fields)
+
+    async def _expired(self, mid: str, fields: dict[str, str]) -> None:
+        """A message whose time to live ran out before a handler got it: count and dead-letter it."""
+        self.messages_expired += 1
+        link = self._require_link()
+        late = link.redis_now_ms() - int(fields.get("x", "0"))
+        dead = {"k": "dl", "s": link.peer_id, "reason": "expired", "e": f"expired {late:.0f} ms ago",
+                "i": mid, "t": fields.get("t", ""), "o": fields.get("s", ""),
+                "d": fields.get("d", "null"), "ts": fields.get("ts", "")}
+        if fields.get("h"):
+            dead["h"] = fields["h"]
+        await link.write(dead)
 
     async def _ack_later(self, entry_ids: list[str]) -> None:
         if entry_ids and self._link is not None:

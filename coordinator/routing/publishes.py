@@ -23,7 +23,7 @@ from coordinator.errors import (
 )
 from coordinator.ids import MESSAGE_ID_RE
 from coordinator.keys import REQUEST_GROUP
-from coordinator.protocol import SYSTEM_SENDER, check_headers
+from coordinator.protocol import MAX_TTL_MS, SYSTEM_SENDER, check_headers
 from coordinator.resp import Entry
 from coordinator.routing.context import RouterContext
 from coordinator.routing.guard import Mark
@@ -158,6 +158,8 @@ class PublishPlanner:
         extras: list[str] = []
         if f.get("h"):
             extras += ("h", f["h"])
+        if f.get("x"):  # time to live: the deadline on Redis's clock, from when Redis got it
+            extras += ("x", str(int(ts) + int(f["x"])))
         if "rt" in f:
             extras += ("rt", f["rt"])
         return ("msg", mid, topic, data, sender, ts, len(extras) // 2, *extras)
@@ -188,7 +190,8 @@ class PublishPlanner:
         """(entry id, message id, publish fields) of every publish in ``run``, batches unfolded.
 
         A ``pubs`` entry (publishes a peer folded together) carries ``b``: a JSON list of
-        ``[topic, payload json, fence or null, message id or null, headers json or null]``; a
+        ``[topic, payload json, fence or null, message id or null, headers json or null, ttl ms or
+        null]``; a
         message without an id of its own is known as ``<partition>:<entry id>:<n>``.
         """
         for _, eid, f in run:
@@ -199,15 +202,15 @@ class PublishPlanner:
             try:
                 items = json.loads(f.get("b") or "")
                 if not isinstance(items, list) or not all(
-                        isinstance(i, list) and len(i) == 5 for i in items):
+                        isinstance(i, list) and len(i) == 6 for i in items):
                     raise ValueError
             except ValueError:
                 rejections.append(self.rejector.rejection(stream, eid, f, BadRequest(
-                    "batch field 'b' must be a JSON list of [topic, payload, fence, id, headers]")))
+                    "batch field 'b' must be a JSON list of [topic, payload, fence, id, headers, ttl]")))
                 continue
             acks.append(eid)
             sender = f.get("s", "")
-            for n, (topic, data, fence, mid, headers) in enumerate(items):
+            for n, (topic, data, fence, mid, headers, ttl) in enumerate(items):
                 one = {"k": "pub", "s": sender, "t": topic, "d": data}
                 if fence is not None:
                     one["f"] = str(fence)
@@ -215,6 +218,8 @@ class PublishPlanner:
                     one["i"] = mid
                 if headers is not None:
                     one["h"] = headers
+                if ttl is not None:
+                    one["x"] = str(ttl)
                 yield eid, f"{eid}:{n}", one
 
     def _check(self, f: dict[str, str], trusted: bool) -> tuple[str, str, str]:
@@ -238,6 +243,9 @@ class PublishPlanner:
             json.loads(data)
         except ValueError:
             raise BadRequest("payload field 'd' is not valid JSON") from None
+        ttl = f.get("x")
+        if ttl is not None and not (isinstance(ttl, str) and ttl.isdigit() and 0 < int(ttl) <= MAX_TTL_MS):
+            raise BadRequest(f"time to live 'x' must be 1 to {MAX_TTL_MS} milliseconds, got {ttl!r}")
         reply_to = f.get("rt")
         if reply_to is not None and reply_to != sender:
             raise BadRequest(f"a request's reply-to must be its sender {sender!r}, not {reply_to!r}")

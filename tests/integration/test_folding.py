@@ -49,8 +49,8 @@ async def test_bad_batches_and_bad_items_are_dead_lettered(settings: Settings, c
         got: list[Any] = []
         await sub.cluster_subscribe("ok.>", lambda m: got.append(m.data))
         client.xadd(keys.requests(0), {"k": "pubs", "s": pub.id, "b": "not json"})
-        items = [["ok.a", "1", None, None, None], ["bad.*", "2", None, None, None],
-                 ["ok.b", "{nope", None, None, None], ["ok.c", "3", None, None, None]]
+        items = [["ok.a", "1", None, None, None, None], ["bad.*", "2", None, None, None, None],
+                 ["ok.b", "{nope", None, None, None, None], ["ok.c", "3", None, None, None, None]]
         batch_id = client.xadd(keys.requests(0), {"k": "pubs", "s": pub.id, "b": json.dumps(items)})
         await async_wait_for(lambda: len(got) == 2, what="the good items")
         assert got == [1, 3]
