@@ -139,6 +139,8 @@ class Message:
     """Site the message was published on; None for this site."""
     reply_to: str | None = None
     """For a request (``cluster_request``): the requester; a handler's return value answers it."""
+    queue: str | None = None
+    """The queue group this message was handed to this peer for (None: a plain subscription)."""
     _respond: Callable[[Any], Awaitable[None]] | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -28,6 +28,7 @@ SCRIPT_NAMES = (
     "mark",
     "drop_inbox",
     "reply",
+    "requeue",
 )
 
 
@@ -53,6 +54,7 @@ class Scripts:
     mark: Any
     drop_inbox: Any
     reply: Any
+    requeue: Any
 
     def __init__(self, client: Any) -> None:
         for name in SCRIPT_NAMES:

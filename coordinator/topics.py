@@ -12,16 +12,20 @@ of subscriptions.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 
 from coordinator.errors import InvalidTopic
 
 __all__ = [
     "MAX_TOPIC_LENGTH",
+    "QUEUE_RE",
     "RESERVED_PREFIX",
     "SubscriptionIndex",
     "check_pattern",
     "check_publish_topic",
+    "check_queue",
+    "group_key",
     "matches",
 ]
 
@@ -53,6 +57,23 @@ def check_pattern(pattern: object) -> str:
             raise InvalidTopic(f"wildcards must be whole tokens, {tok!r} in {pattern!r} is not")
     assert isinstance(pattern, str)
     return pattern
+
+
+QUEUE_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
+"""What a queue group name may look like."""
+
+
+def check_queue(queue: object) -> str:
+    """Return ``queue`` if it is a valid queue group name, else raise InvalidTopic."""
+    if not isinstance(queue, str) or not QUEUE_RE.match(queue):
+        raise InvalidTopic(f"queue group name {str(queue)[:80]!r} must be 1-64 letters, digits, "
+                           "'_', '-' or '.'")
+    return queue
+
+
+def group_key(queue: str, pattern: str) -> str:
+    """One queue group: the peers that subscribed to ``pattern`` with the name ``queue``."""
+    return f"{queue} {pattern}"
 
 
 def check_publish_topic(topic: object, *, allow_reserved: bool = False) -> str:

@@ -39,7 +39,7 @@ from coordinator.protocol import (
 )
 from coordinator.settings import Settings
 from coordinator.status import StatusField
-from coordinator.topics import SubscriptionIndex, check_pattern, check_publish_topic
+from coordinator.topics import SubscriptionIndex, check_pattern, check_publish_topic, check_queue
 from mixin import tracing
 from mixin.agent import Lifecycle
 from mixin.link import SidecarLink
@@ -80,7 +80,8 @@ class SidecarMixin(Lifecycle):
         self._policy_version = 0
         self.policies: dict[str, Any] = {}
         self._link: SidecarLink | None = None
-        self._handlers: dict[str, list[Handler]] = {}
+        self._handlers: dict[tuple[str, str], list[Handler]] = {}
+        """(pattern, queue group or '') -> handlers."""
         self._patterns = SubscriptionIndex()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._leader: tuple[str, int] = ("", 0)
@@ -137,39 +138,59 @@ class SidecarMixin(Lifecycle):
         self.sidecar_connected = True
 
     # ------------------------------------------------------------------ pub/sub
-    async def cluster_subscribe(self, pattern: str, handler: Handler) -> None:
-        """Run ``handler`` for every message matching ``pattern``; returns once the router applied it."""
+    async def cluster_subscribe(self, pattern: str, handler: Handler, *, queue: str | None = None
+                                ) -> None:
+        """Run ``handler`` for every message matching ``pattern``; returns once the router applied it.
+
+        With ``queue`` the peer joins that queue group of ``pattern``: each message goes to one
+        member of the group (the peers that subscribed to ``pattern`` with this name), in turn,
+        while plain subscribers of the pattern still get every message. What a member was handed
+        and had not handled when it died or left is handed to another member.
+        """
         check_pattern(pattern)
+        if queue is not None:
+            check_queue(queue)
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
         link = self._require_link()
-        new = pattern not in self._handlers
+        key = (pattern, queue or "")
+        new = key not in self._handlers
         async with self._dispatch_lock:
             if new:
-                self._patterns.add(pattern, pattern)
-                self._handlers[pattern] = []
-            self._handlers[pattern].append(handler)
-            self.cluster_subscriptions = len(self._handlers)
+                if queue is None:
+                    self._patterns.add(pattern, pattern)
+                self._handlers[key] = []
+            self._handlers[key].append(handler)
+            self.cluster_subscriptions = self._counted()
             await self._release_parked()
         if new and pattern not in _INTERNAL:
             try:
-                await link.request("sub", t=pattern)
+                await link.request("sub", t=pattern, q=queue or "")
             except BaseException:
-                self._handlers.pop(pattern, None)
-                self._patterns.remove(pattern, pattern)
-                self.cluster_subscriptions = len(self._handlers)
+                self._forget(key)
                 raise
 
-    async def cluster_unsubscribe(self, pattern: str) -> None:
-        """Stop receiving ``pattern`` (every handler of it); returns once the router applied it."""
+    async def cluster_unsubscribe(self, pattern: str, *, queue: str | None = None) -> None:
+        """Stop receiving ``pattern`` (every handler of it, or of its queue group ``queue``);
+        returns once the router applied it."""
         check_pattern(pattern)
         link = self._require_link()
-        if self._handlers.pop(pattern, None) is None:
+        key = (pattern, queue or "")
+        if key not in self._handlers:
             return
-        self._patterns.remove(pattern, pattern)
-        self.cluster_subscriptions = len(self._handlers)
+        self._forget(key)
         if pattern not in _INTERNAL:
-            await link.request("unsub", t=pattern)
+            await link.request("unsub", t=pattern, q=queue or "")
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        self._handlers.pop(key, None)
+        if not key[1]:
+            self._patterns.remove(key[0], key[0])
+        self.cluster_subscriptions = self._counted()
+
+    def _counted(self) -> int:
+        """Subscriptions the peer made itself (the internal ones apart)."""
+        return sum(1 for pattern, _ in self._handlers if pattern not in _INTERNAL)
 
     async def cluster_publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None,
                               ttl: float | None = None, fenced: bool = False) -> str:
@@ -337,7 +358,7 @@ class SidecarMixin(Lifecycle):
         """Hand parked messages to the handlers that now match them (or drop them once expired)."""
         keep, done = [], []
         for eid, fields in self._parked:
-            if self._patterns.match(fields.get("t", "")) or expire:
+            if self._keys_for(fields.get("t", ""), fields) or expire:
                 await self._dispatch(eid, fields, park=False)
                 done.append(eid)
             else:
@@ -351,10 +372,12 @@ class SidecarMixin(Lifecycle):
         mid = fields.get("i") or eid
         topic = fields.get("t", "")
         sender = fields.get("s", "")
-        seen = f"{sender} {mid}"  # with the sender: a peer cannot suppress another's messages
+        # with the sender (a peer cannot suppress another's messages) and the queue group (a
+        # message may come once plain and once for a group this peer is in)
+        seen = f"{sender} {mid} {fields.get('q', '')}"
         if seen in self._seen:
             return True
-        if (park and sender != SYSTEM_SENDER and not self._patterns.match(topic)
+        if (park and sender != SYSTEM_SENDER and not self._keys_for(topic, fields)
                 and time.monotonic() < self._park_until):
             self._parked.append((eid, fields))
             return False
@@ -388,8 +411,9 @@ class SidecarMixin(Lifecycle):
             await self._link.write(answer)
 
         message = Message(topic, data, sender, mid, int(fields.get("ts", "0")) / 1000,
-                          parse_headers(fields.get("h")), None, reply_to,
-                          respond if reply_to is not None else None)
+                          headers=parse_headers(fields.get("h")), reply_to=reply_to,
+                          queue=fields.get("q") or None,
+                          _respond=respond if reply_to is not None else None)
         self.messages_received += 1
         if message.sender == SYSTEM_SENDER:
             if topic == "cluster.leader" and isinstance(data, dict):
@@ -397,8 +421,9 @@ class SidecarMixin(Lifecycle):
             elif topic == "cluster.policy":
                 await self._apply_policy(data)
         failures: list[Failure] = []
-        for pattern in self._patterns.match(topic):
-            for handler in list(self._handlers.get(pattern, ())):
+        for key in self._keys_for(topic, fields):
+            pattern = key[0]
+            for handler in list(self._handlers.get(key, ())):
                 ok, result = await self._call(handler, message)
                 if reply_to is not None and (not ok or result is not None):
                     await respond(result, ok)  # a request is answered, never retried
@@ -409,6 +434,14 @@ class SidecarMixin(Lifecycle):
             return False  # acknowledged once the retries settle it
         return True
 
+    def _keys_for(self, topic: str, fields: dict[str, str]) -> list[tuple[str, str]]:
+        """The subscriptions an inbox entry is for: its queue group's, or every plain match."""
+        queue = fields.get("q")
+        if queue:
+            key = (fields.get("qp", ""), queue)
+            return [key] if key in self._handlers else []
+        return [(p, "") for p in self._patterns.match(topic)]
+
     async def _dead_letter(self, message: Message, failure: Failure, tries: int) -> None:
         """Ask the sidecar to dead-letter ``message`` as handler_failed (peers cannot write there)."""
         link = self._require_link()
@@ -418,7 +451,7 @@ class SidecarMixin(Lifecycle):
                   "ts": str(int(message.timestamp * 1000))}
         if message.headers:
             fields["h"] = dumps(message.headers)
-        self._seen.pop(f"{message.sender} {message.id}", None)  # a replay of it is welcome
+        self._seen.pop(f"{message.sender} {message.id} {message.queue or ''}", None)  # replays welcome
         await link.write(fields)
 
     async def _expired(self, mid: str, fields: dict[str, str]) -> None:
@@ -457,5 +490,8 @@ class SidecarMixin(Lifecycle):
 
     async def _resubscribe(self) -> None:
         link = self._require_link()
-        for pattern in {*_INTERNAL, *self._handlers}:
+        for pattern in _INTERNAL:
             await link.request("sub", t=pattern)
+        for pattern, queue in list(self._handlers):
+            if pattern not in _INTERNAL:
+                await link.request("sub", t=pattern, q=queue or "")

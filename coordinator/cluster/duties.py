@@ -30,7 +30,7 @@ class Duties:
         self.client = client
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.membership = Membership(client, self.keys)
+        self.membership = Membership(client, self.keys, inbox_maxlen=settings.inbox_maxlen)
         self.election = Election(client, self.keys, settings.member_ttl)
         self.policies = PolicyStore(client, self.keys, inbox_maxlen=settings.inbox_maxlen)
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from coordinator.clock import redis_ms
+from coordinator.cluster.handoff import hand_off
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.protocol import dumps
 from coordinator.scripts import scripts_for
@@ -93,9 +94,10 @@ def heartbeat_call(keys: Keys, peer_id: str, extra: Any = None, *, payload: str 
 class Membership:
     """Reads and changes membership on a sync Redis client."""
 
-    def __init__(self, client: Any, keys: Keys) -> None:
+    def __init__(self, client: Any, keys: Keys, *, inbox_maxlen: int = 100_000) -> None:
         self.client = client
         self.keys = keys
+        self.inbox_maxlen = inbox_maxlen
         self.scripts = scripts_for(client)
 
     def register(self, peer_id: str, **info: Any) -> bool:
@@ -104,12 +106,16 @@ class Membership:
         return bool(int(self.scripts.register(keys=ks, args=args)[1]))
 
     def leave(self, peer_id: str, reason: str = "leave") -> bool:
-        """Remove ``peer_id`` and its subscriptions; True if it was a member.
+        """Remove ``peer_id`` and its subscriptions, handing its unhandled queue group deliveries
+        to other members; True if it was a member.
 
         The caller runs the election next if the peer was the leader (Duties does).
         """
         ks, args = leave_call(self.keys, peer_id, reason)
-        return bool(int(self.scripts.leave(keys=ks, args=args)[0]))
+        left = bool(int(self.scripts.leave(keys=ks, args=args)[0]))
+        if left:
+            hand_off(self.client, self.keys, peer_id, inbox_maxlen=self.inbox_maxlen)
+        return left
 
     def sweep(self, member_ttl: float) -> list[str]:
         """Evict every member silent for longer than ``member_ttl``; returns the evicted ids."""
@@ -120,6 +126,7 @@ class Membership:
             ks, args = leave_call(self.keys, str(peer), "expired", silent_ms=ttl_ms)
             if int(self.scripts.leave(keys=ks, args=args)[0]):
                 evicted.append(str(peer))
+                hand_off(self.client, self.keys, str(peer), inbox_maxlen=self.inbox_maxlen)
         return evicted
 
     def heartbeat(self, peer_id: str, extra: Any = None) -> bool:

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from enum import Enum
 
+from coordinator.cluster.handoff import hand_off
 from coordinator.cluster.membership import elect_call, heartbeat_call, leave_call, register_call
 from coordinator.errors import BadRequest, SidecarError, UnknownPeer
 from coordinator.keys import REQUEST_GROUP
@@ -21,7 +22,7 @@ from coordinator.resp import Entry
 from coordinator.routing.context import RouterContext
 from coordinator.routing.rejections import Rejection
 from coordinator.scripts import scripts_for
-from coordinator.topics import check_pattern
+from coordinator.topics import check_pattern, check_queue
 
 __all__ = ["APPLIED", "DEPOSED", "ControlHandler", "Done"]
 
@@ -107,13 +108,15 @@ class ControlHandler:
 
     def _subscribe(self, stream: str, eid: str, f: dict[str, str], lease: str, *, add: bool) -> None:
         sender, pattern = f["s"], check_pattern(f.get("t"))
+        queue = check_queue(f["q"]) if f.get("q") else ""
         if add and self.guard.enforce:
             if str(self.client.get(self.keys.routing_version) or "0") != self.view.version:
                 self.refresh()  # judge the subscribe by the policies in force now, not cached ones
             self.guard.authorize(sender, "subscribe", pattern)
         keys = [lease, self.keys.subs, self.keys.routing_version, stream, self.view.inbox(sender),
                 self.keys.member(sender)]
-        args = [self.token, REQUEST_GROUP, eid, "add" if add else "remove", f"{sender} {pattern}",
+        field = f"{sender} {pattern} {queue}" if queue else f"{sender} {pattern}"
+        args = [self.token, REQUEST_GROUP, eid, "add" if add else "remove", field,
                 f.get("r", ""), self.settings.inbox_maxlen]
         result = self.scripts.subscribe(keys=keys, args=args)
         status = str(result[0])
@@ -121,7 +124,8 @@ class ControlHandler:
             raise _Deposed
         if status == "unknown_peer":
             raise UnknownPeer(f"peer {sender!r} is not a registered member; register before subscribing")
-        self.view.subscription_changed(int(result[1]), bool(int(result[2])), add, sender, pattern)
+        self.view.subscription_changed(int(result[1]), bool(int(result[2])), add, sender, pattern,
+                                       queue)
 
     def _register(self, stream: str, eid: str, f: dict[str, str], lease: str) -> None:
         sender = f["s"]
@@ -201,6 +205,8 @@ class ControlHandler:
         if left < 0:
             raise _Deposed
         self.view.invalidate()
+        if left:
+            hand_off(self.client, self.keys, sender, inbox_maxlen=self.settings.inbox_maxlen)
         if was_leader:  # a graceful leave re-elects now, not a TTL later (a compare-and-set)
             keys, args = elect_call(self.keys, self.settings.member_ttl, "leader left")
             self.scripts.elect(keys=keys, args=args)

@@ -118,9 +118,16 @@ class PublishPlanner:
                 else:
                     topic, data, sender = self._check(f, trusted)
                     targets = self.view.targets(topic)
-                    record = self._message(f, msg_id, tag, topic, data, sender, ts, bool(targets))
-                    if not targets and "rt" in f:  # a request nobody can answer: say so at once
+                    queued = self.view.queue_targets(topic) if self.view.group_members else []
+                    record = self._message(f, msg_id, tag, topic, data, sender, ts,
+                                           bool(targets or queued))
+                    if not (targets or queued) and "rt" in f:  # nobody can answer: say so at once
                         targets = (sender,)
+                    for peer, queue, pattern in queued:  # one member of each group, its own record
+                        messages += 1
+                        at = len(records)
+                        records += self._queued(record, queue, pattern)
+                        deliveries += (at, self._inbox_index(inboxes, peer))
             except SidecarError as exc:
                 rejections.append(self.rejector.rejection(stream, eid, f, exc, part=msg_id))
                 continue
@@ -130,10 +137,7 @@ class PublishPlanner:
             at = len(records)
             records += record
             for peer in targets:
-                i = inboxes.get(peer)
-                if i is None:
-                    i = inboxes[peer] = len(inboxes) + 1
-                deliveries += (at, i)
+                deliveries += (at, self._inbox_index(inboxes, peer))
         view = self.view
         keys = [lease_key, self.keys.routing_version, self.keys.nonces, stream, self.keys.inbox_drops,
                 self.keys.deadletter, *(view.inbox(p) for p in inboxes)]
@@ -147,6 +151,20 @@ class PublishPlanner:
         args[5] = len(args) + 1
         args += [x + base if n % 2 == 0 else x for n, x in enumerate(deliveries)]
         return FanOut(run, stream, keys, args, messages, marks, rejections)
+
+    @staticmethod
+    def _inbox_index(inboxes: dict[str, int], peer: str) -> int:
+        i = inboxes.get(peer)
+        if i is None:
+            i = inboxes[peer] = len(inboxes) + 1
+        return i
+
+    @staticmethod
+    def _queued(record: tuple[Any, ...], queue: str, pattern: str) -> tuple[Any, ...]:
+        """``record`` as a queue group delivery (marked with its group, so the member runs that
+        subscription's handlers and a requeue finds it)."""
+        extras = int(record[6])
+        return (*record[:6], extras + 2, *record[7:], "q", queue, "qp", pattern)
 
     @staticmethod
     def _message(f: dict[str, str], msg_id: str, tag: str, topic: str, data: str, sender: str,

@@ -17,7 +17,13 @@ import logging
 from typing import Any
 
 from coordinator.keys import Keys
-from coordinator.topics import SubscriptionIndex, check_pattern, check_publish_topic
+from coordinator.topics import (
+    SubscriptionIndex,
+    check_pattern,
+    check_publish_topic,
+    check_queue,
+    group_key,
+)
 
 __all__ = ["RoutingView"]
 
@@ -35,7 +41,13 @@ class RoutingView:
         self.index = SubscriptionIndex()
         self.members: frozenset[str] = frozenset()
         self.leader: tuple[str, int] = ("", 0)
+        self.groups = SubscriptionIndex()
+        """Queue groups by pattern: (group key ``"<queue> <pattern>"``, pattern) entries."""
+        self.group_members: dict[str, list[str]] = {}
+        """Group key -> its member peers, sorted (live or not: targets filter)."""
+        self._turn: dict[str, int] = {}
         self._targets: dict[str, tuple[str, ...]] = {}
+        self._topic_groups: dict[str, tuple[str, ...]] = {}
         self._inbox: dict[str, str] = {}
         self._valid_topics: set[str] = set()
 
@@ -55,27 +67,49 @@ class RoutingView:
         pipe.zrange(self.keys.members, 0, -1)
         pipe.hmget(self.keys.leader, "id", "term")
         version, fields, members, leader = pipe.execute()
-        index = SubscriptionIndex()
+        index, groups = SubscriptionIndex(), SubscriptionIndex()
+        group_members: dict[str, list[str]] = {}
         for field in fields:
-            peer, _, pattern = str(field).partition(" ")
+            peer, _, rest = str(field).partition(" ")
+            pattern, _, queue = rest.partition(" ")
             try:
-                index.add(peer, check_pattern(pattern))
+                check_pattern(pattern)
+                if queue:
+                    check_queue(queue)
+                    key = group_key(queue, pattern)
+                    groups.add(key, pattern)
+                    group_members.setdefault(key, []).append(peer)
+                else:
+                    index.add(peer, pattern)
             except ValueError:  # not written by subscribe.lua (it stores checked patterns only)
                 log.warning("ignoring malformed subscription %r", field)
         self.index = index
+        self.groups = groups
+        self.group_members = {k: sorted(v) for k, v in group_members.items()}
         self.members = frozenset(str(m) for m in members)
         self.leader = (str(leader[0] or ""), int(leader[1] or 0))
         self.version = str(version or "0")
-        self._targets.clear()
+        self._forget()
 
     # ------------------------------------------------------------------ changes the router made
     def subscription_changed(self, version: int, changed: bool, add: bool, peer: str,
-                             pattern: str) -> None:
+                             pattern: str, queue: str = "") -> None:
         """subscribe.lua answered ``version``; apply the change if it is the only one since ours."""
         if changed and self.version is not None and version == int(self.version) + 1:
-            (self.index.add if add else self.index.remove)(peer, pattern)
+            if not queue:
+                (self.index.add if add else self.index.remove)(peer, pattern)
+            else:
+                key = group_key(queue, pattern)
+                peers = set(self.group_members.get(key, ()))
+                (peers.add if add else peers.discard)(peer)
+                if peers:
+                    self.group_members[key] = sorted(peers)
+                    self.groups.add(key, pattern)
+                else:
+                    self.group_members.pop(key, None)
+                    self.groups.remove(key, pattern)
             self.version = str(version)
-            self._targets.clear()
+            self._forget()
         elif changed or str(version) != self.version:
             self.version = None
 
@@ -84,11 +118,34 @@ class RoutingView:
         if joined and self.version is not None and version == int(self.version) + 1:
             self.members = self.members | {peer}
             self.version = str(version)
-            self._targets.clear()
+            self._forget()
         elif joined or str(version) != self.version:
             self.version = None
 
     # ------------------------------------------------------------------ derived
+    def _forget(self) -> None:
+        self._targets.clear()
+        self._topic_groups.clear()
+
+    def queue_targets(self, topic: str) -> list[tuple[str, str, str]]:
+        """(peer, queue, pattern) for each queue group matching ``topic``: one live member each,
+        taken in turn so a group's messages spread evenly over its members."""
+        keys = self._topic_groups.get(topic)
+        if keys is None:
+            keys = tuple(sorted(self.groups.match(topic)))
+            if len(self._topic_groups) > _CACHE_LIMIT:
+                self._topic_groups.clear()
+            self._topic_groups[topic] = keys
+        out = []
+        for key in keys:
+            live = [p for p in self.group_members.get(key, ()) if p in self.members]
+            if live:
+                turn = self._turn.get(key, 0)
+                self._turn[key] = turn + 1
+                queue, _, pattern = key.partition(" ")
+                out.append((live[turn % len(live)], queue, pattern))
+        return out
+
     def targets(self, topic: str) -> tuple[str, ...]:
         """The live members subscribed to ``topic``, in peer order (cached)."""
         found = self._targets.get(topic)
