@@ -8,6 +8,7 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:sidecar.responses.<id>  stream   peer <id>'s inbox: deliveries and control replies
     sidecar:{ns}:deadletter              stream   rejected request entries with the reason
     sidecar:{ns}:inbox.drops             hash     peer_id -> messages its full inbox dropped or refused
+    sidecar:{ns}:inbox.slow              set      members whose inbox lags now (one slow event each)
     sidecar:{ns}:subs                    hash     "<peer_id> <pattern>" -> "" : the subscription index
     sidecar:{ns}:sidecar.system          stream   the sidecar's own events (cluster.*), trusted, partition 0
     sidecar:{ns}:routing.version         string   bumped on every member or subscription change
@@ -77,6 +78,11 @@ class Keys:
     def inbox_drops(self) -> str:
         """Messages each peer's full inbox dropped (drop_oldest) or refused (reject)."""
         return self._p + "inbox.drops"
+
+    @property
+    def slow(self) -> str:
+        """Members whose inbox lag is past the limit now (cluster.member.slow was emitted)."""
+        return self._p + "inbox.slow"
 
     @property
     def subs(self) -> str:

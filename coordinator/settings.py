@@ -71,6 +71,8 @@ class Settings:
     inbox_overflow: str = "drop_oldest"
     """A full inbox: ``drop_oldest`` trims its oldest entries, ``reject`` refuses the new message
     (dead-lettered for that peer as ``inbox_full``, nothing queued is lost); both are counted."""
+    slow_consumer_lag: int = 10_000
+    """A member with more unread inbox entries than this is slow (``cluster.member.slow``)."""
     inbox_max_age: float = 3600.0
     """Entries older than this are trimmed from response streams by the trim duty."""
     deadletter_maxlen: int = 10_000
@@ -115,7 +117,8 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("partitions", "batch_size", "inbox_maxlen", "deadletter_maxlen",
-                     "max_payload_bytes", "max_header_bytes", "publish_buffer", "handler_max_deliveries"):
+                     "max_payload_bytes", "max_header_bytes", "publish_buffer", "handler_max_deliveries",
+                     "slow_consumer_lag"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.member_ttl < 2 * self.heartbeat_interval:
@@ -159,6 +162,11 @@ class Settings:
     def policy_period(self) -> float:
         """How often beat sends the policy set to peers that have not acknowledged it."""
         return 0.5
+
+    @property
+    def watch_period(self) -> float:
+        """How often inbox lag is checked for slow members (once per heartbeat, at least 1 s)."""
+        return max(1.0, self.heartbeat_interval)
 
     @property
     def trim_period(self) -> float:

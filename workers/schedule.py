@@ -22,5 +22,6 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "elect": entry("sidecar.elect", settings.duty_period),
         "cluster-heartbeat": entry("sidecar.cluster_heartbeat", hb),
         "distribute-policies": entry("sidecar.distribute_policies", settings.policy_period),
+        "watch-inboxes": entry("sidecar.watch_inboxes", settings.watch_period),
         "trim": entry("sidecar.trim", settings.trim_period),
     }

@@ -15,7 +15,8 @@ from celery import Task
 from coordinator.cluster.duties import Duties
 from workers.application import app
 
-__all__ = ["cluster_heartbeat", "distribute_policies", "elect", "evict", "ping", "sweep", "trim"]
+__all__ = ["cluster_heartbeat", "distribute_policies", "elect", "evict", "ping", "sweep", "trim",
+           "watch_inboxes"]
 
 
 @cache
@@ -47,6 +48,12 @@ def elect(self: Task) -> dict[str, Any]:
 def cluster_heartbeat(self: Task) -> dict[str, Any]:
     """Publish cluster.heartbeat."""
     return _duties(self.app).cluster_heartbeat()
+
+
+@app.task(name="sidecar.watch_inboxes", bind=True, ignore_result=True)
+def watch_inboxes(self: Task) -> list[str]:
+    """Emit cluster.member.slow for members whose inbox lags."""
+    return _duties(self.app).watch_inboxes()
 
 
 @app.task(name="sidecar.distribute_policies", bind=True, ignore_result=True)

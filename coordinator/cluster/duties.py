@@ -74,6 +74,46 @@ class Duties:
                                             "s": SYSTEM_SENDER}, maxlen=100_000, approximate=True)
         return beat
 
+    def watch_inboxes(self) -> list[str]:
+        """Emit ``cluster.member.slow`` once per episode for each member whose inbox lags.
+
+        A member is slow while its inbox holds more than ``slow_consumer_lag`` entries it has not
+        read (its group's lag, which Redis reports from 7.0 on; before that nobody is flagged); the
+        episode ends when the lag falls below half of that. Returns the members that became slow.
+        """
+        members = [str(m) for m in self.client.zrange(self.keys.members, 0, -1)]
+        if not members:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for peer in members:
+            pipe.xinfo_groups(self.keys.responses(peer))
+        pipe.smembers(self.keys.slow)
+        *infos, slow = pipe.execute(raise_on_error=False)
+        slow = set() if isinstance(slow, Exception) else {str(s) for s in slow}
+        limit = self.settings.slow_consumer_lag
+        became, recovered = [], []
+        for peer, info in zip(members, infos, strict=True):
+            lag = _lag(info)
+            if lag is None:
+                continue
+            if lag > limit and peer not in slow:
+                became.append((peer, lag))
+            elif lag < limit / 2 and peer in slow:
+                recovered.append(peer)
+        gone = slow - set(members)
+        pipe = self.client.pipeline(transaction=True)
+        for peer, lag in became:
+            pipe.sadd(self.keys.slow, peer)
+            pipe.xadd(self.keys.system, {"k": "pub", "t": "cluster.member.slow", "s": SYSTEM_SENDER,
+                                         "d": dumps({"peer_id": peer, "lag": lag, "limit": limit})},
+                      maxlen=100_000, approximate=True)
+        if recovered or gone:
+            pipe.srem(self.keys.slow, *recovered, *gone)
+        pipe.execute()
+        for peer, lag in became:
+            log.warning("member %s is slow: %d unread entries in its inbox (limit %d)", peer, lag, limit)
+        return [peer for peer, _ in became]
+
     def trim(self) -> dict[str, int]:
         """Trim inboxes to ``inbox_max_age`` and delete those of long-gone peers.
 
@@ -98,6 +138,17 @@ class Duties:
                 deleted += int(scripts.drop_inbox(keys=[key, self.keys.members],
                                                   args=[peer, PEER_GROUP, age_ms, floor]))
         return {"trimmed": trimmed, "deleted": deleted}
+
+
+def _lag(info: Any) -> int | None:
+    """Unread entries of the peers' group from an XINFO GROUPS reply (None: no inbox or group)."""
+    if isinstance(info, Exception):
+        return None
+    for group in info or ():
+        if group.get("name") == PEER_GROUP:
+            lag = group.get("lag")  # None before Redis 7.0, or when Redis cannot compute it
+            return None if lag is None else int(lag)
+    return None
 
 
 def _glob_escape(text: str) -> str:

@@ -39,6 +39,7 @@ class DutyLoop:
             (settings.duty_period, self.duties.elect),
             (settings.heartbeat_interval, self.duties.cluster_heartbeat),
             (settings.policy_period, self.duties.distribute_policies),
+            (settings.watch_period, self.duties.watch_inboxes),
             (settings.trim_period, self.duties.trim),
         ]
         self._due = [0.0] * len(self.schedule)
