@@ -10,8 +10,10 @@ Mix it into an :class:`~mixin.agent.Agent`::
         await c.cluster_publish("conductor.heartbeat", {"tempo": c.tempo})
 
 Handlers may be ``async def`` or plain functions; each gets one :class:`Message`. A handler that
-raises is logged and counted; it never stops delivery. Each handler runs once per message: the
-inbox may hold a message twice after a router crash, and the mixin drops the repeat by message id.
+raises is logged, counted and retried with backoff, then its message is dead-lettered
+(:mod:`mixin.retries`); a handler's return value answers a request (``cluster_request``). Each
+handler runs once per message: the inbox may hold a message twice after a router crash or a lost
+publish reply, and the mixin drops the repeat by sender and message id.
 """
 
 from __future__ import annotations
