@@ -27,6 +27,7 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:policy.sent             hash     peer_id -> last distribution (version, nonce, retry)
     sidecar:{ns}:policy.acks             hash     peer_id -> last ack/nack (version, nonce, error, when)
     sidecar:{ns}:identities              hash     peer_id -> identity (name, roles, secret)
+    sidecar:{ns}:peer.<id>.<key>         string   a peer's own storage (mixin.RedisMixin), JSON values
     sidecar:{ns}:nonces                  hash     peer_id -> "<nonce> <entry id>" of its last accepted
                                                   signed request (replay protection across routers)
 
@@ -162,6 +163,10 @@ class Keys:
     @property
     def nonces(self) -> str:
         return self._p + "nonces"
+
+    def peer_storage(self, peer_id: str) -> str:
+        """Root of ``peer_id``'s own key-value storage (every key of it starts with this)."""
+        return f"{self._p}peer.{peer_id}."
 
     # other systems
     @property

@@ -18,14 +18,18 @@ from coordinator.protocol import Message
 from coordinator.status import StatusField, StatusMixin
 from mixin.agent import Agent
 from mixin.sidecar import SidecarMixin
+from mixin.storage import RedisMixin
+from mixin.transport import NatsMixin
 
 __all__ = [
     "Agent",
     "InvalidHeaders",
     "InvalidTopic",
     "Message",
+    "NatsMixin",
     "NoResponders",
     "NotLeader",
+    "RedisMixin",
     "RemoteError",
     "RequestTimeout",
     "SidecarError",
