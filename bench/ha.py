@@ -10,6 +10,10 @@ of its own, and stops them all before returning.
   every 10 ms and counts samples where the term went backwards or one term named two leaders
   (``dual_leader_samples``); midway the dispatching beat is SIGKILLed and ``beat_takeover_s`` is the
   time until the other holds the beat lease.
+
+In both, every peer also samples its own ``is_leader`` every 5 ms (:mod:`bench.belief`) and each
+scenario returns, under ``belief``, the intervals in which two peers believed they led at once,
+each explained (or not) by the member-TTL window (``bench.belief.overlaps``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from typing import Any
 
 import redis
 
+from bench.belief import BeliefSampler, Interval, Overlap, overlaps
 from coordinator.keys import Keys
+from coordinator.leases import LeaseToken
+from coordinator.settings import Settings
 
 __all__ = ["run_beat_ha", "run_failover"]
 
@@ -99,8 +106,21 @@ def _wait(condition: Any, timeout: float, what: str) -> Any:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def run_failover(url: str, settings: dict[str, Any], timeout: float = 60.0) -> dict[str, float]:
-    """One SIGKILL of the leader among three peers; returns failover_s and detection_s."""
+def _beliefs(path: Path, peer: str, dead_at: float | None, end: float) -> list[Interval]:
+    """The ``is_leader`` intervals a peer wrote; one still open ends at its death (or ``end``)."""
+    out: list[Interval] = []
+    for record in _lines(path):
+        if record.get("belief") == "start":
+            out.append(Interval(peer, int(record["term"]), float(record["t"])))
+        elif record.get("belief") == "end" and out and out[-1].end is None:
+            out[-1].end = float(record["t"])
+    if out and out[-1].end is None:
+        out[-1].end = dead_at if dead_at is not None else end
+    return out
+
+
+def run_failover(url: str, settings: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    """One SIGKILL of the leader among three peers; failover_s, detection_s and ``belief``."""
     namespace = f"bench-ha-{uuid.uuid4().hex[:6]}"
     procs = _Procs(url, namespace, settings)
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -126,6 +146,7 @@ def run_failover(url: str, settings: dict[str, Any], timeout: float = 60.0) -> d
         victim = ids.index(old)
         killed_at = time.monotonic()
         procs.kill(peers[victim])
+        dead_at = time.monotonic()  # the victim believed nothing after this
         survivors = [f for i, f in enumerate(files) if i != victim]
 
         def seen_new() -> list[float] | None:
@@ -145,15 +166,36 @@ def run_failover(url: str, settings: dict[str, Any], timeout: float = 60.0) -> d
             return min(hits) if hits else None
 
         detection = _wait(left, timeout, "cluster.member.left for the old leader") - killed_at
-        return {"failover_s": failover, "detection_s": detection}
+        procs.close()  # the survivors write the end of what they believe as they stop
+        end = time.monotonic()
+        intervals = [i for k, f in enumerate(files)
+                     for i in _beliefs(f, ids[k], dead_at if k == victim else None, end)]
+        ttl = Settings.from_env(procs.env).member_ttl
+        label = "failover" + ("_tuned" if settings else "")
+        return {"failover_s": failover, "detection_s": detection,
+                "belief": _belief_summary(overlaps(label, intervals, ttl, end), intervals)}
     finally:
         procs.close()
         client.close()
 
 
+def _belief_summary(found: list[Overlap], intervals: list[Interval]) -> dict[str, Any]:
+    return {"overlaps": [o.as_dict() for o in found], "intervals": len(intervals),
+            "overlap_ms": sum(o.length_ms for o in found),
+            "outside_ttl_ms": sum(o.outside_ttl_ms for o in found)}
+
+
+def _holder_pid(value: str) -> int:
+    """The process id in a lease value (``name|pid|nonce``; older beats wrote ``host:pid:nonce``)."""
+    token = LeaseToken.parse(value)
+    if token is not None:
+        return token.pid
+    return int(value.split(":")[1])
+
+
 def run_beat_ha(url: str, settings: dict[str, Any], duration: float = 15.0,
-                timeout: float = 30.0) -> dict[str, float]:
-    """Two beats under membership churn; returns beat_takeover_s and dual_leader_samples."""
+                timeout: float = 30.0) -> dict[str, Any]:
+    """Two beats under membership churn; beat_takeover_s, dual_leader_samples and ``belief``."""
     namespace = f"bench-beat-{uuid.uuid4().hex[:6]}"
     procs = _Procs(url, namespace, settings)
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -184,11 +226,13 @@ def run_beat_ha(url: str, settings: dict[str, Any], duration: float = 15.0,
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         env = dict(procs.env)
-        churn = threading.Thread(target=asyncio.run, args=(_churn(env, duration, stop),), daemon=True)
+        intervals: list[Interval] = []
+        churn = threading.Thread(target=asyncio.run, args=(_churn(env, duration, stop, intervals),),
+                                 daemon=True)
         churn.start()
         time.sleep(duration / 2)  # let churn and elections run on the first beat
         holder = str(client.get(keys.beat_lease) or holder)
-        pid = int(holder.split(":")[1])
+        pid = _holder_pid(holder)
         victim = next(b for b in beats if b.pid == pid)
         killed_at = time.monotonic()
         procs.kill(victim)
@@ -196,19 +240,27 @@ def run_beat_ha(url: str, settings: dict[str, Any], duration: float = 15.0,
               "the other beat taking the lease")
         takeover = time.monotonic() - killed_at
         churn.join(duration + timeout)
+        if churn.is_alive():
+            raise TimeoutError("the churning peers did not finish")
         stop.set()
         sampler.join(5)
+        end = time.monotonic()
+        ttl = Settings.from_env(env).member_ttl
         return {"beat_takeover_s": takeover, "dual_leader_samples": float(stats["violations"]),
-                "leader_samples": float(stats["samples"]), "leader_terms_seen": float(stats["terms"])}
+                "leader_samples": float(stats["samples"]), "leader_terms_seen": float(stats["terms"]),
+                "belief": _belief_summary(overlaps("churn", intervals, ttl, end), intervals)}
     finally:
         stop.set()
         procs.close()
         client.close()
 
 
-async def _churn(env: dict[str, str], duration: float, stop: threading.Event) -> None:
-    """Peers join, leave gracefully, or vanish (link closed without leaving) for ``duration``."""
-    from coordinator.settings import Settings
+async def _churn(env: dict[str, str], duration: float, stop: threading.Event,
+                 intervals: list[Interval]) -> None:
+    """Peers join, leave gracefully, or vanish (link closed without leaving) for ``duration``.
+
+    Every peer's ``is_leader`` is sampled all along; the intervals are appended to ``intervals``.
+    """
     from mixin import Agent, SidecarMixin
 
     class Churner(Agent, SidecarMixin):
@@ -216,10 +268,25 @@ async def _churn(env: dict[str, str], duration: float, stop: threading.Event) ->
 
     settings = Settings.from_env(env)
     live: list[Churner] = []
+    every: list[Churner] = []
+    sampler = BeliefSampler(lambda: [(peer.id, peer) for peer in every])
+    sampled = asyncio.Event()
+    sampling = asyncio.create_task(sampler.run(sampled))
+    try:
+        await _churn_peers(Churner, settings, duration, stop, live, every)
+    finally:
+        sampled.set()
+        await sampling
+        intervals.extend(sampler.intervals)
+
+
+async def _churn_peers(kind: Any, settings: Settings, duration: float, stop: threading.Event,
+                       live: list[Any], every: list[Any]) -> None:
     end = time.monotonic() + duration
     i = 0
     while time.monotonic() < end and not stop.is_set():
-        peer = Churner(namespace=settings.namespace, settings=settings, priority=i % 3)
+        peer = kind(namespace=settings.namespace, settings=settings, priority=i % 3)
+        every.append(peer)
         await peer.setup()
         live.append(peer)
         if len(live) > 4:

@@ -1,12 +1,14 @@
 """Redis memory per idle peer: start N peers (registered, one subscription each), then measure.
 
-``redis_bytes_per_idle_peer`` is the state Redis keeps for one idle peer, as the issue counts it
-("a peer's stream, group, member hash and index entry"): MEMORY USAGE of each sampled peer's inbox
-stream (with its group) and member hash, plus its share of the namespace's members, electorate
-and subscription keys. ``used_memory`` is also read before and after (once steady, see
-:func:`_settled_memory`) and reported per peer as context, split into what Redis holds for the
-peers' connections (``mem_clients_normal``: buffers of up to three connections per peer) and the
-dataset, which also holds bounded shared logs (request, system and event streams) the joins filled.
+``redis_used_memory_per_idle_peer`` is the memory figure: the growth of Redis ``INFO memory``
+``used_memory`` per idle peer, read before the peers start and once steady with them idle (see
+:func:`_settled_memory`), all in: the peers' keys, their share of shared keys and logs, and the
+buffers of their connections (up to three per peer). It is split into what Redis holds for those
+connections (``mem_clients_normal``) and the dataset, which also holds bounded shared logs
+(request, system and event streams) the joins filled. ``redis_bytes_per_idle_peer`` (legacy, no
+target) counts keys only, as the issue once did ("a peer's stream, group, member hash and index
+entry"): MEMORY USAGE of each sampled peer's inbox stream (with its group) and member hash, plus its
+share of the namespace's members, electorate and subscription keys.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 ``run_policy_convergence`` starts a worker and a beat, spreads ``peers`` peers over ``procs``
 processes (each process one event loop with many peers), waits until all are members, then sets a
 policy and distributes it as ``sidecar policy set`` does; the figure is the time until
-``PolicyStore.status()`` shows every peer SYNCED on the new version.
+``PolicyStore.status()`` shows every peer SYNCED on the new version. Worker, beat and peers run at
+the default timings of :class:`coordinator.settings.Settings` (no ``SIDECAR_*`` timing variable is
+set), so the peers' heartbeats load the Redis as a default deployment's would.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import redis
 from bench.ha import _Procs, _wait
 from coordinator.keys import Keys
 from coordinator.policy.store import PolicyStore
+from coordinator.settings import Settings
 
 __all__ = ["run_policy_convergence"]
 
@@ -31,7 +34,7 @@ def run_policy_convergence(url: str, peers: int = 1000, procs: int = 4,
                            timeout: float = 120.0) -> dict[str, float]:
     """Returns policy_convergence_<peers>_peers_s (and the setup time, for context)."""
     namespace = f"bench-policy-{uuid.uuid4().hex[:6]}"
-    children = _Procs(url, namespace, {"heartbeat_interval": 2.0, "member_ttl": 10.0})
+    children = _Procs(url, namespace, {})  # default timings
     client = redis.Redis.from_url(url, decode_responses=True)
     keys = Keys(namespace)
     store = PolicyStore(client, keys)
@@ -54,8 +57,11 @@ def run_policy_convergence(url: str, peers: int = 1000, procs: int = 4,
                                               for r in rows)
 
         _wait(synced, timeout, f"{peers} peers acknowledging version {version}")
+        timings = Settings.from_env(children.env)
         return {f"policy_convergence_{peers}_peers_s": time.monotonic() - set_at,
-                f"policy_setup_{peers}_peers_s": setup}
+                f"policy_setup_{peers}_peers_s": setup,
+                "policy_heartbeat_interval_s": timings.heartbeat_interval,
+                "policy_member_ttl_s": timings.member_ttl}
     finally:
         children.close()
         client.close()
@@ -63,7 +69,6 @@ def run_policy_convergence(url: str, peers: int = 1000, procs: int = 4,
 
 async def _host(count: int) -> None:
     """Run ``count`` peers in this process until SIGTERM."""
-    from coordinator.settings import Settings
     from mixin import Agent, SidecarMixin
 
     class Light(Agent, SidecarMixin):

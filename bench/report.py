@@ -1,8 +1,10 @@
 """Turning measurements into ``results.json`` and a readable table.
 
-The results file is one JSON object whose top level holds named numbers only; three nested objects
-carry the rest: ``targets`` (each target with the measured value and whether it passed), ``runs``
-(every repetition behind a median) and ``meta`` (plan, errors, timestamps).
+The results file is one JSON object whose top level holds named numbers only; four nested objects
+carry the rest: ``targets`` (each target with the measured value and whether it passed), ``notes``
+(which anchor a figure stands on, or why it has no target: legacy figures kept beside the honest
+ones), ``runs`` (every repetition behind a median) and ``meta`` (plan, the fastest raw hop, every
+dual-leader overlap, errors, timestamps).
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ def targets_section(figures: Mapping[str, float | None]) -> dict[str, dict[str, 
 def _unit(name: str) -> str:
     if name.endswith("_per_s"):
         return "/s"
-    if name.endswith("_us") or name.startswith("match_us_"):
+    if name.endswith("_us") or name.startswith(("match_us_", "cpu_us_")):
         return "us"
-    if "bytes" in name:
+    if name.endswith("_ms"):
+        return "ms"
+    if "bytes" in name or "memory" in name:
         return "B"
     if name.endswith("_s"):
         return "s"
@@ -70,17 +74,19 @@ def _fmt(value: Any) -> str:
 
 
 def render_table(results: Mapping[str, Any]) -> str:
-    """Every top-level figure with its unit, and the target and verdict where the issue sets one."""
+    """Every top-level figure with its unit, the target and verdict where the issue sets one, and
+    its note (the anchor it stands on, or ``legacy``); then every dual-leader overlap."""
     targets = results.get("targets", {})
-    rows = [("figure", "value", "unit", "target", "verdict")]
+    notes = results.get("notes", {})
+    rows = [("figure", "value", "unit", "target", "verdict", "note")]
     for name, value in results.items():
         if isinstance(value, dict | list):
             continue
         t = targets.get(name)
         target = f"{t['op']} {t['value']:g}" if t else ""
-        verdict = ("PASS" if t["pass"] else "FAIL") if t else ""
-        rows.append((name, _fmt(value), _unit(name), target, verdict))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        verdict = ("PASS" if t["pass"] else "MISSED") if t else ""
+        rows.append((name, _fmt(value), _unit(name), target, verdict, str(notes.get(name, ""))))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     lines = []
     for k, row in enumerate(rows):
         lines.append("  ".join(c.rjust(w) if 0 < i < 3 else c.ljust(w)
@@ -88,8 +94,18 @@ def render_table(results: Mapping[str, Any]) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     passed = sum(1 for t in targets.values() if t["pass"])
-    lines.append(f"\ntargets met: {passed} of {len(targets)}")
-    errors = results.get("meta", {}).get("errors", [])
+    missed = [name for name, t in targets.items() if not t["pass"]]
+    lines.append(f"\ntargets met: {passed} of {len(targets)}"
+                 + (f"; missed: {', '.join(missed)}" if missed else ""))
+    meta = results.get("meta", {})
+    overlaps = meta.get("dual_leader_overlaps", [])
+    lines.append(f"dual-leader belief overlaps: {len(overlaps)}")
+    for o in overlaps:
+        lines.append(f"  {o['run']}: terms {o['terms'][0]}->{o['terms'][1]} "
+                     f"{o['length_ms']:.1f} ms ({o['after_successor_start_ms']:.1f} ms after the "
+                     f"successor's start; TTL {o['ttl_s'] * 1e3:.0f} ms; outside it "
+                     f"{o['outside_ttl_ms']:.1f} ms)")
+    errors = meta.get("errors", [])
     if errors:
         lines.append(f"scenario failures: {len(errors)} (see meta.errors in the results file)")
     return "\n".join(lines)

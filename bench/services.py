@@ -1,8 +1,11 @@
 """The servers one benchmark run owns: a private Redis and one Celery worker per namespace.
 
 Each scenario gets its own namespace and its own ``celery -A workers worker -P solo`` process (its
-bootstep hosts the router for that namespace; its solo pool runs the Celery anchor's tasks). Every
-process is started here and stopped here, by its own handle, when the run ends.
+bootstep hosts the router for that namespace; its solo pool runs the Celery anchor's tasks), except
+the scenarios of ``WORKER_APPS``, whose worker runs another app: ``celery_default`` runs
+:mod:`bench.celery_default` (Celery's default configuration). Workers learn their Redis and
+namespace from ``SIDECAR_REDIS_URL`` and ``SIDECAR_NAMESPACE``; nothing here imports ``workers``.
+Every process is started here and stopped here, by its own handle, when the run ends.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from types import TracebackType
 
 import redis
 
+from bench.celery_default import ready_key
 from coordinator.keys import Keys
 from ops.embedded import RedisServer
 
-__all__ = ["SCENARIO_ENV", "Services"]
+__all__ = ["SCENARIO_ENV", "WORKER_APPS", "Services"]
 
 SCENARIO_ENV = {"secure": {"SIDECAR_AUTH": "required", "SIDECAR_ENFORCE_POLICY": "1"}}
 """Settings a scenario's worker runs with beyond the defaults."""
+WORKER_APPS = {"celery_default": "bench.celery_default"}
+"""Scenarios whose worker runs an app other than the sidecar's (``-A workers``); no router."""
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +69,8 @@ class Services:
         deadline = time.monotonic() + timeout
         try:
             for name in self.scenarios:
-                lease = Keys(self.namespace(name)).router_lease(0)
+                lease = (ready_key(self.namespace(name)) if name in WORKER_APPS
+                         else Keys(self.namespace(name)).router_lease(0))
                 while not client.exists(lease):
                     proc = self.workers[name]
                     if proc.poll() is not None or time.monotonic() > deadline:
@@ -82,17 +89,18 @@ class Services:
         env.update(SIDECAR_REDIS_URL=self.url, SIDECAR_NAMESPACE=self.namespace(name),
                    PYTHONUNBUFFERED="1", **SCENARIO_ENV.get(name, {}))
         celery = Path(sys.executable).parent / "celery"
-        cmd = [str(celery), "-A", "workers", "worker", "-n", f"bench-{name}@%h", "-P", "solo",
+        app = WORKER_APPS.get(name, "workers")
+        cmd = [str(celery), "-A", app, "worker", "-n", f"bench-{name}@%h", "-P", "solo",
                "-l", "warning", "--without-mingle", "--without-gossip"]
         with open(self.dir / f"worker-{name}.log", "wb") as out:
             return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=ROOT)
 
-    def cpu_seconds(self, scenario: str | None = None) -> dict[str, float]:
+    def cpu_seconds(self, scenario: str | None = None, part: str = "router") -> dict[str, float]:
         """CPU seconds used so far by Redis and (given ``scenario``) that scenario's worker process.
 
-        The worker's figure is its router's work (its Celery pool idles in the route scenarios);
-        read from ``/proc``, so it is missing off Linux.
+        The worker's figure is named ``part``: ``router`` in the route scenarios (its Celery pool
+        idles), ``worker`` in the Celery anchors; read from ``/proc``, so it is missing off Linux.
         """
         client = self.client()
         try:
@@ -104,7 +112,7 @@ class Services:
         if proc is not None:
             try:
                 stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                out["router"] = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+                out[part] = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
             except (OSError, IndexError, ValueError):
                 pass
         return out
