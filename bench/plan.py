@@ -43,6 +43,10 @@ class Plan:
     """Longest wait for Redis memory to become steady."""
     scenario_timeout_s: float
     """Bound on one scenario repetition, processes included."""
+    rpc_msgs: int = 2_000
+    """Requests of one request/reply (and raw round trip) run, and messages of a queue group run."""
+    rpc_reps: int = 3
+    queue_members: int = 4
     failover_reps: int = 3
     """SIGKILLs of the leader, with default and with tuned timings each."""
     beat_ha_s: float = 15.0
@@ -69,7 +73,7 @@ QUICK = Plan(name="quick", reps=1, raw_msgs=200, route_msgs=200, pipelined_msgs=
              warmup_fraction=0.0, match_seconds=0.02, match_repeats=2,
              match_sizes=(10, 10_000), idle_peers=10, idle_procs=1,
              settle_s=0.5, settle_max_s=3.0, scenario_timeout_s=30.0, failover_reps=1,
-             beat_ha_s=4.0, policy_peers=50, policy_procs=1)
+             beat_ha_s=4.0, policy_peers=50, policy_procs=1, rpc_msgs=50, rpc_reps=1)
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ TARGETS = (
     Target("dual_leader_belief_outside_ttl_ms", "<=", 0.0),
     Target("policy_convergence_1000_peers_s", "<=", 2.0),
     Target("route_secure_vs_raw_throughput", ">=", 0.8),
+    Target("request_reply_p50_vs_raw_rtt", "<=", 2.5),
+    Target("queue_group_vs_route_throughput", ">=", 1.0),
 )
 """The issue's targets. Every ratio names its strongest anchor: ``raw`` is the fastest (for
 latency: the quickest) of the three raw hops, ``celery`` Celery at its default configuration,

@@ -41,13 +41,15 @@ from bench.plan import NOTES, Plan
 from bench.policy_conv import run_policy_convergence
 from bench.raw import VARIANTS, run_raw
 from bench.report import median, percentile, ratio, targets_section
+from bench.requests import run_queue_group, run_raw_rtt, run_request_reply
 from bench.route import run_route
 from bench.services import Services
 
 __all__ = ["SCENARIOS", "Run"]
 
 log = logging.getLogger("bench")
-SCENARIOS = ["route", "secure", "pipelined", "fanout", "celery", "celery_default", "latency", "idle"]
+SCENARIOS = ["route", "secure", "pipelined", "fanout", "celery", "celery_default", "latency", "idle",
+             "rpc", "group"]
 """One namespace and one worker each (``celery_default`` runs Celery's default configuration)."""
 
 Step = tuple[str, Callable[[], dict[str, Any]]]
@@ -117,6 +119,8 @@ class Run:
                                       flip=rep % 2 == 1)
             for rep in range(p.latency_reps):
                 self.latency_round(svc, f"latency {rep + 1}/{p.latency_reps}", flip=rep % 2 == 1)
+            for rep in range(p.rpc_reps):
+                self.rpc_round(svc, f"request/reply {rep + 1}/{p.rpc_reps}", flip=rep % 2 == 1)
             self.say(f"idle memory: {p.idle_peers} peers in {p.idle_procs} processes")
             idle = self.attempt("idle memory", lambda: run_idle_memory(
                 svc.url, svc.namespace("idle"), p.idle_peers, p.idle_procs, p.settle_s,
@@ -246,6 +250,32 @@ class Run:
         self.say(f"{label}: p50 " + ", ".join(
             f"{name} {_us(self.runs.get(f'{name}_p50_us'))}" for name, _ in steps))
 
+    def rpc_round(self, svc: Services, label: str, *, flip: bool) -> None:
+        """The raw round trip, request/reply through the sidecar, and a queue group, in turn."""
+        p = self.plan
+        t = p.scenario_timeout_s
+        key = f"bench:{svc.tag}:rtt:{_slug(label)}"
+        steps: list[Step] = [
+            ("raw_rtt", lambda: run_raw_rtt(svc.url, key, p.rpc_msgs, t)),
+            ("request_reply", lambda: run_request_reply(svc.url, svc.namespace("rpc"), p.rpc_msgs, t)),
+            ("queue_group", lambda: run_queue_group(svc.url, svc.namespace("group"), p.rpc_msgs,
+                                                    p.queue_members, t)),
+        ]
+        got = {}
+        for name, call in reversed(steps) if flip else steps:
+            res = self.attempt(f"{label} {name}", call)
+            if res is None:
+                continue
+            got[name] = res
+            if "latency_ns" in res:
+                self.record(f"{name}_p50_us", percentile([x / 1e3 for x in res["latency_ns"]], 50))
+                self.record(f"{name}_per_s", res["per_s"])
+            else:
+                self.record(f"{name}_msgs_per_s", res["msgs_per_s"])
+        self.say(f"{label}: " + ", ".join(
+            f"{k} {_us(self.runs.get(f'{k}_p50_us'))} {v['per_s']:,.0f}/s" if "per_s" in v
+            else f"{k} {v['msgs_per_s']:,.0f}/s spread {v['spread']}" for k, v in got.items()))
+
     # ------------------------------------------------------------------ figures
     def results(self) -> dict[str, Any]:
         """The results object: named numbers, then ``targets``, ``notes``, ``runs`` and ``meta``."""
@@ -296,6 +326,12 @@ class Run:
         for name in ("route_send_per_s", "route_pipelined_send_per_s", "raw_pipelined_send_per_s",
                      "celery_task_send_per_s", "celery_task_project_config_send_per_s"):
             f[name] = m.get(name)
+        # request/reply against the raw round trip; a queue group against plain routing
+        for name in ("request_reply_p50_us", "request_reply_per_s", "raw_rtt_p50_us", "raw_rtt_per_s",
+                     "queue_group_msgs_per_s"):
+            f[name] = m.get(name)
+        f["request_reply_p50_vs_raw_rtt"] = ratio(f["request_reply_p50_us"], f["raw_rtt_p50_us"])
+        f["queue_group_vs_route_throughput"] = ratio(f["queue_group_msgs_per_s"], f["route_msgs_per_s"])
         # matching: the mixed workload carries the target
         for size in p.match_sizes:
             f[f"match_us_{size}_subs"] = m.get(f"match_us_{size}_subs")

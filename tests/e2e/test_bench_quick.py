@@ -21,7 +21,11 @@ FIGURES = ("raw_hop_msgs_per_s", "raw_hop_p50_us", "celery_task_msgs_per_s", "ro
            "redis_bytes_per_idle_peer", "route_vs_raw_throughput", "route_vs_raw_p50",
            "route_vs_celery_throughput", "match_cost_ratio_10000_vs_10", "route_secure_msgs_per_s",
            "route_secure_vs_raw_throughput", "failover_s", "failover_tuned_s", "detection_s",
-           "beat_takeover_s", "dual_leader_samples", "policy_convergence_50_peers_s")
+           "beat_takeover_s", "dual_leader_samples", "policy_convergence_50_peers_s",
+           "raw_hop_lean_msgs_per_s", "raw_hop_sync_msgs_per_s", "raw_hop_async_msgs_per_s",
+           "raw_pipelined_msgs_per_s", "route_pipelined_vs_raw_pipelined",
+           "celery_task_project_config_msgs_per_s", "redis_used_memory_per_idle_peer",
+           "dual_leader_belief_ms", "dual_leader_belief_outside_ttl_ms")
 
 
 @pytest.mark.slow
@@ -36,5 +40,6 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     missing = [f for f in FIGURES if not isinstance(results.get(f), int | float)]
     assert not missing, f"figures missing from the quick run: {missing}"
     assert results["dual_leader_samples"] == 0
+    assert results["dual_leader_belief_outside_ttl_ms"] == 0  # overlaps only inside the TTL window
     assert set(results["targets"]) >= {"route_vs_raw_throughput", "failover_s",
                                        "policy_convergence_1000_peers_s"}
