@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +140,7 @@ async def group_member(channel: Channel, p: RpcParams) -> dict[str, Any]:
         deadline = time.monotonic() + p.timeout
         # the members share p.count messages; each stops once the group as a whole is done,
         # which it learns from Redis (the group's handled total is the sum of every member's)
-        done_key = f"bench:{p.namespace}:group-handled"
+        done_key = p.key  # this run's own counter
         client = RespConnection(p.url)
         try:
             reported = 0
@@ -196,7 +197,8 @@ def run_raw_rtt(url: str, key: str, count: int, timeout: float) -> dict[str, Any
 def run_queue_group(url: str, namespace: str, count: int, members: int,
                     timeout: float) -> dict[str, Any]:
     """Messages per second into a queue group of ``members`` member processes."""
-    p = RpcParams(url, namespace, count, timeout, members=members)
+    p = RpcParams(url, namespace, count, timeout, key=f"bench:{namespace}:handled:{uuid.uuid4().hex}",
+                  members=members)
     roles = [Role(f"member{k}", group_member, p) for k in range(members)]
     res = run_stages("queue-group", [roles, [Role("pub", group_publisher, p)]], timeout + 30)
     handled = sum(res[r.name]["got"] for r in roles)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -12,16 +11,6 @@ from coordinator import ClusterSidecar, Keys, Settings
 from coordinator.clock import redis_ms
 from mixin import Message
 from tests.support import Peer, async_wait_for
-
-
-@pytest.fixture
-async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
-    sc = ClusterSidecar(settings=settings, run_duties=False)
-    await sc.setup()
-    try:
-        yield sc
-    finally:
-        await sc.teardown()
 
 
 async def test_messages_past_their_time_to_live_are_dead_lettered_not_handled(

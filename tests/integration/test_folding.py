@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import redis
 
 from coordinator.keys import Keys
@@ -15,17 +13,6 @@ from coordinator.settings import Settings
 from coordinator.sidecar import ClusterSidecar
 from mixin import Message
 from tests.support import Peer, async_wait_for
-
-
-@pytest.fixture
-async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
-    """A router only (no duties) in this process."""
-    sc = ClusterSidecar(settings=settings, run_duties=False)
-    await sc.setup()
-    try:
-        yield sc
-    finally:
-        await sc.teardown()
 
 
 async def test_concurrent_publishes_fold_and_arrive_in_order(settings: Settings, client: redis.Redis,

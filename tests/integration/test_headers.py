@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -19,16 +18,6 @@ from tests.support import Peer, async_wait_for
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 SPAN_ID = 0x00F067AA0BA902B7
-
-
-@pytest.fixture
-async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
-    sc = ClusterSidecar(settings=settings, run_duties=False)
-    await sc.setup()
-    try:
-        yield sc
-    finally:
-        await sc.teardown()
 
 
 async def test_ids_are_the_publishers_and_headers_travel_untouched(

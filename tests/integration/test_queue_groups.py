@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -13,16 +12,6 @@ from coordinator import ClusterSidecar, Keys, Settings
 from coordinator.cluster.membership import Membership
 from mixin import InvalidTopic, Message
 from tests.support import Peer, async_wait_for
-
-
-@pytest.fixture
-async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
-    sc = ClusterSidecar(settings=settings, run_duties=False)
-    await sc.setup()
-    try:
-        yield sc
-    finally:
-        await sc.teardown()
 
 
 async def test_each_message_reaches_one_member_evenly_and_every_plain_subscriber(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,16 +13,6 @@ from coordinator.settings import Settings
 from coordinator.sidecar import ClusterSidecar
 from mixin import Message, NoResponders, RemoteError, RequestTimeout
 from tests.support import Peer, async_wait_for
-
-
-@pytest.fixture
-async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
-    sc = ClusterSidecar(settings=settings, run_duties=False)
-    await sc.setup()
-    try:
-        yield sc
-    finally:
-        await sc.teardown()
 
 
 async def test_a_handler_answers_by_returning_or_responding(settings: Settings,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import nats
@@ -37,16 +37,6 @@ class ModernConductor(Agent, NatsMixin, RedisMixin, SidecarMixin):
 def nats_server() -> Iterator[NatsServer]:
     with NatsServer() as server:
         yield server
-
-
-@pytest.fixture
-async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
-    sc = ClusterSidecar(settings=settings, run_duties=False)
-    await sc.setup()
-    try:
-        yield sc
-    finally:
-        await sc.teardown()
 
 
 async def test_the_seed_class_runs_with_nats(settings: Settings, sidecar: ClusterSidecar,
