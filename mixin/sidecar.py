@@ -361,8 +361,8 @@ class SidecarMixin(Lifecycle):
         keep, done = [], []
         for eid, fields in self._parked:
             if self._keys_for(fields.get("t", ""), fields) or expire:
-                await self._dispatch(eid, fields, park=False)
-                done.append(eid)
+                if await self._dispatch(eid, fields, park=False):
+                    done.append(eid)  # else it is being retried: acknowledged once settled
             else:
                 keep.append((eid, fields))
         self._parked = keep
@@ -370,7 +370,9 @@ class SidecarMixin(Lifecycle):
             await self._link.ack(done)
 
     async def _dispatch(self, eid: str, fields: dict[str, str], *, park: bool = True) -> bool:
-        """Run the handlers of one message; False if it was parked for handlers yet to come."""
+        """Run the handlers of one message; False if it is not settled yet (parked for handlers
+        yet to come, waiting behind a retried message of its sender, or being retried itself):
+        whoever settles it acknowledges it."""
         mid = fields.get("i") or eid
         topic = fields.get("t", "")
         sender = fields.get("s", "")

@@ -322,3 +322,35 @@ async def test_rejoin_backs_off_and_does_not_flood_the_log(
     records = [r for r in caplog.records if "rejoin failed" in r.getMessage()]
     assert [r.levelno for r in records] == [logging.WARNING] + [logging.DEBUG] * 5
     assert "registered again after 6 failed attempts" in caplog.text
+
+
+async def test_a_parked_message_whose_handler_fails_stays_pending_until_its_retry_succeeds(
+        settings: Settings, client: redis.Redis, keys: Keys) -> None:
+    # Regression: releasing parked messages acknowledged them even when the handler raised and the
+    # message was being retried, so a crash during the retries would have lost it.
+    cluster = Cluster(settings.replace(handler_backoff=0.05, handler_max_deliveries=5))
+    try:
+        await cluster.sidecar()
+        a = await cluster.peer()
+        client.xadd(keys.responses(a.id), {"k": "msg", "i": "early-1", "t": "pk.x", "d": "1",
+                                           "s": "someone", "ts": "1"})
+        await async_wait_for(lambda: a._parked, what="the early message parked")
+        tries: list[int] = []
+        pending_during_retries: list[int] = []
+
+        def flaky(m: Message) -> None:
+            tries.append(1)
+            if len(tries) > 1:
+                pending_during_retries.append(
+                    int(client.xpending(keys.responses(a.id), "peer")["pending"]))
+            if len(tries) < 3:
+                raise RuntimeError("not yet")
+
+        await a.cluster_subscribe("pk.>", flaky)  # releases the parked message
+        await async_wait_for(lambda: len(tries) == 3, what="two retries")
+        assert pending_during_retries == [1, 1]  # unacknowledged while retried
+        await async_wait_for(lambda: client.xpending(keys.responses(a.id), "peer")["pending"] == 0,
+                             what="the message acknowledged once handled")
+        assert client.xlen(keys.deadletter) == 0
+    finally:
+        await cluster.close()
