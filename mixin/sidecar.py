@@ -389,7 +389,8 @@ class SidecarMixin(Lifecycle):
             self._retries.hold(sender, eid, fields)
             return False
         expiry = fields.get("x")
-        if expiry and self._link is not None and self._link.redis_now_ms() > int(expiry):
+        if expiry and expiry.isdigit() and self._link is not None and \
+                self._link.redis_now_ms() > int(expiry):
             await self._expired(mid, fields)
             return True
         self._seen[seen] = None
