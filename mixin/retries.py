@@ -60,14 +60,22 @@ class HandlerRetries:
         self._redispatch = redispatch
         self._log = log
         self._waiting: dict[str, deque[tuple[str, dict[str, str]]]] = {}
+        self._owned: set[str] = set()
+        """Inbox entries being retried or held here: a re-read of the inbox must leave them alone."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     def blocked(self, sender: str) -> bool:
         """Whether ``sender`` has a message being retried (its later ones must wait)."""
         return sender in self._waiting
 
+    def owns(self, eid: str) -> bool:
+        """Whether inbox entry ``eid`` is being retried or held here (not to be dispatched again,
+        nor acknowledged, when the reader reads the inbox's pending entries once more)."""
+        return eid in self._owned
+
     def hold(self, sender: str, eid: str, fields: dict[str, str]) -> None:
         """Keep a message of a blocked sender until the one ahead of it is settled."""
+        self._owned.add(eid)
         self._waiting[sender].append((eid, fields))
 
     @property
@@ -78,6 +86,7 @@ class HandlerRetries:
     def failed(self, eid: str, message: Message, failures: list[Failure]) -> None:
         """The first try of inbox entry ``eid`` left ``failures``: retry them (call under the lock)."""
         self._waiting.setdefault(message.sender, deque())
+        self._owned.add(eid)
         task = asyncio.get_running_loop().create_task(self._retry(eid, message, failures),
                                                       name=f"retry-{message.id}")
         self._tasks.add(task)
@@ -89,25 +98,46 @@ class HandlerRetries:
 
     async def _retry(self, eid: str, message: Message, failures: list[Failure]) -> None:
         tries = 1
-        while failures and tries < self.max_deliveries:
-            await asyncio.sleep(self.delay(tries))
-            tries += 1
-            async with self._lock:
-                still = []
-                for f in failures:
-                    ok, result = await self._run(f.handler, message)
-                    if not ok:
-                        still.append(Failure(f.pattern, f.handler, str(result)))
-                failures = still
-        for f in failures:
-            self._log.warning("dead-lettering %s on %s: handler for %r failed %d times (%s)",
-                              message.id, message.topic, f.pattern, tries, f.error)
-            await self._dead_letter(message, f, tries)
-        await self._ack([eid])
-        async with self._lock:  # let the sender's messages that waited through, in order
+        settled = False
+        try:
+            while failures and tries < self.max_deliveries:
+                await asyncio.sleep(self.delay(tries))
+                tries += 1
+                async with self._lock:
+                    still = []
+                    for f in failures:
+                        ok, result = await self._run(f.handler, message)
+                        if not ok:
+                            still.append(Failure(f.pattern, f.handler, str(result)))
+                    failures = still
+            for f in failures:
+                self._log.warning("dead-lettering %s on %s: handler for %r failed %d times (%s)",
+                                  message.id, message.topic, f.pattern, tries, f.error)
+                await self._dead_letter(message, f, tries)
+            settled = True
+        except asyncio.CancelledError:
+            self._owned.discard(eid)  # stopping: it stays pending for the next start, as does
+            raise                     # everything held behind it (close() forgets them)
+        except Exception:  # it stays owned, so unacknowledged, until the peer starts again
+            self._log.exception("retrying %s failed; it stays in the inbox for the next start",
+                                message.id)
+        if settled:
+            self._owned.discard(eid)
+            await self._quietly(self._ack([eid]))
+        async with self._lock:  # the sender's messages that waited go through, in order
             queue = self._waiting.pop(message.sender, deque())
+            for e, _ in queue:
+                self._owned.discard(e)
             done = [e for e, fields in queue if await self._redispatch(e, fields)]
-        await self._ack(done)
+        await self._quietly(self._ack(done))
+
+    async def _quietly(self, ack: Awaitable[None]) -> None:
+        """An acknowledgement that may fail: the entry is then read again, and dropped as a repeat."""
+        try:
+            await ack
+        except Exception as exc:
+            self._log.warning("could not acknowledge settled inbox entries (%s); they will be "
+                              "read again and dropped as repeats", exc)
 
     async def close(self) -> None:
         """Stop retrying; what was not settled stays in the inbox for the next start."""
@@ -115,3 +145,4 @@ class HandlerRetries:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._waiting.clear()
+        self._owned.clear()

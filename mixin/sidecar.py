@@ -105,11 +105,11 @@ class SidecarMixin(Lifecycle):
         await self.setup_sidecar_communication()
 
     async def teardown(self) -> None:
-        await self._retries.close()
         if self._link is not None:
             link, self._link = self._link, None
             await link.close(leave=True)
             self.sidecar_connected = False
+        await self._retries.close()  # after the reader stopped: nothing held is let through now
         await super().teardown()
 
     async def setup_sidecar_communication(self) -> None:
@@ -379,6 +379,8 @@ class SidecarMixin(Lifecycle):
         # with the sender (a peer cannot suppress another's messages) and the queue group (a
         # message may come once plain and once for a group this peer is in)
         seen = f"{sender} {mid} {fields.get('q', '')}"
+        if self._retries.owns(eid):  # read again while it is retried or held: not settled yet
+            return False
         if seen in self._seen:
             return True
         if (park and sender != SYSTEM_SENDER and not self._keys_for(topic, fields)
@@ -456,6 +458,8 @@ class SidecarMixin(Lifecycle):
                   "ts": str(int(message.timestamp * 1000))}
         if message.headers:
             fields["h"] = dumps(message.headers)
+        if message.queue:  # a replay must reach the same queue group subscription
+            fields.update(q=message.queue, qp=failure.pattern)
         self._seen.pop(f"{message.sender} {message.id} {message.queue or ''}", None)  # replays welcome
         await link.write(fields)
 
@@ -469,6 +473,8 @@ class SidecarMixin(Lifecycle):
                 "d": fields.get("d", "null"), "ts": fields.get("ts", "")}
         if fields.get("h"):
             dead["h"] = fields["h"]
+        if fields.get("q"):
+            dead.update(q=fields["q"], qp=fields.get("qp", ""))
         await link.write(dead)
 
     async def _ack_later(self, entry_ids: list[str]) -> None:

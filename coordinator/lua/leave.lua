@@ -21,7 +21,7 @@ if ARGV[5] ~= nil and ARGV[5] ~= '' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if seen and now - tonumber(seen) <= tonumber(ARGV[5]) then
-    return {0, 0}
+    return {0, 0, 0}
   end
 end
 local left = redis.call('ZREM', KEYS[1], ARGV[1])

@@ -1,5 +1,6 @@
 -- reply.lua: the router's answer to one request that no other script answers (a rejection, a
--- heartbeat or leave reply): optionally dead-letter it, optionally reply to its sender, and
+-- heartbeat or leave reply, a subscriber's dl request giving a delivery up): optionally write a
+-- dead-letter entry, optionally reply to its sender, and
 -- acknowledge it, atomically and fenced by the router lease, so a router deposed while paused
 -- never answers or dead-letters a request its successor handles too.
 --

@@ -176,7 +176,7 @@ class ControlHandler:
                 "entry": f.get("i", "")[:64], "sender": f.get("o", "")[:64], "peer": f["s"],
                 "pattern": f.get("p", "")[:256], "topic": f.get("t", "")[:256],
                 "raw": f.get("d", "")[:65536], "headers": f.get("h", "")[:8192],
-                "ts": f.get("ts", "")[:20]}
+                "ts": f.get("ts", "")[:20], "queue": f.get("q", "")[:64]}
         done = self.scripts.reply(
             keys=[lease, stream, self.keys.deadletter, self.keys.deadletter],
             args=[self.token, REQUEST_GROUP, eid, self.settings.inbox_maxlen,

@@ -150,6 +150,8 @@ class DeadLetters:
                      "ts": fields.get("ts", "") or entry_id.partition("-")[0]}
             if fields.get("headers"):
                 entry["h"] = fields["headers"]
+            if fields.get("queue"):  # to the queue group subscription it was handed to
+                entry.update(q=fields["queue"], qp=fields.get("pattern", ""))
         else:
             try:
                 entry = json.loads(fields.get("raw", ""))

@@ -67,3 +67,35 @@ async def test_list_then_replay_a_failed_delivery_and_a_refused_request(
                 "0-1: no dead letter 0-1 (list them with `sidecar deadletter list`)"
     finally:
         await sidecar.teardown()
+
+
+async def test_a_replayed_queue_delivery_reaches_the_queue_subscription_only(
+        settings: Settings, client: redis.Redis, keys: Keys) -> None:
+    st = settings.replace(handler_backoff=0.01, handler_max_deliveries=2)
+    sidecar = ClusterSidecar(settings=st, run_duties=False)
+    await sidecar.setup()
+    broken = True
+    queued: list[Any] = []
+    plain: list[Any] = []
+
+    def in_group(m: Message) -> None:
+        if broken:
+            raise RuntimeError("worker down")
+        queued.append((m.data, m.queue))
+
+    try:
+        async with Peer(settings=st) as pub, Peer(settings=st) as sub:
+            await sub.cluster_subscribe("work.>", in_group, queue="w")
+            await sub.cluster_subscribe("work.>", lambda m: plain.append(m.data))
+            await pub.cluster_publish("work.a", 7)
+            await async_wait_for(lambda: client.xlen(keys.deadletter) == 1, what="the dead letter")
+            (dead_id, dead), = client.xrange(keys.deadletter)
+            assert (dead["reason"], dead["queue"], dead["pattern"]) == ("handler_failed", "w", "work.>")
+            assert plain == [7]  # the plain subscription handled it the first time
+            broken = False
+            code, out = sidecar_cli(st, "replay", dead_id)
+            assert code == 0, out
+            await async_wait_for(lambda: queued, what="the replayed queue delivery")
+        assert queued == [(7, "w")] and plain == [7]  # the plain handler did not run again
+    finally:
+        await sidecar.teardown()

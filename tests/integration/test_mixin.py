@@ -354,3 +354,35 @@ async def test_a_parked_message_whose_handler_fails_stays_pending_until_its_retr
         assert client.xlen(keys.deadletter) == 0
     finally:
         await cluster.close()
+
+
+async def test_an_entry_under_retry_is_not_acknowledged_when_the_inbox_is_read_again(
+        settings: Settings, client: redis.Redis, keys: Keys) -> None:
+    # Regression: after a Redis hiccup the reader reads every pending entry again; the one being
+    # retried was in the repeat filter, so it was acknowledged and a crash would have lost it.
+    cluster = Cluster(settings.replace(handler_backoff=0.5, handler_max_deliveries=3))
+    try:
+        await cluster.sidecar()
+        a, b = await cluster.peer(), await cluster.peer()
+        tries: list[int] = []
+
+        def failing(m: Message) -> None:
+            tries.append(1)
+            raise RuntimeError("down")
+
+        await a.cluster_subscribe("rr.>", failing)
+        await b.cluster_publish("rr.x", 1)
+        await async_wait_for(lambda: tries, what="the first try")
+        # what the reader does after a lost connection: read its pending entries from the start
+        (_, pending), = client.xreadgroup("peer", "c", {keys.responses(a.id): "0"})
+        for eid, fields in pending:
+            if fields.get("k") == "msg":
+                assert not await a._on_entry(eid, fields)  # not settled: never acknowledged here
+        assert client.xpending(keys.responses(a.id), "peer")["pending"] == 1
+        await async_wait_for(lambda: client.xlen(keys.deadletter) == 1, timeout=10,
+                             what="the dead letter after the last try")
+        await async_wait_for(lambda: client.xpending(keys.responses(a.id), "peer")["pending"] == 0,
+                             what="acknowledged once settled")
+        assert len(tries) == 3
+    finally:
+        await cluster.close()
