@@ -9,7 +9,12 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:deadletter              stream   rejected request entries with the reason
     sidecar:{ns}:inbox.drops             hash     peer_id -> messages its full inbox dropped or refused
     sidecar:{ns}:inbox.slow              set      members whose inbox lags now (one slow event each)
-    sidecar:{ns}:subs                    hash     "<peer_id> <pattern>" -> "" : the subscription index
+    sidecar:{ns}:subs                    hash     "<peer_id> <pattern>[ <queue>]" -> "": subscriptions
+    sidecar:{ns}:routes                  hash     pattern -> newline-separated "<peer_id>[ <queue>]": the
+                                                  same subscriptions by pattern (the direct data path)
+    sidecar:{ns}:group.turns             hash     "<queue> <pattern>" -> deliveries so far (direct path turns)
+    sidecar:{ns}:dataplane               hash     how peers publish: mode (direct | routed) and the limits
+    sidecar:{ns}:publish.last            hash     peer_id -> key of its last batch on the direct path
     sidecar:{ns}:sidecar.system          stream   the sidecar's own events (cluster.*), trusted, partition 0
     sidecar:{ns}:routing.version         string   bumped on every member or subscription change
     sidecar:{ns}:members                 zset     peer_id -> last heartbeat (Redis server ms)
@@ -88,6 +93,28 @@ class Keys:
     @property
     def subs(self) -> str:
         return self._p + "subs"
+
+    @property
+    def routes(self) -> str:
+        """The subscriptions by pattern, written with ``subs`` by the same scripts."""
+        return self._p + "routes"
+
+    @property
+    def group_turns(self) -> str:
+        """Round-robin counters of the queue groups on the direct path."""
+        return self._p + "group.turns"
+
+    @property
+    def dataplane(self) -> str:
+        """How peers publish (direct or through the router) and the limits that apply; the
+        router writes it, peers read it when they register."""
+        return self._p + "dataplane"
+
+    @property
+    def publish_last(self) -> str:
+        """Each sender's last direct batch, so a batch sent again after a lost reply is not
+        applied twice."""
+        return self._p + "publish.last"
 
     @property
     def routing_version(self) -> str:

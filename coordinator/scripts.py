@@ -29,6 +29,8 @@ SCRIPT_NAMES = (
     "drop_inbox",
     "reply",
     "requeue",
+    "publish",
+    "dataplane",
 )
 
 
@@ -55,6 +57,8 @@ class Scripts:
     drop_inbox: Any
     reply: Any
     requeue: Any
+    publish: Any
+    dataplane: Any
 
     def __init__(self, client: Any) -> None:
         for name in SCRIPT_NAMES:

@@ -73,6 +73,10 @@ class Settings:
     (dead-lettered for that peer as ``inbox_full``, nothing queued is lost); both are counted."""
     slow_consumer_lag: int = 10_000
     """A member with more unread inbox entries than this is slow (``cluster.member.slow``)."""
+    data_path: str = "direct"
+    """How peers publish: ``direct`` (each publish fans out in one script call of the publisher's,
+    no router hop; in force only while ``auth`` is off and policies are not enforced, since those
+    checks are the router's) or ``routed`` (every publish through the router)."""
     inbox_max_age: float = 3600.0
     """Entries older than this are trimmed from response streams by the trim duty."""
     deadletter_maxlen: int = 10_000
@@ -143,6 +147,8 @@ class Settings:
         if self.inbox_overflow not in ("drop_oldest", "reject"):
             raise ConfigurationError(
                 f"inbox_overflow must be 'drop_oldest' or 'reject', got {self.inbox_overflow!r}")
+        if self.data_path not in ("direct", "routed"):
+            raise ConfigurationError(f"data_path must be 'direct' or 'routed', got {self.data_path!r}")
         if self.auth not in ("off", "required"):
             raise ConfigurationError(f"auth must be 'off' or 'required', got {self.auth!r}")
         for name in ("redis_url", "nats_url"):

@@ -28,6 +28,7 @@ from coordinator.keys import PEER_GROUP, Keys
 from coordinator.policy.auth import Signer
 from coordinator.protocol import dumps
 from coordinator.resp import stream_entries, stream_entries_py
+from coordinator.routing.direct import DataPlane
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 from mixin.outbox import TRANSIENT, Outbox
@@ -67,7 +68,9 @@ class SidecarLink:
         self.fast_read = AsyncResp(settings.redis_url) if fast else None
         self.outbox = Outbox(self.redis, self.stream, limit=settings.publish_buffer,
                              signer=self.signer, on_state=self._on_outbox, log=self.log,
-                             fast=AsyncResp(settings.redis_url) if fast else None)
+                             fast=AsyncResp(settings.redis_url) if fast else None,
+                             keys=self.keys, sender=peer_id, on_unknown=self._schedule_rejoin,
+                             unknown_wait=settings.request_timeout)
         self.on_entry = on_entry
         self.on_rejoin = on_rejoin
         self.on_heartbeat = on_heartbeat
@@ -106,6 +109,7 @@ class SidecarLink:
         await self._ensure_group()
         self._tasks.append(asyncio.create_task(self._read_loop(), name=f"inbox-{self.peer_id}"))
         reply = await self.request("reg", m=dumps(member_info))
+        await self._load_plane()
         self.connected = True
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name=f"hb-{self.peer_id}"))
         return reply
@@ -136,21 +140,38 @@ class SidecarLink:
         await self.outbox.close()
         await self.redis.aclose()
 
+    async def _load_plane(self) -> None:
+        """Learn how to publish (coordinator.routing.direct) from what the router wrote; a peer
+        whose router wrote nothing publishes through the router."""
+        if self.signer is not None:  # signed requests must pass the router's checks
+            return
+        found = await self.redis.hgetall(self.keys.dataplane)
+        plane = DataPlane.parse({str(k): str(v) for k, v in found.items()})
+        self.outbox.routes.invalidate()
+        self.outbox.plane = plane
+        self.data_path = plane.mode if plane is not None else "routed"
+
+    data_path = "routed"
+    """How this peer's publishes travel: ``direct`` (publish.lua) or ``routed`` (the router)."""
+
     # ------------------------------------------------------------------ writing
     async def write(self, fields: Fields) -> str:
         """Append one request entry; returns its stream id once Redis has it (see Outbox)."""
         return await self.outbox.write(fields)
 
     # ------------------------------------------------------------------ control requests
-    async def request(self, kind: str, *, timeout: float | None = None,
+    async def request(self, kind: str, *, timeout: float | None = None, urgent: bool = False,
                       **fields: str) -> dict[str, str]:
-        """Send a control request and wait for the router's reply (raises the reported error)."""
+        """Send a control request and wait for the router's reply (raises the reported error).
+
+        ``urgent`` sends it ahead of the writes waiting in the outbox (registering again)."""
         rid = uuid.uuid4().hex[:16]
         fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
         wait = self.settings.request_timeout if timeout is None else timeout
         try:
-            await self.write({"k": kind, "s": self.peer_id, "r": rid, **fields})
+            entry = {"k": kind, "s": self.peer_id, "r": rid, **fields}
+            await (self.outbox.send_now(entry) if urgent else self.write(entry))
             reply = await asyncio.wait_for(fut, wait)
         except TimeoutError:
             raise SidecarTimeout(
@@ -366,7 +387,9 @@ class SidecarLink:
             while not self._closing:
                 try:
                     await self._ensure_group()
-                    await self.request("reg", m=dumps(self.member_info))
+                    await self.request("reg", urgent=True, m=dumps(self.member_info))
+                    await self._load_plane()
+                    self.connected = True
                     if self.on_rejoin is not None:
                         await self.on_rejoin()
                     self.log.info("peer %s registered again%s", self.peer_id,

@@ -7,6 +7,12 @@ so a peer with many publishes in flight pays Redis and the router per batch, not
 Order is kept: entries go out in the order the writes were made, and a batch keeps its publishes
 in order inside the entry.
 
+On the direct data path (coordinator.routing.direct), publishes and answers skip the request
+stream: a run of them goes out as one ``publish.lua`` call that writes every subscriber's inbox
+(the topics it routes are resolved first, and again whenever the routing version moved). Control
+requests always go through the stream. Runs keep their order: each goes out after the one before
+it was answered.
+
 When Redis is unreachable the pending writes wait while the outbox retries with backoff; at most
 ``publish_buffer`` may wait, beyond that a write raises SidecarUnavailable at once. A write whose
 reply was lost may have reached Redis: it is sent again, signed afresh (so the router does not take
@@ -22,19 +28,27 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from coordinator.errors import SidecarUnavailable
+from coordinator.errors import SidecarError, SidecarUnavailable, UnknownPeer
+from coordinator.keys import Keys
 from coordinator.policy.auth import Signer
 from coordinator.protocol import dumps
+from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache
+from coordinator.scripts import scripts_for, source
 from mixin.resp import AsyncResp
 
 __all__ = ["MAX_FOLD", "TRANSIENT", "Outbox"]
 
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 MAX_FOLD = 1000
-"""Most publishes folded into one ``pubs`` entry."""
+"""Most publishes folded into one ``pubs`` entry (or one direct call)."""
+_STALE_TRIES = 20
+"""Direct calls refused as stale in a row before a publish gives up (the routes keep changing)."""
+_DIRECT_KINDS = ("pub", "rep")
 Fields = dict[str, str]
+Pending = list[tuple[Fields, list[asyncio.Future[str]]]]
 
 
 class Outbox:
@@ -42,9 +56,19 @@ class Outbox:
 
     def __init__(self, redis: Any, stream: str, *, limit: int, signer: Signer | None,
                  on_state: Callable[[bool], None], log: logging.Logger | None = None,
-                 fast: AsyncResp | None = None) -> None:
+                 fast: AsyncResp | None = None, keys: Keys | None = None, sender: str = "",
+                 on_unknown: Callable[[], None] | None = None, unknown_wait: float = 5.0) -> None:
         self.redis = redis
         self.stream = stream
+        self.keys = keys
+        self.sender = sender
+        self.plane: DataPlane | None = None
+        """The data plane in force (set by the link once registered); None: everything routed."""
+        self.routes = RouteCache()
+        self.on_unknown = on_unknown
+        """Called when Redis does not know us as a member (the link registers again)."""
+        self.unknown_wait = unknown_wait
+        """How long a direct write waits for us to be a member again before UnknownPeer."""
         self.limit = limit
         self.signer = signer
         self.on_state = on_state
@@ -56,7 +80,8 @@ class Outbox:
         self._busy = False
 
     async def write(self, fields: Fields) -> str:
-        """Append one entry; returns its stream id (a folded publish: the id of its batch entry)."""
+        """Send one request; returns its stream id (a folded publish: the id of its batch entry;
+        on the direct path: its message id). A direct publish the script refused raises why."""
         if self._busy:
             if not self.up and len(self._queue) >= self.limit:
                 raise SidecarUnavailable(
@@ -67,10 +92,14 @@ class Outbox:
         self._busy = True
         handed_off = False
         try:
-            try:
-                eid: str = await self._send_one(self._signed(fields))
-            except TRANSIENT:  # signed afresh: a retry is a new request (the ids make it a repeat)
-                eid = await self._retrying(lambda: self._send_one(self._signed(fields)))
+            eid: str
+            if self._direct_ok(fields):
+                eid = await self._retrying(lambda: self._send_direct([fields]))
+            else:
+                try:
+                    eid = await self._send_one(self._signed(fields))
+                except TRANSIENT:  # signed afresh: a retry is a new request (the ids make it a repeat)
+                    eid = await self._retrying(lambda: self._send_one(self._signed(fields)))
             if self._queue:
                 handed_off = True
                 asyncio.get_running_loop().create_task(self._drain())
@@ -78,6 +107,82 @@ class Outbox:
         finally:
             if not handed_off:
                 self._busy = False
+
+    async def send_now(self, fields: Fields) -> str:
+        """Append one request entry at once, ahead of whatever waits: a peer registering again
+        while its direct publishes wait until it is a member (they would hold it up otherwise).
+        Uses the shared client's own connection, never the one a write in flight holds."""
+        return str(await self.redis.xadd(self.stream, self._signed(fields)))
+
+    def _direct_ok(self, fields: Fields) -> bool:
+        """Whether ``fields`` goes out on the direct path."""
+        plane = self.plane
+        return plane is not None and plane.direct and fields.get("k") in _DIRECT_KINDS
+
+    async def _send_direct(self, entries: list[Fields]) -> str:
+        """Deliver a run of publishes and answers with ``publish.lua``; returns the last message
+        id. A refused message raises its error (for a run of several: see :meth:`_drain`)."""
+        refused = await self._direct_run(entries)
+        if refused:
+            raise next(iter(refused.values()))
+        return entries[-1].get("i", "")
+
+    async def _direct_run(self, entries: list[Fields]) -> dict[int, SidecarError]:
+        """One direct call for ``entries`` (resolving topics first, again when stale); returns
+        the refused entries' errors by index."""
+        assert self.plane is not None and self.keys is not None
+        batch = DirectBatch(self.keys, self.plane, self.sender, entries)
+        loop = asyncio.get_running_loop()
+        unknown_until = None
+        stale = 0
+        while True:
+            missing = batch.missing(self.routes)
+            if missing or self.routes.version is None:  # answers alone still need the version
+                topics, lookups = RouteCache.lookups(self.keys, missing)
+                self.routes.learn(topics, await self._commands(lookups))
+            reply = await self._evalsha(batch)
+            status, refused = DirectBatch.outcome(reply)
+            if status in ("ok", "again"):
+                return refused
+            if status == "stale":
+                self.routes.invalidate()
+                stale += 1
+                if stale >= _STALE_TRIES:
+                    raise SidecarError(f"the routes changed {stale} times in a row while "
+                                       "publishing (subscriptions churning); retry later")
+                continue
+            # 'unknown': Redis does not know us (evicted, or restarted): register, then deliver
+            if unknown_until is None:
+                unknown_until = loop.time() + self.unknown_wait
+                if self.on_unknown is not None:
+                    self.on_unknown()
+            if loop.time() > unknown_until:
+                raise UnknownPeer(f"peer {self.sender!r} is not a registered member (it was evicted "
+                                  "and could not register again in time)")
+            await asyncio.sleep(0.05)
+
+    async def _commands(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if self.fast is not None:
+            replies = await self.fast.pipeline(commands)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute())
+
+    async def _evalsha(self, batch: DirectBatch) -> Any:
+        if self.fast is None:
+            keys, args = batch.call(self.routes)
+            return await scripts_for(self.redis).publish(keys=keys, args=args)
+        script = scripts_for(self.redis).publish
+        try:
+            return await self.fast.call(*batch.command(script.sha, self.routes))
+        except NoScriptError:  # Redis restarted: load it and call again
+            await self.fast.call("SCRIPT", "LOAD", source("publish"))
+            return await self.fast.call(*batch.command(script.sha, self.routes))
 
     def _xadd(self, entry: Fields) -> tuple[str, ...]:
         return ("XADD", self.stream, "*", *(x for kv in entry.items() for x in kv))
@@ -96,11 +201,25 @@ class Outbox:
     def _signed(self, fields: Fields) -> Fields:
         return self.signer.sign(dict(fields)) if self.signer is not None else fields
 
-    def _fold(self, batch: list[tuple[Fields, asyncio.Future[str]]]
-              ) -> list[tuple[Fields, list[asyncio.Future[str]]]]:
+    def _segments(self, batch: list[tuple[Fields, asyncio.Future[str]]]
+                  ) -> list[tuple[bool, list[tuple[Fields, asyncio.Future[str]]]]]:
+        """``batch`` cut into runs, in order: (direct, writes) with direct runs of at most
+        MAX_FOLD publishes and answers, and stream runs of everything else."""
+        out: list[tuple[bool, list[tuple[Fields, asyncio.Future[str]]]]] = []
+        for fields, fut in batch:
+            if fut.done():
+                continue
+            direct = self._direct_ok(fields)
+            if out and out[-1][0] == direct and not (direct and len(out[-1][1]) >= MAX_FOLD):
+                out[-1][1].append((fields, fut))
+            else:
+                out.append((direct, [(fields, fut)]))
+        return out
+
+    def _fold(self, batch: list[tuple[Fields, asyncio.Future[str]]]) -> Pending:
         """Entries to send (unsigned): runs of plain publishes of one sender become single ``pubs``
         entries."""
-        out: list[tuple[Fields, list[asyncio.Future[str]]]] = []
+        out: Pending = []
         run: list[tuple[Fields, asyncio.Future[str]]] = []
 
         def flush() -> None:
@@ -129,39 +248,56 @@ class Outbox:
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
-                entries = self._fold(batch)
-
-                async def send(entries: list[tuple[Fields, list[asyncio.Future[str]]]] = entries) -> Any:
-                    # signed on every attempt: a retry after a lost reply is a new request, whose
-                    # messages keep their ids (subscribers drop the repeats by them)
-                    signed = [self._signed(e) for e, _ in entries]
-                    if self.fast is not None:
-                        replies = await self.fast.pipeline([self._xadd(e) for e in signed])
-                        for reply in replies:
-                            if isinstance(reply, Exception):
-                                raise reply
-                        return replies
-                    pipe = self.redis.pipeline(transaction=False)
-                    for entry in signed:
-                        pipe.xadd(self.stream, entry)
-                    return await pipe.execute()
-
-                try:
-                    ids = await self._retrying(send)
-                except Exception as exc:
-                    for _, futs in entries:
-                        for fut in futs:
-                            if not fut.done():
-                                fut.set_exception(exc)
-                    continue
-                for (_, futs), eid in zip(entries, ids, strict=True):
-                    for fut in futs:
-                        if not fut.done():
-                            fut.set_result(eid)
+                for direct, run in self._segments(batch):
+                    if direct:
+                        await self._drain_direct(run)
+                    else:
+                        await self._drain_stream(self._fold(run))
         finally:
             self._busy = False
 
+    async def _drain_direct(self, run: list[tuple[Fields, asyncio.Future[str]]]) -> None:
+        entries = [fields for fields, _ in run]
+        try:
+            refused = await self._retrying(lambda: self._direct_run(entries))
+        except Exception as exc:
+            for _, fut in run:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for n, (fields, fut) in enumerate(run):
+            if fut.done():
+                continue
+            error = refused.get(n)
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(fields.get("i", ""))
+
+    async def _drain_stream(self, entries: Pending) -> None:
+        async def send() -> Any:
+            # signed on every attempt: a retry after a lost reply is a new request, whose
+            # messages keep their ids (subscribers drop the repeats by them)
+            signed = [self._signed(e) for e, _ in entries]
+            return await self._commands([self._xadd(e) for e in signed])
+
+        if not entries:
+            return
+        try:
+            ids = await self._retrying(send)
+        except Exception as exc:
+            for _, futs in entries:
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            return
+        for (_, futs), eid in zip(entries, ids, strict=True):
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(str(eid))
+
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``call()`` until it gets through Redis, backing off while Redis is unreachable."""
         delay = 0.05
         while True:
             try:

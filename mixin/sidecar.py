@@ -19,13 +19,14 @@ publish reply, and the mixin drops the repeat by sender and message id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from coordinator.errors import NoResponders, NotLeader, RemoteError, RequestTimeout
@@ -51,6 +52,9 @@ __all__ = ["Handler", "SidecarMixin"]
 
 Handler = Callable[[Message], Any]
 _SEEN_LIMIT = 100_000
+_UNTRACED = contextlib.nullcontext()
+_MATCHED_LIMIT = 4096
+"""Topics whose matching subscriptions a peer remembers (all forgotten when it fills up)."""
 _INTERNAL = tuple(sorted(INTERNAL_SUBSCRIPTIONS))
 
 
@@ -85,6 +89,8 @@ class SidecarMixin(Lifecycle):
         self._handlers: dict[tuple[str, str], list[Handler]] = {}
         """(pattern, queue group or '') -> handlers."""
         self._patterns = SubscriptionIndex()
+        self._matched: dict[str, list[tuple[str, str]]] = {}
+        """Topic -> the plain subscriptions matching it; cleared whenever those change."""
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._leader: tuple[str, int] = ("", 0)
         self._leader_confirmed = 0.0
@@ -161,6 +167,7 @@ class SidecarMixin(Lifecycle):
             if new:
                 if queue is None:
                     self._patterns.add(pattern, pattern)
+                    self._matched.clear()
                 self._handlers[key] = []
             self._handlers[key].append(handler)
             self.cluster_subscriptions = self._counted()
@@ -188,6 +195,7 @@ class SidecarMixin(Lifecycle):
         self._handlers.pop(key, None)
         if not key[1]:
             self._patterns.remove(key[0], key[0])
+            self._matched.clear()
         self.cluster_subscriptions = self._counted()
 
     def _counted(self) -> int:
@@ -383,7 +391,8 @@ class SidecarMixin(Lifecycle):
             return False
         if seen in self._seen:
             return True
-        if (park and sender != SYSTEM_SENDER and not self._keys_for(topic, fields)
+        keys = self._keys_for(topic, fields)
+        if (park and not keys and sender != SYSTEM_SENDER
                 and time.monotonic() < self._park_until):
             self._parked.append((eid, fields))
             return False
@@ -404,10 +413,36 @@ class SidecarMixin(Lifecycle):
             self.handler_errors += 1
             return True
         reply_to = fields.get("rt") or None
+        respond = self._responder(reply_to, mid) if reply_to is not None else None
+        message = Message(topic, data, sender, mid, int(fields.get("ts", "0")) / 1000,
+                          headers=parse_headers(fields.get("h")), reply_to=reply_to,
+                          queue=fields.get("q") or None, _respond=respond)
+        self.messages_received += 1
+        if message.sender == SYSTEM_SENDER:
+            if topic == "cluster.leader" and isinstance(data, dict):
+                self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
+            elif topic == "cluster.policy":
+                await self._apply_policy(data)
+        failures: list[Failure] = []
+        for key in keys:
+            pattern = key[0]
+            for handler in list(self._handlers.get(key, ())):
+                ok, result = await self._call(handler, message)
+                if respond is not None and (not ok or result is not None):
+                    await respond(result, ok)  # a request is answered, never retried
+                elif not ok and sender != SYSTEM_SENDER:
+                    failures.append(Failure(pattern, handler, str(result)))
+        if failures:
+            self._retries.failed(eid, message, failures)
+            return False  # acknowledged once the retries settle it
+        return True
+
+    def _responder(self, reply_to: str, mid: str) -> Callable[..., Awaitable[None]]:
+        """What answers request ``mid`` of ``reply_to``: once, whichever handler answers first."""
         answered: list[bool] = []
 
         async def respond(value: Any, ok: bool = True) -> None:
-            if answered or reply_to is None or self._link is None:
+            if answered or self._link is None:
                 return  # one answer per request and peer
             answered.append(True)
             answer = {"k": "rep", "s": self._link.peer_id, "to": reply_to, "ri": mid}
@@ -417,29 +452,7 @@ class SidecarMixin(Lifecycle):
                 answer.update(ok="0", e=str(value)[:2000])
             await self._link.write(answer)
 
-        message = Message(topic, data, sender, mid, int(fields.get("ts", "0")) / 1000,
-                          headers=parse_headers(fields.get("h")), reply_to=reply_to,
-                          queue=fields.get("q") or None,
-                          _respond=respond if reply_to is not None else None)
-        self.messages_received += 1
-        if message.sender == SYSTEM_SENDER:
-            if topic == "cluster.leader" and isinstance(data, dict):
-                self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
-            elif topic == "cluster.policy":
-                await self._apply_policy(data)
-        failures: list[Failure] = []
-        for key in self._keys_for(topic, fields):
-            pattern = key[0]
-            for handler in list(self._handlers.get(key, ())):
-                ok, result = await self._call(handler, message)
-                if reply_to is not None and (not ok or result is not None):
-                    await respond(result, ok)  # a request is answered, never retried
-                elif not ok and sender != SYSTEM_SENDER:
-                    failures.append(Failure(pattern, handler, str(result)))
-        if failures:
-            self._retries.failed(eid, message, failures)
-            return False  # acknowledged once the retries settle it
-        return True
+        return respond
 
     def _keys_for(self, topic: str, fields: dict[str, str]) -> list[tuple[str, str]]:
         """The subscriptions an inbox entry is for: its queue group's, or every plain match."""
@@ -447,7 +460,13 @@ class SidecarMixin(Lifecycle):
         if queue:
             key = (fields.get("qp", ""), queue)
             return [key] if key in self._handlers else []
-        return [(p, "") for p in self._patterns.match(topic)]
+        keys = self._matched.get(topic)
+        if keys is None:
+            keys = [(p, "") for p in sorted(self._patterns.match(topic))]
+            if len(self._matched) >= _MATCHED_LIMIT:
+                self._matched.clear()
+            self._matched[topic] = keys
+        return keys
 
     async def _dead_letter(self, message: Message, failure: Failure, tries: int) -> None:
         """Ask the sidecar to dead-letter ``message`` as handler_failed (peers cannot write there)."""
@@ -487,9 +506,10 @@ class SidecarMixin(Lifecycle):
     async def _call(self, handler: Handler, message: Message) -> tuple[bool, Any]:
         """(True, what the handler returned) or (False, its error as text)."""
         try:
-            with tracing.context_of(message.headers):
+            traced = "traceparent" in message.headers
+            with tracing.context_of(message.headers) if traced else _UNTRACED:
                 result = handler(message)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     result = await result
             return True, result
         except Exception as exc:

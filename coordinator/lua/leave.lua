@@ -5,6 +5,8 @@
 -- KEYS[4] routing version                      KEYS[5] system stream   KEYS[6] events stream
 -- KEYS[7] request stream (or any key when ARGV[3] is '')   KEYS[8] leader hash
 -- KEYS[9] electorate zset   KEYS[10] router lease of the partition (only when ARGV[6] is given)
+-- KEYS[11] route index (hash: pattern -> newline-separated route entries; see subscribe.lua)
+-- KEYS[12] last direct batch per sender (hash; the member's field goes)
 -- ARGV[1] peer id   ARGV[2] consumer group   ARGV[3] request entry id to ack, or ''
 -- ARGV[4] reason ('leave' | 'evicted' | 'expired')
 -- ARGV[5] for 'expired': the silence in ms that makes a member dead ('' otherwise); a member that
@@ -27,9 +29,11 @@ end
 local left = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[9], ARGV[1])
 redis.call('DEL', KEYS[2])
+redis.call('HDEL', KEYS[12], ARGV[1])
 local prefix = ARGV[1] .. ' '
 local glob = string.gsub(ARGV[1], '([%*%?%[%]\\])', '\\%1') .. ' *'
 local removed = 0
+local gone = {}  -- "<pattern>" or "<pattern> <queue>" of each removed subscription
 local cursor = '0'
 repeat
   local r = redis.call('HSCAN', KEYS[3], cursor, 'MATCH', glob, 'COUNT', 1000)
@@ -38,9 +42,28 @@ repeat
   for i = 1, #flat, 2 do
     if string.sub(flat[i], 1, #prefix) == prefix then
       removed = removed + redis.call('HDEL', KEYS[3], flat[i])
+      gone[#gone + 1] = string.sub(flat[i], #prefix + 1)
     end
   end
 until cursor == '0'
+for _, sub in ipairs(gone) do  -- the route index loses the same entries
+  local pattern, queue = string.match(sub, '^(%S+) ?(%S*)$')
+  if pattern then
+    local entry = queue ~= '' and (ARGV[1] .. ' ' .. queue) or ARGV[1]
+    local routes = redis.call('HGET', KEYS[11], pattern)
+    if routes then
+      local kept = {}
+      for e in string.gmatch(routes, '[^\n]+') do
+        if e ~= entry then kept[#kept + 1] = e end
+      end
+      if #kept > 0 then
+        redis.call('HSET', KEYS[11], pattern, table.concat(kept, '\n'))
+      else
+        redis.call('HDEL', KEYS[11], pattern)
+      end
+    end
+  end
+end
 if removed > 0 or left == 1 then
   redis.call('INCR', KEYS[4])
 end

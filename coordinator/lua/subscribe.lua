@@ -3,9 +3,11 @@
 -- KEYS[1] router lease of the partition   KEYS[2] subscription index (hash)
 -- KEYS[3] routing version                 KEYS[4] request stream
 -- KEYS[5] requester's inbox stream        KEYS[6] requester's member hash
+-- KEYS[7] route index (hash: pattern -> newline-separated "<peer>" or "<peer> <queue>" entries,
+--         what the direct data path resolves topics with; kept in step with KEYS[2])
 -- ARGV[1] lease token   ARGV[2] consumer group   ARGV[3] request entry id
 -- ARGV[4] 'add' | 'remove'   ARGV[5] index field "<peer_id> <pattern>"   ARGV[6] request id
--- ARGV[7] inbox MAXLEN
+-- ARGV[7] inbox MAXLEN   ARGV[8] pattern   ARGV[9] route entry ("<peer>" or "<peer> <queue>")
 -- Returns {"ok", version, changed(0|1)} | {"lost"} | {"unknown_peer"}
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {'lost'}
@@ -21,6 +23,19 @@ else
 end
 local version
 if changed == 1 then
+  local routes = redis.call('HGET', KEYS[7], ARGV[8])
+  local kept = {}
+  if routes then
+    for entry in string.gmatch(routes, '[^\n]+') do
+      if entry ~= ARGV[9] then kept[#kept + 1] = entry end
+    end
+  end
+  if ARGV[4] == 'add' then kept[#kept + 1] = ARGV[9] end
+  if #kept > 0 then
+    redis.call('HSET', KEYS[7], ARGV[8], table.concat(kept, '\n'))
+  else
+    redis.call('HDEL', KEYS[7], ARGV[8])
+  end
   version = redis.call('INCR', KEYS[3])
 else
   version = tonumber(redis.call('GET', KEYS[3]) or '0')

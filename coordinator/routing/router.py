@@ -53,6 +53,7 @@ from coordinator.resp import Entry, RespConnection, stream_entries, stream_entri
 from coordinator.routing.coalesce import ReadCoalescer
 from coordinator.routing.context import RouterContext
 from coordinator.routing.control import DEPOSED, ControlHandler
+from coordinator.routing.direct import publish_dataplane
 from coordinator.routing.guard import Guard, Mark
 from coordinator.routing.partitions import Partitions
 from coordinator.routing.publishes import FanOut, PublishPlanner, outcome
@@ -317,10 +318,13 @@ class Router:
             self._settle_partition(p)
 
     def _settle_partition(self, partition: int) -> None:
-        """Make sure the partition's groups exist, then route every entry pending on it."""
+        """Make sure the partition's groups exist (partition 0: and that peers know the data
+        plane), then route every entry pending on it."""
         self.view.invalidate()  # anything may have changed while we did not route it
         self.guard.forget_marks()
         self.parts.ensure_groups(partition)
+        if partition == 0:  # after a takeover or an error (a Redis restart loses it)
+            publish_dataplane(self.client, self.keys, self.settings)
         for stream in self.parts.streams_of(partition):
             self.claim_pending(stream)
 

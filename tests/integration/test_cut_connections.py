@@ -1,7 +1,8 @@
 """Every publish that returned is handled exactly once, in order, however the connection is cut.
 
-A proxy sits between the publishing peer and Redis and cuts its connection after an XADD ran but
-before its reply came back (the publisher sends it again), or before the XADD reached Redis.
+A proxy sits between the publishing peer and Redis and cuts its connection after a publish ran but
+before its reply came back (the publisher sends it again), or before the publish reached Redis: on
+the direct data path the publish is a ``publish.lua`` call (EVALSHA), through the router an XADD.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ def proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
         p.close()
 
 
-@pytest.fixture(params=["unsigned", "signed"])
+@pytest.fixture(params=["direct", "routed", "signed"])
 def mode(request: pytest.FixtureRequest, settings: Settings) -> Settings:
-    return settings.replace(auth="required") if request.param == "signed" else settings
+    if request.param == "signed":
+        return settings.replace(auth="required")
+    return settings.replace(data_path=request.param)
 
 
 @pytest.fixture
@@ -65,9 +68,11 @@ async def test_publishes_survive_cut_connections_exactly_once_in_order(
     async with peer(through_proxy, client, "pub") as pub, peer(mode, client, "sub") as sub:
         await sub.cluster_subscribe("cut.>", got.append)
         arm = proxy.cut_after_command if cut == "after" else proxy.cut_before_command
+        path = pub._require_link().data_path
+        assert path == ("direct" if mode.data_path == "direct" and mode.auth == "off" else "routed")
         n = 0
         for _round in range(6):
-            arm(b"XADD")
+            arm(b"EVALSHA" if path == "direct" else b"XADD")
             if folded:  # several in flight at once: they fold into pubs entries
                 await asyncio.gather(*(pub.cluster_publish("cut.x", {"n": n + i}) for i in range(20)))
                 n += 20

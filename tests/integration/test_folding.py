@@ -1,4 +1,5 @@
-"""Publishes in flight together are folded into one ``pubs`` entry and routed as separate messages."""
+"""Publishes in flight together are folded: through the router into one ``pubs`` entry, on the direct
+path into one ``publish.lua`` call; either way they arrive as separate messages, in order."""
 
 from __future__ import annotations
 
@@ -15,18 +16,47 @@ from mixin import Message
 from tests.support import Peer, async_wait_for
 
 
-async def test_concurrent_publishes_fold_and_arrive_in_order(settings: Settings, client: redis.Redis,
+def _script_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
+async def test_concurrent_publishes_fold_and_arrive_in_order(client: redis.Redis,
                                                              sidecar: ClusterSidecar) -> None:
+    settings = sidecar.settings
     keys = Keys(settings.namespace)
     async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
+        assert pub._require_link().data_path == "direct"
         got: list[Message] = []
         await sub.cluster_subscribe("fold.>", got.append)
+        calls = _script_calls(client)
         await asyncio.gather(*(pub.cluster_publish(f"fold.{i % 3}", {"i": i}) for i in range(500)))
+        calls = _script_calls(client) - calls  # heartbeats and the router's scripts count too
         await async_wait_for(lambda: len(got) == 500, what="500 messages")
         assert [m.data["i"] for m in got] == list(range(500))
         assert len({m.id for m in got}) == 500
-        kinds = [f.get("k") for _, f in client.xrange(keys.requests(0)) if f.get("s") == pub.id]
-        assert "pubs" in kinds and len(kinds) < 100, kinds[:10]
+        assert calls < 100, calls
+        assert not [f for _, f in client.xrange(keys.requests(0)) if f.get("k") in ("pub", "pubs")]
+
+
+async def test_routed_publishes_fold_into_batch_entries(settings: Settings, client: redis.Redis) -> None:
+    routed = settings.replace(data_path="routed")
+    keys = Keys(settings.namespace)
+    sidecar = ClusterSidecar(settings=routed, run_duties=False)
+    await sidecar.setup()
+    try:
+        async with Peer(settings=routed) as pub, Peer(settings=routed) as sub:
+            assert pub._require_link().data_path == "routed"
+            got: list[Message] = []
+            await sub.cluster_subscribe("fold.>", got.append)
+            await asyncio.gather(*(pub.cluster_publish(f"fold.{i % 3}", {"i": i}) for i in range(500)))
+            await async_wait_for(lambda: len(got) == 500, what="500 messages")
+            assert [m.data["i"] for m in got] == list(range(500))
+            assert len({m.id for m in got}) == 500
+            kinds = [f.get("k") for _, f in client.xrange(keys.requests(0)) if f.get("s") == pub.id]
+            assert "pubs" in kinds and len(kinds) < 100, kinds[:10]
+    finally:
+        await sidecar.teardown()
 
 
 async def test_bad_batches_and_bad_items_are_dead_lettered(settings: Settings, client: redis.Redis,

@@ -233,8 +233,9 @@ def test_subscribe_script(client: redis.Redis, keys: Keys) -> None:
     def call(token: str, op: str, peer: str = "p1") -> Any:
         eid = pending_entry(client, stream, {"k": "sub", "s": peer})
         ks = [keys.router_lease(0), keys.subs, keys.routing_version, stream, keys.responses(peer),
-              keys.member(peer)]
-        return s.subscribe(keys=ks, args=[token, REQUEST_GROUP, eid, op, f"{peer} a.*", "r1", 100])
+              keys.member(peer), keys.routes]
+        return s.subscribe(keys=ks, args=[token, REQUEST_GROUP, eid, op, f"{peer} a.*", "r1", 100,
+                                          "a.*", peer])
 
     client.set(keys.router_lease(0), "tok")
     assert call("bad", "add") == ["lost"]
@@ -242,9 +243,12 @@ def test_subscribe_script(client: redis.Redis, keys: Keys) -> None:
     assert client.hlen(keys.subs) == 0
     Membership(client, keys).register("p1")
     assert call("tok", "add") == ["ok", 2, 1]
+    assert client.hgetall(keys.routes) == {"a.*": "p1"}  # the route index follows
     assert call("tok", "add") == ["ok", 2, 0]  # already subscribed: version unchanged
+    assert client.hgetall(keys.routes) == {"a.*": "p1"}
     assert call("tok", "remove") == ["ok", 3, 1]
     assert client.hlen(keys.subs) == 0
+    assert client.hlen(keys.routes) == 0
     replies = [f for _, f in client.xrange(keys.responses("p1"))]
     assert [r["v"] for r in replies] == ["2", "2", "3"]
     assert pending_count(client, stream) == 2  # the lost and unknown_peer calls were not acked

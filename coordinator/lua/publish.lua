@@ -1,0 +1,228 @@
+-- publish.lua: the direct data path. A peer's run of publishes (and answers to requests) goes
+-- straight into its subscribers' inboxes in one atomic step, with no router hop: the caller
+-- resolved each topic's subscribers from the route index at routing version ARGV[1], and this
+-- script delivers only if that version is still current (else it writes nothing and answers
+-- 'stale', and the caller resolves again). Used while the sidecar runs without signing and
+-- enforcement (coordinator.routing.direct); otherwise every publish goes through the router.
+--
+-- KEYS[1] routing version (string)        KEYS[2] members zset       KEYS[3] leader hash
+-- KEYS[4] router stats (hash: routed, delivered, rejected)           KEYS[5] inbox drops (hash)
+-- KEYS[6] dead-letter stream              KEYS[7] queue group turns (hash: "<queue> <pattern>" -> n)
+-- KEYS[8] last batch applied per sender (hash: peer id -> batch key)
+-- KEYS[9..] inbox streams; inbox i is KEYS[8 + i]
+-- ARGV[1] routing version the routes were resolved at   ARGV[2] sender peer id
+-- ARGV[3] inbox MAXLEN   ARGV[4] full inbox: 'drop_oldest' | 'reject'   ARGV[5] dead-letter MAXLEN
+-- ARGV[6] largest payload (bytes)   ARGV[7] largest headers (bytes)   ARGV[8] longest ttl (ms)
+-- ARGV[9] batch key: the last message id of the batch; a batch whose key is the sender's last
+--         applied one is the same batch sent again after its reply was lost, and is not applied
+--         twice (so a retry cannot hand a queue group message to a second member)
+-- ARGV[10] number of inboxes N, then N peer ids (inbox i belongs to peer i)
+-- then the number of messages M, then M messages, each one of:
+--   'msg', message id, topic, data json, fence term or '', ttl ms or '', headers json or '',
+--     requester inbox index or '' (a request: the sender's own inbox, for 'no responders'),
+--     D, D inbox indices (plain subscribers),
+--     G, G groups each: queue, pattern, K, K member inbox indices (one member gets the message)
+--   'rep', request's message id, requester inbox index, '1' and data json | '0' and error text
+-- Returns {'ok', routed, delivered, refused...} where refused is a flat list of (message number
+--   1..M, error code, message) for messages refused and dead-lettered | {'again'} for a batch
+--   already applied | {'stale', version} |
+--   {'unknown'} when the sender is not a member (nothing is written)
+local version = redis.call('GET', KEYS[1]) or '0'
+if version ~= ARGV[1] then
+  return {'stale', version}
+end
+local sender = ARGV[2]
+if not redis.call('ZSCORE', KEYS[2], sender) then
+  return {'unknown'}
+end
+if redis.call('HGET', KEYS[8], sender) == ARGV[9] then
+  return {'again'}
+end
+redis.call('HSET', KEYS[8], sender, ARGV[9])
+local maxlen, reject, dlmax = tonumber(ARGV[3]), ARGV[4] == 'reject', ARGV[5]
+local max_payload, max_headers, max_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local ninboxes = tonumber(ARGV[10])
+local peers_at = 10
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ts = tostring(now)
+
+local before, added = {}, {}
+local drops = {}
+local routed, delivered = 0, 0
+local refused = {}
+local leader
+
+-- one delivery of `fields` into inbox i, honouring the inbox bound
+local function deliver(i, fields, id, topic, data)
+  local key = KEYS[8 + i]
+  if not before[i] then
+    before[i] = redis.call('XLEN', key)
+    added[i] = 0
+  end
+  local peer = ARGV[peers_at + i]
+  if reject and before[i] + added[i] >= maxlen then
+    drops[peer] = (drops[peer] or 0) + 1
+    redis.call('XADD', KEYS[6], 'MAXLEN', '~', dlmax, '*', 'reason', 'inbox_full',
+      'message', 'the inbox of ' .. peer .. ' is full (SIDECAR_INBOX_MAXLEN)', 'stream', 'direct',
+      'entry', id, 'sender', sender, 'peer', peer, 'topic', topic, 'raw', string.sub(data, 1, 4096))
+    return
+  end
+  redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  added[i] = added[i] + 1
+  delivered = delivered + 1
+end
+
+local function refuse(n, code, text, id, topic, data)
+  refused[#refused + 1] = n
+  refused[#refused + 1] = code
+  refused[#refused + 1] = text
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', dlmax, '*', 'reason', code, 'message', text,
+    'stream', 'direct', 'entry', id, 'sender', sender, 'topic', topic,
+    'raw', string.sub(data, 1, 4096))
+end
+
+-- why a message may not go out, or nil
+local function check(id, topic, data, fence, ttl, headers)
+  if #id == 0 or #id > 64 or string.find(id, '[^%w_.:%-]') then
+    return 'bad_request', 'message id must be 1-64 letters, digits or _ . : -'
+  end
+  if #topic == 0 or #topic > 1024 or string.find(topic, '[%*>%s]') or string.find(topic, '..', 1, true)
+      or string.sub(topic, 1, 1) == '.' or string.sub(topic, -1) == '.' then
+    return 'invalid_topic', 'publish topic ' .. string.sub(topic, 1, 80) .. ' is not a literal topic'
+  end
+  if topic == 'cluster' or string.sub(topic, 1, 8) == 'cluster.' then
+    return 'invalid_topic', 'topics under cluster. are the sidecar\'s own events'
+  end
+  if #data > max_payload then
+    return 'payload_too_large', 'payload of ' .. #data .. ' bytes exceeds the ' .. max_payload .. '-byte limit'
+  end
+  if #headers > max_headers then
+    return 'invalid_headers', 'headers of ' .. #headers .. ' bytes exceed the ' .. max_headers .. '-byte limit'
+  end
+  if ttl ~= '' then
+    local ms = tonumber(ttl)
+    if not ms or ms < 1 or ms > max_ttl or ms ~= math.floor(ms) then
+      return 'bad_request', 'time to live must be 1 to ' .. max_ttl .. ' milliseconds'
+    end
+  end
+  if fence ~= '' then
+    leader = leader or redis.call('HMGET', KEYS[3], 'id', 'term')
+    if leader[1] ~= sender or leader[2] ~= fence then
+      return 'not_leader', 'fenced publish from ' .. sender .. ' with term ' .. fence ..
+        ', but the leader is ' .. (leader[1] or 'nobody') .. ' at term ' .. (leader[2] or '0')
+    end
+  end
+  return nil
+end
+
+local p = peers_at + ninboxes + 1
+local count = tonumber(ARGV[p])
+p = p + 1
+for n = 1, count do
+  if ARGV[p] == 'rep' then
+    local request, i, ok = ARGV[p + 1], tonumber(ARGV[p + 2]), ARGV[p + 3]
+    local body = ARGV[p + 4]
+    p = p + 5
+    if redis.call('ZSCORE', KEYS[2], ARGV[peers_at + i]) then
+      local fields
+      if ok == '1' then
+        if #body > max_payload then
+          refuse(n, 'payload_too_large', 'answer of ' .. #body .. ' bytes exceeds the ' ..
+            max_payload .. '-byte limit', request, '', body)
+          fields = {'k', 'rep', 'i', request, 't', '', 'd', 'null', 's', sender, 'ts', ts, 'ok', '0',
+            'e', 'the answer was too large'}
+        else
+          fields = {'k', 'rep', 'i', request, 't', '', 'd', body, 's', sender, 'ts', ts, 'ok', '1'}
+        end
+      else
+        fields = {'k', 'rep', 'i', request, 't', '', 'd', 'null', 's', sender, 'ts', ts, 'ok', '0',
+          'e', string.sub(body, 1, 2000)}
+      end
+      deliver(i, fields, request, '', 'null')
+      routed = routed + 1
+    end
+  else
+    local id, topic, data = ARGV[p + 1], ARGV[p + 2], ARGV[p + 3]
+    local fence, ttl, headers, requester = ARGV[p + 4], ARGV[p + 5], ARGV[p + 6], ARGV[p + 7]
+    local nd = tonumber(ARGV[p + 8])
+    local plain = p + 9
+    p = plain + nd
+    local ng = tonumber(ARGV[p])
+    local groups = p + 1
+    p = groups
+    for _ = 1, ng do
+      p = p + 3 + tonumber(ARGV[p + 2])
+    end
+    local code, text = check(id, topic, data, fence, ttl, headers)
+    if code then
+      refuse(n, code, text, id, topic, data)
+    else
+      local fields = {'k', 'msg', 'i', id, 't', topic, 'd', data, 's', sender, 'ts', ts}
+      if headers ~= '' then
+        fields[#fields + 1] = 'h'
+        fields[#fields + 1] = headers
+      end
+      if ttl ~= '' then
+        fields[#fields + 1] = 'x'
+        fields[#fields + 1] = tostring(now + tonumber(ttl))
+      end
+      if requester ~= '' then
+        fields[#fields + 1] = 'rt'
+        fields[#fields + 1] = sender
+      end
+      local before_count = delivered
+      for d = plain, plain + nd - 1 do
+        deliver(tonumber(ARGV[d]), fields, id, topic, data)
+      end
+      local g = groups
+      for _ = 1, ng do
+        local queue, pattern, k = ARGV[g], ARGV[g + 1], tonumber(ARGV[g + 2])
+        local turn = redis.call('HINCRBY', KEYS[7], queue .. ' ' .. pattern, 1)
+        local queued = {unpack(fields)}
+        queued[#queued + 1] = 'q'
+        queued[#queued + 1] = queue
+        queued[#queued + 1] = 'qp'
+        queued[#queued + 1] = pattern
+        deliver(tonumber(ARGV[g + 3 + (turn - 1) % k]), queued, id, topic, data)
+        g = g + 3 + k
+      end
+      if nd + ng > 0 then
+        routed = routed + 1
+      elseif requester ~= '' then  -- nobody can answer: say so at once
+        deliver(tonumber(requester), {'k', 'nr', 'i', id, 't', topic, 'd', 'null', 's', 'sidecar',
+          'ts', ts}, id, topic, 'null')
+        delivered = before_count
+      end
+    end
+  end
+end
+
+if not reject then  -- what the trim dropped, exactly (MAXLEN ~ trims whole nodes)
+  for i, len in pairs(before) do
+    if len + added[i] > maxlen then
+      local dropped = len + added[i] - redis.call('XLEN', KEYS[8 + i])
+      if dropped > 0 then
+        local peer = ARGV[peers_at + i]
+        drops[peer] = (drops[peer] or 0) + dropped
+      end
+    end
+  end
+end
+for peer, dropped in pairs(drops) do
+  redis.call('HINCRBY', KEYS[5], peer, dropped)
+end
+if routed > 0 then
+  redis.call('HINCRBY', KEYS[4], 'routed', routed)
+end
+if delivered > 0 then
+  redis.call('HINCRBY', KEYS[4], 'delivered', delivered)
+end
+if #refused > 0 then
+  redis.call('HINCRBY', KEYS[4], 'rejected', #refused / 3)
+end
+local out = {'ok', routed, delivered}
+for _, x in ipairs(refused) do
+  out[#out + 1] = x
+end
+return out

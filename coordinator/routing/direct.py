@@ -1,0 +1,258 @@
+"""The direct data path: a peer fans its own publishes out, in one script call, with no router hop.
+
+Why: through the router a message costs two hops (publisher to request stream, router to inbox)
+and a router wake-up between them; on a machine where every process shares two cores that is more
+than twice the CPU of the plain Redis hop a user could write instead. On the direct path a publish
+is one ``publish.lua`` call of the publisher's, which writes every subscriber's inbox atomically,
+so a message costs what a raw hop costs plus the script's work inside Redis.
+
+When: the router says which path is in force by writing :class:`DataPlane` when it starts
+(``dataplane.lua``). It is ``direct`` unless the sidecar signs requests (``SIDECAR_AUTH=required``)
+or enforces policies, because those checks are the router's: then every publish goes through it,
+as do control requests (register, subscribe, leave, ...) always. Peers read it when they register.
+
+How: ``subscribe.lua`` and ``leave.lua`` keep a route index beside the subscription index,
+``routes``: pattern -> the subscriptions of that pattern. A topic of ``d`` tokens can only be
+matched by the ``2**(d+1) - 1`` patterns :func:`candidates` lists (each token itself or ``*``,
+or a prefix of them and ``>``), so a peer resolves a topic with one HMGET whose cost grows with
+the topic's depth, not with the number of subscriptions, and caches the :class:`Route` under the
+routing version it read. ``publish.lua`` delivers only while that version is current; otherwise it
+writes nothing and answers ``stale``, and the peer resolves again. Queue groups take turns in
+``group.turns``, inside the script, so every publisher spreads a group's messages over the same
+rotation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.errors import SidecarError, error_from_code
+from coordinator.keys import Keys
+from coordinator.protocol import MAX_TTL_MS
+from coordinator.scripts import scripts_for
+from coordinator.settings import Settings
+
+__all__ = [
+    "DataPlane",
+    "DirectBatch",
+    "Route",
+    "RouteCache",
+    "candidates",
+    "publish_dataplane",
+]
+
+_CACHE_LIMIT = 4096
+"""Topics a peer keeps resolved; all are forgotten when it fills up (or the version moves)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataPlane:
+    """How peers publish, and the limits the direct path applies (the router's settings)."""
+
+    mode: str
+    """``direct`` or ``routed``."""
+    inbox_maxlen: int
+    overflow: str
+    deadletter_maxlen: int
+    max_payload_bytes: int
+    max_header_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DataPlane:
+        """What a router with ``settings`` puts in force."""
+        direct = (settings.data_path == "direct" and settings.auth == "off"
+                  and not settings.enforce_policy)
+        return cls("direct" if direct else "routed", settings.inbox_maxlen, settings.inbox_overflow,
+                   settings.deadletter_maxlen, settings.max_payload_bytes, settings.max_header_bytes)
+
+    @property
+    def direct(self) -> bool:
+        return self.mode == "direct"
+
+    def fields(self) -> dict[str, str]:
+        """As stored in the ``dataplane`` hash."""
+        return {"mode": self.mode, "inbox_maxlen": str(self.inbox_maxlen), "overflow": self.overflow,
+                "deadletter_maxlen": str(self.deadletter_maxlen),
+                "max_payload_bytes": str(self.max_payload_bytes),
+                "max_header_bytes": str(self.max_header_bytes)}
+
+    @classmethod
+    def parse(cls, fields: Mapping[str, str]) -> DataPlane | None:
+        """The data plane a router wrote, or None when there is none (or it is not readable):
+        then peers publish through the router."""
+        try:
+            plane = cls(fields["mode"], int(fields["inbox_maxlen"]), fields["overflow"],
+                        int(fields["deadletter_maxlen"]), int(fields["max_payload_bytes"]),
+                        int(fields["max_header_bytes"]))
+        except (KeyError, ValueError):
+            return None
+        if plane.mode not in ("direct", "routed") or plane.overflow not in ("drop_oldest", "reject"):
+            return None
+        return plane
+
+
+def publish_dataplane(client: Any, keys: Keys, settings: Settings) -> DataPlane:
+    """Write the data plane ``settings`` put in force (a router starting); returns it."""
+    plane = DataPlane.from_settings(settings)
+    args = [x for kv in plane.fields().items() for x in kv]
+    scripts_for(client).dataplane(keys=[keys.dataplane, keys.subs, keys.routes], args=args)
+    return plane
+
+
+def candidates(topic: str) -> list[str]:
+    """Every pattern that could match literal ``topic``: each token itself or ``*``, and each
+    proper prefix of those followed by ``>`` (``2**(d+1) - 1`` patterns for ``d`` tokens)."""
+    tokens = topic.split(".")
+    out: list[str] = [""]
+    found: list[str] = []
+    for token in tokens:
+        found += [f"{p}>" for p in out]
+        out = [f"{p}{t}." for p in out for t in (token, "*")]
+    found += [p[:-1] for p in out]
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Who gets a topic: plain subscribers, and per queue group its members (one gets each)."""
+
+    plain: tuple[str, ...]
+    groups: tuple[tuple[str, str, tuple[str, ...]], ...]
+    """(queue, pattern, member peers) of every group whose pattern matches."""
+
+    @classmethod
+    def from_index(cls, patterns: Sequence[str], values: Sequence[str | None]) -> Route:
+        """The route of a topic from the route index entries of its candidate ``patterns``."""
+        plain: set[str] = set()
+        groups: dict[tuple[str, str], list[str]] = {}
+        for pattern, value in zip(patterns, values, strict=True):
+            if not value:
+                continue
+            for entry in str(value).split("\n"):
+                peer, _, queue = entry.partition(" ")
+                if not peer:
+                    continue
+                if queue:
+                    groups.setdefault((queue, pattern), []).append(peer)
+                else:
+                    plain.add(peer)
+        return cls(tuple(sorted(plain)),
+                   tuple((q, p, tuple(sorted(m))) for (q, p), m in sorted(groups.items())))
+
+    @property
+    def empty(self) -> bool:
+        return not self.plain and not self.groups
+
+
+class RouteCache:
+    """Topics a peer resolved, valid at one routing version."""
+
+    def __init__(self) -> None:
+        self.version: str | None = None
+        self._routes: dict[str, Route] = {}
+
+    def get(self, topic: str) -> Route | None:
+        return self._routes.get(topic)
+
+    def invalidate(self) -> None:
+        """The version moved: forget everything."""
+        self.version = None
+        self._routes.clear()
+
+    @staticmethod
+    def lookups(keys: Keys, topics: Iterable[str]) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """(topics, commands) resolving ``topics``: the routing version first, then one HMGET per
+        topic. Reading the version before the routes means a route can only be newer than the
+        version it is filed under, which ``publish.lua`` refuses as stale (never older)."""
+        wanted = list(dict.fromkeys(topics))
+        commands: list[tuple[Any, ...]] = [("GET", keys.routing_version)]
+        commands += [("HMGET", keys.routes, *candidates(t)) for t in wanted]
+        return wanted, commands
+
+    def learn(self, topics: Sequence[str], replies: Sequence[Any]) -> None:
+        """Store what the :meth:`lookups` commands answered."""
+        version = str(replies[0] or "0")
+        if version != self.version:
+            self._routes.clear()
+            self.version = version
+        elif len(self._routes) + len(topics) > _CACHE_LIMIT:
+            self._routes.clear()
+        for topic, values in zip(topics, replies[1:], strict=True):
+            self._routes[topic] = Route.from_index(candidates(topic), values)
+
+
+@dataclass(slots=True)
+class DirectBatch:
+    """One ``publish.lua`` call for a run of one sender's publishes and answers, in order.
+
+    Entries are the request fields the mixin builds (``k`` = ``pub`` or ``rep``); every ``pub``
+    topic must be resolved in ``routes`` first (see :meth:`missing`).
+    """
+
+    keys: Keys
+    plane: DataPlane
+    sender: str
+    entries: list[dict[str, str]]
+
+    @property
+    def batch_key(self) -> str:
+        """Names this batch for ``publish.lua``'s repeat check: its last message id."""
+        last = self.entries[-1]
+        return last["i"] if last.get("k") == "pub" else f"rep:{last.get('ri', '')}"
+
+    def missing(self, routes: RouteCache) -> list[str]:
+        """Topics of this batch the cache cannot route yet."""
+        return [f["t"] for f in self.entries if f.get("k") == "pub" and routes.get(f["t"]) is None]
+
+    def command(self, sha: str, routes: RouteCache) -> tuple[Any, ...]:
+        """The EVALSHA command (``routes`` resolves every topic of the batch)."""
+        keys, args = self.call(routes)
+        return ("EVALSHA", sha, len(keys), *keys, *args)
+
+    def call(self, routes: RouteCache) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the call."""
+        inboxes: dict[str, int] = {}
+
+        def at(peer: str) -> int:
+            i = inboxes.get(peer)
+            if i is None:
+                i = inboxes[peer] = len(inboxes) + 1
+            return i
+
+        messages: list[Any] = []
+        for f in self.entries:
+            if f.get("k") == "rep":
+                ok = f.get("ok") == "1"
+                messages += ("rep", f["ri"], at(f["to"]), "1" if ok else "0",
+                             f.get("d", "null") if ok else f.get("e", ""))
+                continue
+            route = routes.get(f["t"])
+            assert route is not None, "resolve every topic before building the call"
+            requester = at(self.sender) if "rt" in f else ""
+            messages += ("msg", f["i"], f["t"], f["d"], f.get("f", ""), f.get("x", ""), f.get("h", ""),
+                         requester, len(route.plain), *(at(p) for p in route.plain), len(route.groups))
+            for queue, pattern, members in route.groups:
+                messages += (queue, pattern, len(members), *(at(p) for p in members))
+        keys = self.keys
+        plane = self.plane
+        script_keys = [keys.routing_version, keys.members, keys.leader, keys.stats, keys.inbox_drops,
+                       keys.deadletter, keys.group_turns, keys.publish_last,
+                       *(keys.responses(p) for p in inboxes)]
+        args: list[Any] = [routes.version or "", self.sender, plane.inbox_maxlen, plane.overflow,
+                           plane.deadletter_maxlen, plane.max_payload_bytes, plane.max_header_bytes,
+                           MAX_TTL_MS, self.batch_key, len(inboxes), *inboxes, len(self.entries),
+                           *messages]
+        return script_keys, args
+
+    @staticmethod
+    def outcome(reply: Sequence[Any]) -> tuple[str, dict[int, SidecarError]]:
+        """(ok | again | stale | unknown, the error of each refused entry by its index in the batch)."""
+        status = str(reply[0])
+        refused: dict[int, SidecarError] = {}
+        if status == "ok":
+            rest = reply[3:]
+            for n in range(0, len(rest), 3):
+                refused[int(rest[n]) - 1] = error_from_code(str(rest[n + 1]), str(rest[n + 2]))
+        return status, refused
