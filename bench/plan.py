@@ -119,6 +119,8 @@ NOTES = {
     "redis_used_memory_per_idle_peer": "the memory figure: measured, target comes with connection "
                                        "sharing",
     "dual_leader_belief_ms": "two peers' is_leader at once (see outside_ttl)",
+    "route_via_router_vs_raw_throughput": "every publish through the router (SIDECAR_DATA_PATH="
+                                          "routed), as before the direct path (no target)",
     "route_pipelined_vs_raw": "legacy: pipelined route over the one-at-a-time raw hop (no target)",
     "route_vs_raw_async_throughput": "legacy: against the redis-py asyncio hop (no target)",
     "route_vs_raw_async_p50": "legacy: against the redis-py asyncio hop (no target)",

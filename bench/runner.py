@@ -48,8 +48,8 @@ from bench.services import Services
 __all__ = ["SCENARIOS", "Run"]
 
 log = logging.getLogger("bench")
-SCENARIOS = ["route", "secure", "pipelined", "fanout", "celery", "celery_default", "latency", "idle",
-             "rpc", "group"]
+SCENARIOS = ["route", "routed", "secure", "pipelined", "fanout", "celery", "celery_default", "latency",
+             "idle", "rpc", "group"]
 """One namespace and one worker each (``celery_default`` runs Celery's default configuration)."""
 
 Step = tuple[str, Callable[[], dict[str, Any]]]
@@ -182,6 +182,8 @@ class Run:
             ([raw(v) for v in VARIANTS], [
                 ("route", lambda: with_cpu(svc, "route", n(p.route_msgs), lambda: run_route(
                     svc.url, svc.namespace("route"), n(p.route_msgs), timeout=t))),
+                ("route_via_router", lambda: with_cpu(svc, "routed", n(p.route_msgs), lambda: run_route(
+                    svc.url, svc.namespace("routed"), n(p.route_msgs), timeout=t))),
                 ("route_secure", lambda: with_cpu(svc, "secure", n(p.route_msgs), lambda: run_route(
                     svc.url, svc.namespace("secure"), n(p.route_msgs), timeout=t, secure=True))),
             ]),
@@ -301,10 +303,13 @@ class Run:
         f["celery_task_project_config_msgs_per_s"] = m.get("celery_task_project_config_msgs_per_s")
         # measured
         for name in ("route_msgs_per_s", "route_p50_us", "route_p99_us", "route_secure_msgs_per_s",
+                     "route_via_router_msgs_per_s",
                      "route_pipelined_msgs_per_s", "fanout100_deliveries_per_s"):
             f[name] = m.get(name)
         # ratios with targets, against the strongest anchors
         f["route_vs_raw_throughput"] = ratio(f["route_msgs_per_s"], f["raw_hop_msgs_per_s"])
+        f["route_via_router_vs_raw_throughput"] = ratio(f["route_via_router_msgs_per_s"],
+                                                        f["raw_hop_msgs_per_s"])
         f["route_secure_vs_raw_throughput"] = ratio(f["route_secure_msgs_per_s"],
                                                     f["raw_hop_msgs_per_s"])
         f["route_vs_raw_p50"] = ratio(f["route_p50_us"], f["raw_hop_p50_us"])

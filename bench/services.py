@@ -28,7 +28,8 @@ from ops.embedded import RedisServer
 
 __all__ = ["SCENARIO_ENV", "WORKER_APPS", "Services"]
 
-SCENARIO_ENV = {"secure": {"SIDECAR_AUTH": "required", "SIDECAR_ENFORCE_POLICY": "1"}}
+SCENARIO_ENV = {"secure": {"SIDECAR_AUTH": "required", "SIDECAR_ENFORCE_POLICY": "1"},
+                "routed": {"SIDECAR_DATA_PATH": "routed"}}
 """Settings a scenario's worker runs with beyond the defaults."""
 WORKER_APPS = {"celery_default": "bench.celery_default"}
 """Scenarios whose worker runs an app other than the sidecar's (``-A workers``); no router."""

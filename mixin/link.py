@@ -330,9 +330,10 @@ class SidecarLink:
         if extra is not None:
             self.extra = extra
         if self.signer is not None:  # authenticated mode: only the router may run scripts
-            payload = {} if extra is None else {"x": dumps(extra)}
+            wait = self.settings.member_ttl
             sent = time.time()
-            reply = await self.request("hb", timeout=self.settings.member_ttl, **payload)
+            reply = await (self.request("hb", timeout=wait) if extra is None
+                           else self.request("hb", timeout=wait, x=dumps(extra)))
             status, leader, term = reply.get("status"), reply.get("leader", ""), reply.get("term", "0")
             now = reply.get("now", "")
         else:

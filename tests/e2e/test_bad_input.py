@@ -62,6 +62,9 @@ async def test_bad_entries_are_dead_lettered_and_good_traffic_flows(
         ids = {client.xadd(keys.requests(0), fields): name for name, (fields, _) in cases.items()}
         await pub.cluster_publish("ok.topic", {"n": "after"})
         await rec.wait_for_data({"n": "after"})
+        # the direct data path does not queue behind the request stream: wait for the router
+        await async_wait_for(lambda: client.xlen(keys.deadletter) >= len(cases),
+                             what="every bad entry dead-lettered")
 
         assert rec.data == [{"n": "before"}, {"n": "after"}]  # no garbage reached a subscriber
         dead = client.xrange(keys.deadletter)

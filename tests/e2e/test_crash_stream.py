@@ -1,4 +1,5 @@
-"""SIGKILL the only worker in the middle of a 10,000-message stream, then start another.
+"""SIGKILL the only worker in the middle of a 10,000-message stream, then start another (publishes
+go through the router here, ``data_path=routed``: the direct path needs no worker to deliver).
 
 Two publisher processes (tests/e2e/peer_proc.py) each publish 5,000 numbered messages while an
 in-test subscriber records one (publisher, seq) per handler call. The worker dies after the
@@ -29,7 +30,7 @@ PEER_PROC = str(Path(__file__).with_name("peer_proc.py"))
 @pytest.mark.timeout(150)
 async def test_worker_killed_mid_stream_loses_nothing_and_repeats_nothing(
         procs: Processes, redis_url: str, namespace: str, client: redis.Redis) -> None:
-    env = sidecar_env(redis_url, namespace, router_lease=1.0)
+    env = sidecar_env(redis_url, namespace, router_lease=1.0, data_path="routed")
     w1 = start_worker(procs, env, client, "w1")
     calls: list[tuple[str, int]] = []
     ends: list[str] = []

@@ -1,5 +1,6 @@
 """Two workers form one sidecar: kill (SIGKILL) or pause (SIGSTOP) the one routing, and the standby
-takes over without losing, repeating or reordering anything."""
+takes over without losing, repeating or reordering anything. Publishes go through the router here
+(``data_path=routed``, as in hardened mode): the direct path does not need a router at all."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ PEER_PROC = str(Path(__file__).with_name("peer_proc.py"))
 @pytest.mark.slow
 async def test_standby_worker_takes_over_when_the_router_is_killed(
         procs: Processes, redis_url: str, namespace: str, client: redis.Redis) -> None:
-    env = sidecar_env(redis_url, namespace, router_lease=LEASE)
+    env = sidecar_env(redis_url, namespace, router_lease=LEASE, data_path="routed")
     w1 = start_worker(procs, env, client, "w1")
     w2 = start_worker(procs, env, client, "w2", owns=False)
     workers = {"w1": w1, "w2": w2}
@@ -104,7 +105,7 @@ async def test_paused_router_is_fenced_off_and_nothing_is_lost_or_routed_twice(
     # worker logs show it: "<old> was fenced off partition 0" right after "<new> owns partition 0",
     # then "<next owner> re-routes N pending entries" one takeover later. Pausing each owner right
     # after a lease renewal (it is about to read) catches it on nearly every run.
-    env = sidecar_env(redis_url, namespace, router_lease=PAUSE_LEASE)
+    env = sidecar_env(redis_url, namespace, router_lease=PAUSE_LEASE, data_path="routed")
     workers = {"w1": start_worker(procs, env, client, "w1"),
                "w2": start_worker(procs, env, client, "w2", owns=False)}
     calls: list[tuple[str, int]] = []
