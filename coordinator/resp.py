@@ -30,6 +30,7 @@ __all__ = [
     "Entry",
     "Replies",
     "RespConnection",
+    "bulk",
     "pack",
     "reply_error",
     "stream_entries",
@@ -194,6 +195,12 @@ class RespConnection(Endpoint):
 def pack(commands: list[tuple[Any, ...]]) -> bytes:
     """``commands`` in the Redis protocol, ready for one write."""
     return b"".join(hiredis.pack_command(c) for c in commands)
+
+
+def bulk(value: str | bytes) -> bytes:
+    """One argument of a command in the Redis protocol (for commands packed piece by piece)."""
+    data = value if isinstance(value, bytes) else value.encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def stream_entries(reply: Any) -> list[Entry]:

@@ -66,6 +66,10 @@ class Settings:
     """While requests arrive fast enough to gather a batch, the router waits up to this long after a
     read before the next one (see coordinator.routing.coalesce); sparse traffic never waits; 0 turns
     it off."""
+    inbox_linger: float = 0.001
+    """While messages arrive fast enough to gather several, a peer waits up to this long after an
+    inbox read before the next one (the router's coalescing, on the subscriber's side); sparse
+    traffic never waits; 0 turns it off."""
     inbox_maxlen: int = 100_000
     """Entries a peer's inbox holds; what happens past it is ``inbox_overflow``'s to say."""
     inbox_overflow: str = "drop_oldest"
@@ -130,10 +134,11 @@ class Settings:
                 f"member_ttl ({self.member_ttl}s) must be at least twice heartbeat_interval "
                 f"({self.heartbeat_interval}s), or one late heartbeat evicts a healthy peer"
             )
-        if not 0 <= self.router_linger <= 0.05:
-            raise ConfigurationError(
-                f"router_linger must be between 0 and 0.05s, got {self.router_linger!r}: it is "
-                "added to the latency of every message while the stream is busy")
+        for name in ("router_linger", "inbox_linger"):
+            if not 0 <= getattr(self, name) <= 0.05:
+                raise ConfigurationError(
+                    f"{name} must be between 0 and 0.05s, got {getattr(self, name)!r}: it is "
+                    "added to the latency of every message while the stream is busy")
         if self.router_lease < 0.2:
             raise ConfigurationError("router_lease must be at least 0.2s so a router can renew it")
         if self.task_expiry < self.beat_lease:

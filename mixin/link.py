@@ -13,6 +13,7 @@ the link registers again and the owner restores its subscriptions (``on_rejoin``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from coordinator.keys import PEER_GROUP, Keys
 from coordinator.policy.auth import Signer
 from coordinator.protocol import dumps
 from coordinator.resp import stream_entries, stream_entries_py
+from coordinator.routing.coalesce import ReadCoalescer
 from coordinator.routing.direct import DataPlane
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
@@ -37,6 +39,8 @@ from mixin.resp import AsyncResp, supports
 __all__ = ["SidecarLink"]
 
 _CONSUMER = "c"
+_READ_COUNT = 256
+"""Inbox entries one read takes at most."""
 _REJOIN_WARN_EVERY = 30.0
 """Seconds between warnings while a peer keeps failing to register again."""
 _TRANSIENT = TRANSIENT
@@ -125,6 +129,8 @@ class SidecarLink:
                 await self.request("leave", timeout=min(2.0, self.settings.request_timeout))
             except (SidecarTimeout, SidecarUnavailable, RedisError, OSError) as exc:
                 self.log.warning("peer %s: leave not confirmed (%s)", self.peer_id, exc)
+        with contextlib.suppress(RedisError, OSError):
+            await self.outbox.flush_counts()
         self._closing = True
         self.outbox.closing = True
         self.connected = False
@@ -199,8 +205,14 @@ class SidecarLink:
         handled: list[str] = []
         idle = False
         regroup = False
+        coalescer = ReadCoalescer(self.settings.inbox_linger, _READ_COUNT)
         while not self._closing:
             try:
+                # while messages arrive one by one faster than the linger, wait for a few more:
+                # one wake-up and one round trip then serve several (sparse traffic never waits)
+                wait = coalescer.delay(time.monotonic())
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 if regroup:  # Redis lost our group (a restart without persistence): make it again
                     await self._ensure_group()
                     regroup, cursor = False, "0"
@@ -217,6 +229,7 @@ class SidecarLink:
                     commands.append(("XDEL", self.inbox, *handled))
                     handled = []
                 entries = await self._read(commands, cursor, block)
+                coalescer.observe(time.monotonic(), len(entries))
                 done = []
                 delay = 0.05
                 idle = not entries
@@ -275,7 +288,7 @@ class SidecarLink:
                 pipe.execute_command(*command)
             await pipe.execute()
             return []
-        read = ("XREADGROUP", "GROUP", PEER_GROUP, _CONSUMER, "COUNT", 256,
+        read = ("XREADGROUP", "GROUP", PEER_GROUP, _CONSUMER, "COUNT", _READ_COUNT,
                 *(("BLOCK", block) if block is not None else ()), "STREAMS", self.inbox, cursor)
         if self.fast_read is not None:
             replies = await self.fast_read.pipeline([*commands, read])
@@ -286,7 +299,7 @@ class SidecarLink:
         pipe = self.redis.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        pipe.xreadgroup(PEER_GROUP, _CONSUMER, {self.inbox: cursor}, count=256, block=block)
+        pipe.xreadgroup(PEER_GROUP, _CONSUMER, {self.inbox: cursor}, count=_READ_COUNT, block=block)
         return [(eid, f) for _, eid, f in stream_entries_py((await pipe.execute())[-1])]
 
     # ------------------------------------------------------------------ requests to peers
@@ -359,6 +372,7 @@ class SidecarLink:
             started = time.monotonic()
             try:
                 await self.heartbeat()
+                await self.outbox.flush_counts()
             except asyncio.CancelledError:
                 raise
             except (*_TRANSIENT, SidecarUnavailable):

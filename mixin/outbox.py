@@ -35,6 +35,7 @@ from coordinator.errors import SidecarError, SidecarUnavailable, UnknownPeer
 from coordinator.keys import Keys
 from coordinator.policy.auth import Signer
 from coordinator.protocol import dumps
+from coordinator.resp import pack
 from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache
 from coordinator.scripts import scripts_for, source
 from mixin.resp import AsyncResp
@@ -69,6 +70,10 @@ class Outbox:
         """Called when Redis does not know us as a member (the link registers again)."""
         self.unknown_wait = unknown_wait
         """How long a direct write waits for us to be a member again before UnknownPeer."""
+        self._counted = [0, 0]
+        """Messages routed and inbox entries delivered on the direct path, not yet added to the
+        sidecar's counters (they ride along with a direct call about once a second)."""
+        self._count_due = 0.0
         self.limit = limit
         self.signer = signer
         self.on_state = on_state
@@ -94,7 +99,8 @@ class Outbox:
         try:
             eid: str
             if self._direct_ok(fields):
-                eid = await self._retrying(lambda: self._send_direct([fields]))
+                eid = await self._quick_direct(fields) or \
+                    await self._retrying(lambda: self._send_direct([fields]))
             else:
                 try:
                     eid = await self._send_one(self._signed(fields))
@@ -119,6 +125,32 @@ class Outbox:
         plane = self.plane
         return plane is not None and plane.direct and fields.get("k") in _DIRECT_KINDS
 
+    async def _quick_direct(self, fields: Fields) -> str:
+        """One plain publish whose packed call is ready (see DirectBatch.packed), in one round
+        trip; its message id, or '' when nothing was delivered and the general path must do it
+        (no template yet, a stale route, a lost connection, counters due)."""
+        fast = self.fast
+        template = self.routes.templates.get(fields.get("t", ""))
+        if (fast is None or template is None or len(fields) != 5
+                or asyncio.get_running_loop().time() >= self._count_due):
+            return ""
+        try:
+            (reply,) = await fast.send_packed(template.pack(fields["i"], fields["d"]), 1)
+        except TRANSIENT:
+            return ""  # sent again by the general path: the message id makes it a repeat
+        if not isinstance(reply, list) or reply[0] != "ok":
+            return ""  # stale, unknown, NOSCRIPT: nothing was written
+        if len(reply) == 3:  # delivered, nothing refused
+            self._counted[0] += reply[1]
+            self._counted[1] += reply[2]
+            return fields["i"]
+        outcome = DirectBatch.outcome(reply)
+        self._counted[0] += outcome.routed
+        self._counted[1] += outcome.delivered
+        if outcome.refused:
+            raise outcome.refused[0]
+        return fields["i"]
+
     async def _send_direct(self, entries: list[Fields]) -> str:
         """Deliver a run of publishes and answers with ``publish.lua``; returns the last message
         id. A refused message raises its error (for a run of several: see :meth:`_drain`)."""
@@ -140,10 +172,12 @@ class Outbox:
             if missing or self.routes.version is None:  # answers alone still need the version
                 topics, lookups = RouteCache.lookups(self.keys, missing)
                 self.routes.learn(topics, await self._commands(lookups))
-            reply = await self._evalsha(batch)
-            status, refused = DirectBatch.outcome(reply)
+            outcome = DirectBatch.outcome(await self._evalsha(batch))
+            status = outcome.status
             if status in ("ok", "again"):
-                return refused
+                self._counted[0] += outcome.routed
+                self._counted[1] += outcome.delivered
+                return outcome.refused
             if status == "stale":
                 self.routes.invalidate()
                 stale += 1
@@ -173,16 +207,45 @@ class Outbox:
             pipe.execute_command(*command)
         return list(await pipe.execute())
 
+    async def flush_counts(self) -> None:
+        """Add what the direct path routed and delivered to the sidecar's counters now (the link
+        calls it with every heartbeat and on close, so a publisher that went quiet is counted)."""
+        if any(self._counted) and self.keys is not None:
+            (routed, delivered), self._counted = self._counted, [0, 0]
+            self._count_due = asyncio.get_running_loop().time() + 1.0
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(self.keys.stats, "routed", routed)
+            pipe.hincrby(self.keys.stats, "delivered", delivered)
+            await pipe.execute()
+
+    def _counts(self) -> list[tuple[Any, ...]]:
+        """The counter increments due now (about once a second), taken from the tally."""
+        assert self.keys is not None
+        now = asyncio.get_running_loop().time()
+        if now < self._count_due or not any(self._counted):
+            return []
+        self._count_due = now + 1.0
+        (routed, delivered), self._counted = self._counted, [0, 0]
+        return [("HINCRBY", self.keys.stats, "routed", routed),
+                ("HINCRBY", self.keys.stats, "delivered", delivered)]
+
     async def _evalsha(self, batch: DirectBatch) -> Any:
-        if self.fast is None:
-            keys, args = batch.call(self.routes)
-            return await scripts_for(self.redis).publish(keys=keys, args=args)
+        counts = self._counts()
         script = scripts_for(self.redis).publish
-        try:
-            return await self.fast.call(*batch.command(script.sha, self.routes))
-        except NoScriptError:  # Redis restarted: load it and call again
+        if self.fast is None:
+            if counts:
+                await self._commands(counts)
+            keys, args = batch.call(self.routes)
+            return await script(keys=keys, args=args)
+        call = batch.packed(script.sha, self.routes)
+        replies = await self.fast.send_packed(pack(counts) + call if counts else call, len(counts) + 1)
+        if isinstance(replies[-1], NoScriptError):  # Redis restarted: load it and call again
             await self.fast.call("SCRIPT", "LOAD", source("publish"))
             return await self.fast.call(*batch.command(script.sha, self.routes))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies[-1]
 
     def _xadd(self, entry: Fields) -> tuple[str, ...]:
         return ("XADD", self.stream, "*", *(x for kv in entry.items() for x in kv))

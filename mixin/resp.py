@@ -38,7 +38,7 @@ class AsyncResp(Endpoint):
         self._replies = Replies()
         setup = self.handshake()
         if setup:
-            for reply in await self._roundtrip(setup):
+            for reply in await self._exchange(pack(setup), len(setup)):
                 if isinstance(reply, Exception):
                     await self.close()
                     raise reply
@@ -47,7 +47,13 @@ class AsyncResp(Endpoint):
         """Each command's reply, or the ResponseError that command got (raised for nothing)."""
         if self._writer is None:
             await self._connect()
-        return await self._roundtrip(commands)
+        return await self._exchange(pack(commands), len(commands))
+
+    async def send_packed(self, data: bytes, count: int) -> list[Any]:
+        """As :meth:`pipeline` for ``count`` commands already packed into ``data``."""
+        if self._writer is None:
+            await self._connect()
+        return await self._exchange(data, count)
 
     async def call(self, *command: Any) -> Any:
         """One command; raises its error."""
@@ -56,13 +62,13 @@ class AsyncResp(Endpoint):
             raise reply
         return reply
 
-    async def _roundtrip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _exchange(self, data: bytes, count: int) -> list[Any]:
         reader, writer = self._reader, self._writer
         assert reader is not None and writer is not None
         try:
-            writer.write(pack(commands))
+            writer.write(data)
             replies: list[Any] = []
-            while not self._replies.collect(replies, len(commands)):
+            while not self._replies.collect(replies, count):
                 data = await reader.read(1 << 16)
                 if not data:
                     raise ConnectionResetError("Redis closed the connection")

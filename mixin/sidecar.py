@@ -58,6 +58,13 @@ _MATCHED_LIMIT = 4096
 _INTERNAL = tuple(sorted(INTERNAL_SUBSCRIPTIONS))
 
 
+def _timestamp_ms(eid: str, fields: dict[str, str]) -> int:
+    """When Redis got a message (ms): its ``ts`` field through the router; on the direct path the
+    inbox entry id, which Redis stamps with its own clock."""
+    ts = fields.get("ts") or eid.partition("-")[0]
+    return int(ts) if ts.isdigit() else 0
+
+
 class SidecarMixin(Lifecycle):
     """Lightweight cluster interface: subscribe, publish, heartbeat, leader state."""
 
@@ -402,7 +409,7 @@ class SidecarMixin(Lifecycle):
         expiry = fields.get("x")
         if expiry and expiry.isdigit() and self._link is not None and \
                 self._link.redis_now_ms() > int(expiry):
-            await self._expired(mid, fields)
+            await self._expired(eid, mid, fields)
             return True
         self._seen[seen] = None
         if len(self._seen) > _SEEN_LIMIT:
@@ -414,7 +421,7 @@ class SidecarMixin(Lifecycle):
             return True
         reply_to = fields.get("rt") or None
         respond = self._responder(reply_to, mid) if reply_to is not None else None
-        message = Message(topic, data, sender, mid, int(fields.get("ts", "0")) / 1000,
+        message = Message(topic, data, sender, mid, _timestamp_ms(eid, fields) / 1000,
                           headers=parse_headers(fields.get("h")), reply_to=reply_to,
                           queue=fields.get("q") or None, _respond=respond)
         self.messages_received += 1
@@ -482,14 +489,14 @@ class SidecarMixin(Lifecycle):
         self._seen.pop(f"{message.sender} {message.id} {message.queue or ''}", None)  # replays welcome
         await link.write(fields)
 
-    async def _expired(self, mid: str, fields: dict[str, str]) -> None:
+    async def _expired(self, eid: str, mid: str, fields: dict[str, str]) -> None:
         """A message whose time to live ran out before a handler got it: count and dead-letter it."""
         self.messages_expired += 1
         link = self._require_link()
         late = link.redis_now_ms() - int(fields.get("x", "0"))
         dead = {"k": "dl", "s": link.peer_id, "reason": "expired", "e": f"expired {late:.0f} ms ago",
                 "i": mid, "t": fields.get("t", ""), "o": fields.get("s", ""),
-                "d": fields.get("d", "null"), "ts": fields.get("ts", "")}
+                "d": fields.get("d", "null"), "ts": str(_timestamp_ms(eid, fields))}
         if fields.get("h"):
             dead["h"] = fields["h"]
         if fields.get("q"):

@@ -6,16 +6,18 @@
 -- enforcement (coordinator.routing.direct); otherwise every publish goes through the router.
 --
 -- KEYS[1] routing version (string)        KEYS[2] members zset       KEYS[3] leader hash
--- KEYS[4] router stats (hash: routed, delivered, rejected)           KEYS[5] inbox drops (hash)
+-- KEYS[4] router stats (hash: rejected; the publisher counts routed and delivered itself and adds
+--         them now and then, which spares two commands a call)            KEYS[5] inbox drops (hash)
 -- KEYS[6] dead-letter stream              KEYS[7] queue group turns (hash: "<queue> <pattern>" -> n)
 -- KEYS[8] last batch applied per sender (hash: peer id -> batch key)
 -- KEYS[9..] inbox streams; inbox i is KEYS[8 + i]
 -- ARGV[1] routing version the routes were resolved at   ARGV[2] sender peer id
 -- ARGV[3] inbox MAXLEN   ARGV[4] full inbox: 'drop_oldest' | 'reject'   ARGV[5] dead-letter MAXLEN
 -- ARGV[6] largest payload (bytes)   ARGV[7] largest headers (bytes)   ARGV[8] longest ttl (ms)
--- ARGV[9] batch key: the last message id of the batch; a batch whose key is the sender's last
---         applied one is the same batch sent again after its reply was lost, and is not applied
---         twice (so a retry cannot hand a queue group message to a second member)
+-- ARGV[9] batch key: the last message id of a batch with queue group deliveries, or '': a batch
+--         whose key is the sender's last applied one is the same batch sent again after its reply
+--         was lost, and is not applied twice, so a retry cannot hand a group's message to a second
+--         member (plain subscribers drop such repeats themselves, by message id)
 -- ARGV[10] number of inboxes N, then N peer ids (inbox i belongs to peer i)
 -- then the number of messages M, then M messages, each one of:
 --   'msg', message id, topic, data json, fence term or '', ttl ms or '', headers json or '',
@@ -23,6 +25,7 @@
 --     D, D inbox indices (plain subscribers),
 --     G, G groups each: queue, pattern, K, K member inbox indices (one member gets the message)
 --   'rep', request's message id, requester inbox index, '1' and data json | '0' and error text
+-- Inbox entries carry no timestamp field: their entry id is the Redis time they were written.
 -- Returns {'ok', routed, delivered, refused...} where refused is a flat list of (message number
 --   1..M, error code, message) for messages refused and dead-lettered | {'again'} for a batch
 --   already applied | {'stale', version} |
@@ -35,17 +38,17 @@ local sender = ARGV[2]
 if not redis.call('ZSCORE', KEYS[2], sender) then
   return {'unknown'}
 end
-if redis.call('HGET', KEYS[8], sender) == ARGV[9] then
-  return {'again'}
+if ARGV[9] ~= '' then
+  if redis.call('HGET', KEYS[8], sender) == ARGV[9] then
+    return {'again'}
+  end
+  redis.call('HSET', KEYS[8], sender, ARGV[9])
 end
-redis.call('HSET', KEYS[8], sender, ARGV[9])
 local maxlen, reject, dlmax = tonumber(ARGV[3]), ARGV[4] == 'reject', ARGV[5]
 local max_payload, max_headers, max_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local ninboxes = tonumber(ARGV[10])
 local peers_at = 10
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ts = tostring(now)
+local now  -- Redis time in ms, read once and only for a message with a time to live
 
 local before, added = {}, {}
 local drops = {}
@@ -82,17 +85,15 @@ local function refuse(n, code, text, id, topic, data)
     'raw', string.sub(data, 1, 4096))
 end
 
--- why a message may not go out, or nil
+-- why a message may not go out, or nil (the mixin checked all of it already; this stops a client
+-- that goes around it from writing what no subscriber expects)
 local function check(id, topic, data, fence, ttl, headers)
   if #id == 0 or #id > 64 or string.find(id, '[^%w_.:%-]') then
     return 'bad_request', 'message id must be 1-64 letters, digits or _ . : -'
   end
-  if #topic == 0 or #topic > 1024 or string.find(topic, '[%*>%s]') or string.find(topic, '..', 1, true)
-      or string.sub(topic, 1, 1) == '.' or string.sub(topic, -1) == '.' then
-    return 'invalid_topic', 'publish topic ' .. string.sub(topic, 1, 80) .. ' is not a literal topic'
-  end
-  if topic == 'cluster' or string.sub(topic, 1, 8) == 'cluster.' then
-    return 'invalid_topic', 'topics under cluster. are the sidecar\'s own events'
+  if #topic == 0 or #topic > 1024 or string.find(topic, '[%*>%s]') or string.sub(topic, 1, 8) == 'cluster.' then
+    return 'invalid_topic', 'publish topic ' .. string.sub(topic, 1, 80) ..
+      ' must be literal and not under cluster. (the sidecar\'s own events)'
   end
   if #data > max_payload then
     return 'payload_too_large', 'payload of ' .. #data .. ' bytes exceeds the ' .. max_payload .. '-byte limit'
@@ -130,13 +131,13 @@ for n = 1, count do
         if #body > max_payload then
           refuse(n, 'payload_too_large', 'answer of ' .. #body .. ' bytes exceeds the ' ..
             max_payload .. '-byte limit', request, '', body)
-          fields = {'k', 'rep', 'i', request, 't', '', 'd', 'null', 's', sender, 'ts', ts, 'ok', '0',
+          fields = {'k', 'rep', 'i', request, 't', '', 'd', 'null', 's', sender, 'ok', '0',
             'e', 'the answer was too large'}
         else
-          fields = {'k', 'rep', 'i', request, 't', '', 'd', body, 's', sender, 'ts', ts, 'ok', '1'}
+          fields = {'k', 'rep', 'i', request, 't', '', 'd', body, 's', sender, 'ok', '1'}
         end
       else
-        fields = {'k', 'rep', 'i', request, 't', '', 'd', 'null', 's', sender, 'ts', ts, 'ok', '0',
+        fields = {'k', 'rep', 'i', request, 't', '', 'd', 'null', 's', sender, 'ok', '0',
           'e', string.sub(body, 1, 2000)}
       end
       deliver(i, fields, request, '', 'null')
@@ -158,12 +159,16 @@ for n = 1, count do
     if code then
       refuse(n, code, text, id, topic, data)
     else
-      local fields = {'k', 'msg', 'i', id, 't', topic, 'd', data, 's', sender, 'ts', ts}
+      local fields = {'k', 'msg', 'i', id, 't', topic, 'd', data, 's', sender}
       if headers ~= '' then
         fields[#fields + 1] = 'h'
         fields[#fields + 1] = headers
       end
       if ttl ~= '' then
+        if not now then
+          local t = redis.call('TIME')
+          now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        end
         fields[#fields + 1] = 'x'
         fields[#fields + 1] = tostring(now + tonumber(ttl))
       end
@@ -190,8 +195,8 @@ for n = 1, count do
       if nd + ng > 0 then
         routed = routed + 1
       elseif requester ~= '' then  -- nobody can answer: say so at once
-        deliver(tonumber(requester), {'k', 'nr', 'i', id, 't', topic, 'd', 'null', 's', 'sidecar',
-          'ts', ts}, id, topic, 'null')
+        deliver(tonumber(requester), {'k', 'nr', 'i', id, 't', topic, 'd', 'null', 's', 'sidecar'},
+          id, topic, 'null')
         delivered = before_count
       end
     end
@@ -211,12 +216,6 @@ if not reject then  -- what the trim dropped, exactly (MAXLEN ~ trims whole node
 end
 for peer, dropped in pairs(drops) do
   redis.call('HINCRBY', KEYS[5], peer, dropped)
-end
-if routed > 0 then
-  redis.call('HINCRBY', KEYS[4], 'routed', routed)
-end
-if delivered > 0 then
-  redis.call('HINCRBY', KEYS[4], 'delivered', delivered)
 end
 if #refused > 0 then
   redis.call('HINCRBY', KEYS[4], 'rejected', #refused / 3)

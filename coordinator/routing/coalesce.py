@@ -1,4 +1,5 @@
-"""Adaptive read coalescing: when the router waits a moment before reading a busy request stream.
+"""Adaptive read coalescing: when the router waits a moment before reading a busy request stream
+(and a peer before reading its busy inbox: the same trade on the subscriber's side).
 
 Each read the router makes costs a round trip, a fan-out script call and a wake-up of every
 subscriber it delivers to, whatever the batch holds. Under a steady stream of single publishes

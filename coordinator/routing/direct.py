@@ -25,20 +25,23 @@ rotation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import SidecarError, error_from_code
 from coordinator.keys import Keys
 from coordinator.protocol import MAX_TTL_MS
+from coordinator.resp import bulk, pack
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 
 __all__ = [
     "DataPlane",
     "DirectBatch",
+    "Outcome",
     "Route",
     "RouteCache",
+    "Template",
     "candidates",
     "publish_dataplane",
 ]
@@ -146,12 +149,30 @@ class Route:
         return not self.plain and not self.groups
 
 
+@dataclass(frozen=True, slots=True)
+class Template:
+    """The packed ``publish.lua`` call of one plain publish to one topic: only the message id and
+    the payload change from one publish to the next, so the rest is packed once per route."""
+
+    head: bytes
+    """The command up to the message id."""
+    topic: bytes
+    tail: bytes
+    """Everything after the payload."""
+
+    def pack(self, message_id: str, data: str) -> bytes:
+        """The whole command, in the Redis protocol."""
+        return b"".join((self.head, bulk(message_id), self.topic, bulk(data), self.tail))
+
+
 class RouteCache:
-    """Topics a peer resolved, valid at one routing version."""
+    """Topics a peer resolved, valid at one routing version (with their packed calls)."""
 
     def __init__(self) -> None:
         self.version: str | None = None
         self._routes: dict[str, Route] = {}
+        self.templates: dict[str, Template] = {}
+        """Topic -> the packed call of a plain publish to it (see DirectBatch.template)."""
 
     def get(self, topic: str) -> Route | None:
         return self._routes.get(topic)
@@ -160,6 +181,7 @@ class RouteCache:
         """The version moved: forget everything."""
         self.version = None
         self._routes.clear()
+        self.templates.clear()
 
     @staticmethod
     def lookups(keys: Keys, topics: Iterable[str]) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -174,11 +196,10 @@ class RouteCache:
     def learn(self, topics: Sequence[str], replies: Sequence[Any]) -> None:
         """Store what the :meth:`lookups` commands answered."""
         version = str(replies[0] or "0")
-        if version != self.version:
+        if version != self.version or len(self._routes) + len(topics) > _CACHE_LIMIT:
             self._routes.clear()
+            self.templates.clear()
             self.version = version
-        elif len(self._routes) + len(topics) > _CACHE_LIMIT:
-            self._routes.clear()
         for topic, values in zip(topics, replies[1:], strict=True):
             self._routes[topic] = Route.from_index(candidates(topic), values)
 
@@ -196,15 +217,42 @@ class DirectBatch:
     sender: str
     entries: list[dict[str, str]]
 
-    @property
-    def batch_key(self) -> str:
-        """Names this batch for ``publish.lua``'s repeat check: its last message id."""
-        last = self.entries[-1]
-        return last["i"] if last.get("k") == "pub" else f"rep:{last.get('ri', '')}"
+    def batch_key(self, routes: RouteCache) -> str:
+        """Names this batch for ``publish.lua``'s repeat check (its last message id) when it hands
+        a message to a queue group, else '' (no check: plain subscribers drop repeats by id)."""
+        for f in self.entries:
+            route = routes.get(f["t"]) if f.get("k") == "pub" else None
+            if route is not None and route.groups:
+                last = self.entries[-1]
+                return last["i"] if last.get("k") == "pub" else f"rep:{last.get('ri', '')}"
+        return ""
 
     def missing(self, routes: RouteCache) -> list[str]:
         """Topics of this batch the cache cannot route yet."""
         return [f["t"] for f in self.entries if f.get("k") == "pub" and routes.get(f["t"]) is None]
+
+    def packed(self, sha: str, routes: RouteCache) -> bytes:
+        """The call in the Redis protocol. A lone plain publish (no fence, expiry, headers or
+        reply-to) to a topic without queue groups, the commonest call by far, reuses a template
+        packed once per topic and route: only its message id and payload are packed anew."""
+        f = self.entries[0]
+        if len(self.entries) == 1 and f.get("k") == "pub" and len(f) == 5:  # k s t d i
+            topic = f["t"]
+            template = routes.templates.get(topic)
+            if template is None:
+                route = routes.get(topic)
+                if route is None or route.groups:
+                    return pack([self.command(sha, routes)])
+                template = routes.templates[topic] = self._template(sha, routes)
+            return template.pack(f["i"], f["d"])
+        return pack([self.command(sha, routes)])
+
+    def _template(self, sha: str, routes: RouteCache) -> Template:
+        command = self.command(sha, routes)
+        at = command.index("msg")  # the one message: "msg", id, topic, data, ...
+        parts = [bulk(str(x)) for x in command]
+        head = b"*%d\r\n" % len(command) + b"".join(parts[:at + 1])
+        return Template(head, parts[at + 2], b"".join(parts[at + 4:]))
 
     def command(self, sha: str, routes: RouteCache) -> tuple[Any, ...]:
         """The EVALSHA command (``routes`` resolves every topic of the batch)."""
@@ -242,17 +290,31 @@ class DirectBatch:
                        *(keys.responses(p) for p in inboxes)]
         args: list[Any] = [routes.version or "", self.sender, plane.inbox_maxlen, plane.overflow,
                            plane.deadletter_maxlen, plane.max_payload_bytes, plane.max_header_bytes,
-                           MAX_TTL_MS, self.batch_key, len(inboxes), *inboxes, len(self.entries),
+                           MAX_TTL_MS, self.batch_key(routes), len(inboxes), *inboxes, len(self.entries),
                            *messages]
         return script_keys, args
 
     @staticmethod
-    def outcome(reply: Sequence[Any]) -> tuple[str, dict[int, SidecarError]]:
-        """(ok | again | stale | unknown, the error of each refused entry by its index in the batch)."""
+    def outcome(reply: Sequence[Any]) -> Outcome:
+        """What ``publish.lua`` answered."""
         status = str(reply[0])
+        if status != "ok":
+            return Outcome(status)
         refused: dict[int, SidecarError] = {}
-        if status == "ok":
-            rest = reply[3:]
-            for n in range(0, len(rest), 3):
-                refused[int(rest[n]) - 1] = error_from_code(str(rest[n + 1]), str(rest[n + 2]))
-        return status, refused
+        rest = reply[3:]
+        for n in range(0, len(rest), 3):
+            refused[int(rest[n]) - 1] = error_from_code(str(rest[n + 1]), str(rest[n + 2]))
+        return Outcome(status, int(reply[1]), int(reply[2]), refused)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A ``publish.lua`` answer: ok | again | stale | unknown, and for ok what it did."""
+
+    status: str
+    routed: int = 0
+    """Messages delivered to at least one inbox (answers included)."""
+    delivered: int = 0
+    """Inbox entries written."""
+    refused: dict[int, SidecarError] = field(default_factory=dict)
+    """The error of each refused entry, by its index in the batch."""

@@ -15,6 +15,7 @@ import redis
 
 from coordinator.keys import Keys
 from coordinator.policy.auth import Identities
+from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 from coordinator.sidecar import ClusterSidecar
 from mixin import Message
@@ -72,7 +73,7 @@ async def test_publishes_survive_cut_connections_exactly_once_in_order(
         assert path == ("direct" if mode.data_path == "direct" and mode.auth == "off" else "routed")
         n = 0
         for _round in range(6):
-            arm(b"EVALSHA" if path == "direct" else b"XADD")
+            arm(scripts_for(client).publish.sha.encode() if path == "direct" else b"XADD")
             if folded:  # several in flight at once: they fold into pubs entries
                 await asyncio.gather(*(pub.cluster_publish("cut.x", {"n": n + i}) for i in range(20)))
                 n += 20
