@@ -8,6 +8,9 @@
   the answer. Same payload, one request in flight, as the requester above.
 * ``queue-group``: one publisher awaiting each publish, four members of one queue group in four
   processes; the figure is messages over the time until every message was handled by one member.
+  Each member also holds a plain subscription to ``bench.end``, which the publisher sends after its
+  last message: order per publisher means a member that has it has handled its share, so no member
+  polls anything while the group works.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,7 @@ class _GroupTally:
     def __init__(self) -> None:
         self.got = 0
         self.last_ns = 0
+        self.end = asyncio.Event()
 
     def __call__(self, m: Message) -> None:
         self.got += 1
@@ -129,31 +132,16 @@ class _GroupTally:
 
 
 async def group_member(channel: Channel, p: RpcParams) -> dict[str, Any]:
-    """A queue group member; counts what it handles until the publisher's end marker is in."""
+    """A queue group member; counts what it handles until the publisher's end marker comes."""
     peer = BenchPeer(namespace=p.namespace, redis_url=p.url)
     tally = _GroupTally()
     await peer.setup()
     try:
-        await peer.cluster_subscribe("bench.>", tally, queue="workers")
+        await peer.cluster_subscribe("bench.job", tally, queue="workers")
+        await peer.cluster_subscribe("bench.end", lambda m: tally.end.set())
         channel.ready()
         await channel.wait_go(p.timeout)
-        deadline = time.monotonic() + p.timeout
-        # the members share p.count messages; each stops once the group as a whole is done,
-        # which it learns from Redis (the group's handled total is the sum of every member's)
-        done_key = p.key  # this run's own counter
-        client = RespConnection(p.url)
-        try:
-            reported = 0
-            while time.monotonic() < deadline:
-                if tally.got > reported:
-                    client.pipeline([("INCRBY", done_key, tally.got - reported)], timeout=5)
-                    reported = tally.got
-                (total,) = client.pipeline([("GET", done_key)], timeout=5)
-                if int(total or 0) >= p.count:
-                    break
-                await asyncio.sleep(0.005)
-        finally:
-            client.close()
+        await asyncio.wait_for(tally.end.wait(), p.timeout)
     finally:
         await peer.teardown()
     return {"got": tally.got, "last_ns": tally.last_ns}
@@ -168,6 +156,7 @@ async def group_publisher(channel: Channel, p: RpcParams) -> dict[str, Any]:
         start = time.monotonic_ns()
         for i in range(p.count):
             await peer.cluster_publish("bench.job", _payload(i))
+        await peer.cluster_publish("bench.end", p.count)
     finally:
         await peer.teardown()
     return {"start_ns": start}
@@ -197,8 +186,7 @@ def run_raw_rtt(url: str, key: str, count: int, timeout: float) -> dict[str, Any
 def run_queue_group(url: str, namespace: str, count: int, members: int,
                     timeout: float) -> dict[str, Any]:
     """Messages per second into a queue group of ``members`` member processes."""
-    p = RpcParams(url, namespace, count, timeout, key=f"bench:{namespace}:handled:{uuid.uuid4().hex}",
-                  members=members)
+    p = RpcParams(url, namespace, count, timeout, members=members)
     roles = [Role(f"member{k}", group_member, p) for k in range(members)]
     res = run_stages("queue-group", [roles, [Role("pub", group_publisher, p)]], timeout + 30)
     handled = sum(res[r.name]["got"] for r in roles)
