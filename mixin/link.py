@@ -155,10 +155,12 @@ class SidecarLink:
         plane = DataPlane.parse({str(k): str(v) for k, v in found.items()})
         self.outbox.routes.invalidate()
         self.outbox.plane = plane
-        self.data_path = plane.mode if plane is not None else "routed"
 
-    data_path = "routed"
-    """How this peer's publishes travel: ``direct`` (publish.lua) or ``routed`` (the router)."""
+    @property
+    def data_path(self) -> str:
+        """How this peer's publishes travel now: ``direct`` (publish.lua) or ``routed``."""
+        plane = self.outbox.plane
+        return "direct" if plane is not None and plane.direct else "routed"
 
     # ------------------------------------------------------------------ writing
     async def write(self, fields: Fields) -> str:
@@ -402,7 +404,9 @@ class SidecarLink:
             while not self._closing:
                 try:
                     await self._ensure_group()
-                    await self.request("reg", urgent=True, m=dumps(self.member_info))
+                    # ahead of the direct publishes waiting until we are a member again (signed
+                    # requests keep their order: their nonces must grow, and they never wait so)
+                    await self.request("reg", urgent=self.signer is None, m=dumps(self.member_info))
                     await self._load_plane()
                     self.connected = True
                     if self.on_rejoin is not None:

@@ -52,6 +52,10 @@ Fields = dict[str, str]
 Pending = list[tuple[Fields, list[asyncio.Future[str]]]]
 
 
+class _Routed(Exception):
+    """Internal: the data plane is no longer direct; send these writes through the router."""
+
+
 class Outbox:
     """Writes request entries for one peer to ``stream`` on ``redis``."""
 
@@ -95,23 +99,22 @@ class Outbox:
             self._queue.append((fields, fut))
             return await fut
         self._busy = True
-        handed_off = False
         try:
-            eid: str
             if self._direct_ok(fields):
-                eid = await self._quick_direct(fields) or \
-                    await self._retrying(lambda: self._send_direct([fields]))
-            else:
                 try:
-                    eid = await self._send_one(self._signed(fields))
-                except TRANSIENT:  # signed afresh: a retry is a new request (the ids make it a repeat)
-                    eid = await self._retrying(lambda: self._send_one(self._signed(fields)))
-            if self._queue:
-                handed_off = True
-                asyncio.get_running_loop().create_task(self._drain())
-            return eid
+                    return await self._quick_direct(fields) or \
+                        await self._retrying(lambda: self._send_direct([fields]))
+                except _Routed:
+                    pass
+            try:
+                return await self._send_one(self._signed(fields))
+            except TRANSIENT:  # signed afresh: a retry is a new request (the ids make it a repeat)
+                return str(await self._retrying(lambda: self._send_one(self._signed(fields))))
         finally:
-            if not handed_off:
+            # whatever came of this write (an error too), the writes queued meanwhile go next
+            if self._queue:
+                asyncio.get_running_loop().create_task(self._drain())
+            else:
                 self._busy = False
 
     async def send_now(self, fields: Fields) -> str:
@@ -171,7 +174,18 @@ class Outbox:
             missing = batch.missing(self.routes)
             if missing or self.routes.version is None:  # answers alone still need the version
                 topics, lookups = RouteCache.lookups(self.keys, missing)
-                self.routes.learn(topics, await self._commands(lookups))
+                plane = self.routes.learn(topics, await self._commands(lookups))
+                if plane != self.plane:
+                    self.plane = plane
+                    if plane is None or not plane.direct:
+                        raise _Routed  # a router changed the mode: these go through it now
+                    batch = DirectBatch(self.keys, plane, self.sender, entries)
+                stale += 1  # a lookup at a newer version forgets other routes: look again
+                if stale >= _STALE_TRIES:
+                    raise SidecarError(f"the routes changed {stale} times in a row while "
+                                       "publishing (subscriptions churning); retry later")
+                if batch.missing(self.routes):
+                    continue
             outcome = DirectBatch.outcome(await self._evalsha(batch))
             status = outcome.status
             if status in ("ok", "again"):
@@ -180,10 +194,6 @@ class Outbox:
                 return outcome.refused
             if status == "stale":
                 self.routes.invalidate()
-                stale += 1
-                if stale >= _STALE_TRIES:
-                    raise SidecarError(f"the routes changed {stale} times in a row while "
-                                       "publishing (subscriptions churning); retry later")
                 continue
             # 'unknown': Redis does not know us (evicted, or restarted): register, then deliver
             if unknown_until is None:
@@ -323,6 +333,9 @@ class Outbox:
         entries = [fields for fields, _ in run]
         try:
             refused = await self._retrying(lambda: self._direct_run(entries))
+        except _Routed:  # the mode changed under us: through the router, in the same order
+            await self._drain_stream(self._fold(run))
+            return
         except Exception as exc:
             for _, fut in run:
                 if not fut.done():

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from coordinator.errors import NoResponders, NotLeader, RemoteError, RequestTimeout
+from coordinator.errors import NoResponders, NotLeader, RemoteError, RequestTimeout, SidecarError
 from coordinator.ids import MessageIds
 from coordinator.protocol import (
     INTERNAL_SUBSCRIPTIONS,
@@ -457,7 +457,12 @@ class SidecarMixin(Lifecycle):
                 answer.update(ok="1", d=dumps(value))
             else:
                 answer.update(ok="0", e=str(value)[:2000])
-            await self._link.write(answer)
+            try:
+                await self._link.write(answer)
+            except SidecarError as exc:  # refused (too large...): the requester was told instead
+                log = getattr(self, "logger", None)
+                if log is not None:
+                    log.warning("answer to request %s of %s refused: %s", mid, reply_to, exc)
 
         return respond
 

@@ -135,7 +135,7 @@ class Duties:
             peer = str(key)[len(prefix):]
             trimmed += int(self.client.xtrim(key, minid=f"{floor}-0", approximate=False))
             if peer not in members:
-                deleted += int(scripts.drop_inbox(keys=[key, self.keys.members],
+                deleted += int(scripts.drop_inbox(keys=[key, self.keys.members, self.keys.publish_last],
                                                   args=[peer, PEER_GROUP, age_ms, floor]))
         return {"trimmed": trimmed, "deleted": deleted}
 

@@ -67,7 +67,7 @@ def leave_call(keys: Keys, peer_id: str, reason: str, *, stream: str | None = No
     lease_key, token = fence or (keys.router_lease(0), "")
     ks = [keys.members, keys.member(peer_id), keys.subs, keys.routing_version, keys.system,
           keys.events, stream or keys.requests(0), keys.leader, keys.electorate, lease_key,
-          keys.routes, keys.publish_last]
+          keys.routes, keys.publish_last, keys.group_turns]
     return ks, [peer_id, REQUEST_GROUP, entry_id, reason, "" if silent_ms is None else silent_ms,
                 token]
 

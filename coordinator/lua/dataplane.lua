@@ -3,7 +3,8 @@
 --
 -- KEYS[1] data plane settings (hash)   KEYS[2] subscription index (hash: "<peer> <pattern>[ <queue>]")
 -- KEYS[3] route index (hash: pattern -> newline-separated "<peer>[ <queue>]")
--- ARGV    field/value pairs for KEYS[1] (mode, inbox_maxlen, ...)
+-- KEYS[4] routing version (bumped when the mode changes: peers re-read the data plane then)
+-- ARGV    field/value pairs for KEYS[1] (mode, inbox_maxlen, ...), mode first
 -- Returns the number of subscriptions indexed now (0 when the route index was already built)
 local indexed = 0
 if redis.call('HGET', KEYS[1], 'routes') ~= '1' then
@@ -23,5 +24,9 @@ if redis.call('HGET', KEYS[1], 'routes') ~= '1' then
     end
   until cursor == '0'
 end
+local before = redis.call('HGET', KEYS[1], 'mode')
 redis.call('HSET', KEYS[1], 'routes', '1', unpack(ARGV))
+if before and before ~= ARGV[2] then  -- direct <-> routed: publishers must learn it now
+  redis.call('INCR', KEYS[4])
+end
 return indexed

@@ -2,6 +2,7 @@
 -- so a reply written meanwhile (a peer registering again) is never deleted with it.
 --
 -- KEYS[1] the peer's inbox stream   KEYS[2] members zset
+-- KEYS[3] last direct batch per sender (hash; optional: the gone peer's field goes with its inbox)
 -- ARGV[1] peer id   ARGV[2] the peers' consumer group   ARGV[3] idle ms that count as gone
 -- ARGV[4] floor ms: an inbox nobody ever read counts as gone when its last entry is older
 -- Returns 1 deleted | 0 kept (a member, entries left, something pending, read recently, or an
@@ -41,5 +42,8 @@ if not read then
   if ms == 0 or ms >= tonumber(ARGV[4]) then
     return 0
   end
+end
+if KEYS[3] then
+  redis.call('HDEL', KEYS[3], ARGV[1])
 end
 return redis.call('DEL', KEYS[1])

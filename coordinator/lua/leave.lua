@@ -6,7 +6,9 @@
 -- KEYS[7] request stream (or any key when ARGV[3] is '')   KEYS[8] leader hash
 -- KEYS[9] electorate zset   KEYS[10] router lease of the partition (only when ARGV[6] is given)
 -- KEYS[11] route index (hash: pattern -> newline-separated route entries; see subscribe.lua)
--- KEYS[12] last direct batch per sender (hash; the member's field goes)
+-- KEYS[12] last direct batch per sender (hash; the member's field goes on a graceful leave only:
+--          an evicted peer may still retry a batch whose reply it lost, and must be recognised)
+-- KEYS[13] queue group turns (hash: "<queue> <pattern>" -> n; a group's counter goes with it)
 -- ARGV[1] peer id   ARGV[2] consumer group   ARGV[3] request entry id to ack, or ''
 -- ARGV[4] reason ('leave' | 'evicted' | 'expired')
 -- ARGV[5] for 'expired': the silence in ms that makes a member dead ('' otherwise); a member that
@@ -29,7 +31,9 @@ end
 local left = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[9], ARGV[1])
 redis.call('DEL', KEYS[2])
-redis.call('HDEL', KEYS[12], ARGV[1])
+if ARGV[4] == 'leave' then
+  redis.call('HDEL', KEYS[12], ARGV[1])
+end
 local prefix = ARGV[1] .. ' '
 local glob = string.gsub(ARGV[1], '([%*%?%[%]\\])', '\\%1') .. ' *'
 local removed = 0
@@ -53,8 +57,15 @@ for _, sub in ipairs(gone) do  -- the route index loses the same entries
     local routes = redis.call('HGET', KEYS[11], pattern)
     if routes then
       local kept = {}
+      local grouped = false  -- another member of the same queue group is left
       for e in string.gmatch(routes, '[^\n]+') do
-        if e ~= entry then kept[#kept + 1] = e end
+        if e ~= entry then
+          kept[#kept + 1] = e
+          if queue ~= '' and string.match(e, ' (%S+)$') == queue then grouped = true end
+        end
+      end
+      if queue ~= '' and not grouped then
+        redis.call('HDEL', KEYS[13], queue .. ' ' .. pattern)
       end
       if #kept > 0 then
         redis.call('HSET', KEYS[11], pattern, table.concat(kept, '\n'))

@@ -3,7 +3,8 @@
 -- resolved each topic's subscribers from the route index at routing version ARGV[1], and this
 -- script delivers only if that version is still current (else it writes nothing and answers
 -- 'stale', and the caller resolves again). Used while the sidecar runs without signing and
--- enforcement (coordinator.routing.direct); otherwise every publish goes through the router.
+-- enforcement and SIDECAR_DATA_PATH is not 'routed' (coordinator.routing.direct); otherwise every
+-- publish goes through the router.
 --
 -- KEYS[1] routing version (string)        KEYS[2] members zset       KEYS[3] leader hash
 -- KEYS[4] router stats (hash: rejected; the publisher counts routed and delivered itself and adds
@@ -25,7 +26,8 @@
 --     D, D inbox indices (plain subscribers),
 --     G, G groups each: queue, pattern, K, K member inbox indices (one member gets the message)
 --   'rep', request's message id, requester inbox index, '1' and data json | '0' and error text
--- Inbox entries carry no timestamp field: their entry id is the Redis time they were written.
+-- Inbox entries carry no timestamp field: their entry id is the Redis time they were written
+-- (requeue.lua adds one when it moves an entry to another inbox).
 -- Returns {'ok', routed, delivered, refused...} where refused is a flat list of (message number
 --   1..M, error code, message) for messages refused and dead-lettered | {'again'} for a batch
 --   already applied | {'stale', version} |
@@ -85,8 +87,8 @@ local function refuse(n, code, text, id, topic, data)
     'raw', string.sub(data, 1, 4096))
 end
 
--- why a message may not go out, or nil (the mixin checked all of it already; this stops a client
--- that goes around it from writing what no subscriber expects)
+-- why a message may not go out, or nil: what the sidecar itself must hold (fencing, its limits,
+-- its reserved topics); the mixin checks the full topic grammar and the JSON before it calls
 local function check(id, topic, data, fence, ttl, headers)
   if #id == 0 or #id > 64 or string.find(id, '[^%w_.:%-]') then
     return 'bad_request', 'message id must be 1-64 letters, digits or _ . : -'

@@ -5,7 +5,8 @@
 -- then triples (inbox entry id, index i of the new member's inbox KEYS[2 + i], new member's id)
 -- An entry moves only if it is still unhandled (pending, or never read: after the group's last
 -- delivered id) and its new member is still a member; it is copied into the new inbox and deleted
--- from the old one in the same step, so a second run finds nothing to move.
+-- from the old one in the same step, so a second run finds nothing to move. An entry without a
+-- 'ts' field (the direct path stamps none: its id is its time) gets one from its old id.
 -- Returns the number of entries moved
 local function newer(a, b)  -- stream id a > b
   local am, as = string.match(a, '^(%d+)-(%d+)$')
@@ -28,7 +29,16 @@ for p = 3, #ARGV, 3 do
   if #found == 1 and redis.call('ZSCORE', KEYS[2], peer) then
     local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
     if #pending == 1 or newer(id, last) then
-      redis.call('XADD', target, 'MAXLEN', '~', ARGV[2], '*', unpack(found[1][2]))
+      local fields = found[1][2]
+      local stamped = false
+      for f = 1, #fields, 2 do
+        if fields[f] == 'ts' then stamped = true end
+      end
+      if not stamped then  -- a direct-path entry's time is its id: keep it across the move
+        fields[#fields + 1] = 'ts'
+        fields[#fields + 1] = string.match(id, '^(%d+)')
+      end
+      redis.call('XADD', target, 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
       redis.call('XDEL', KEYS[1], id)
       moved = moved + 1
     end

@@ -5,6 +5,7 @@
 -- KEYS[5] requester's inbox stream        KEYS[6] requester's member hash
 -- KEYS[7] route index (hash: pattern -> newline-separated "<peer>" or "<peer> <queue>" entries,
 --         what the direct data path resolves topics with; kept in step with KEYS[2])
+-- KEYS[8] queue group turns (hash: "<queue> <pattern>" -> n; a group's counter goes with it)
 -- ARGV[1] lease token   ARGV[2] consumer group   ARGV[3] request entry id
 -- ARGV[4] 'add' | 'remove'   ARGV[5] index field "<peer_id> <pattern>"   ARGV[6] request id
 -- ARGV[7] inbox MAXLEN   ARGV[8] pattern   ARGV[9] route entry ("<peer>" or "<peer> <queue>")
@@ -31,6 +32,14 @@ if changed == 1 then
     end
   end
   if ARGV[4] == 'add' then kept[#kept + 1] = ARGV[9] end
+  local queue = string.match(ARGV[9], ' (%S+)$')
+  if queue and ARGV[4] ~= 'add' then
+    local left = false
+    for _, entry in ipairs(kept) do
+      if string.match(entry, ' (%S+)$') == queue then left = true end
+    end
+    if not left then redis.call('HDEL', KEYS[8], queue .. ' ' .. ARGV[8]) end
+  end
   if #kept > 0 then
     redis.call('HSET', KEYS[7], ARGV[8], table.concat(kept, '\n'))
   else

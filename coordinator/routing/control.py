@@ -114,7 +114,7 @@ class ControlHandler:
                 self.refresh()  # judge the subscribe by the policies in force now, not cached ones
             self.guard.authorize(sender, "subscribe", pattern)
         keys = [lease, self.keys.subs, self.keys.routing_version, stream, self.view.inbox(sender),
-                self.keys.member(sender), self.keys.routes]
+                self.keys.member(sender), self.keys.routes, self.keys.group_turns]
         field = f"{sender} {pattern} {queue}" if queue else f"{sender} {pattern}"
         args = [self.token, REQUEST_GROUP, eid, "add" if add else "remove", field,
                 f.get("r", ""), self.settings.inbox_maxlen, pattern,

@@ -8,18 +8,22 @@ so a message costs what a raw hop costs plus the script's work inside Redis.
 
 When: the router says which path is in force by writing :class:`DataPlane` when it starts
 (``dataplane.lua``). It is ``direct`` unless the sidecar signs requests (``SIDECAR_AUTH=required``)
-or enforces policies, because those checks are the router's: then every publish goes through it,
-as do control requests (register, subscribe, leave, ...) always. Peers read it when they register.
+or enforces policies, because those checks are the router's, or ``SIDECAR_DATA_PATH=routed`` asks
+for the router: then every publish goes through it, as do control requests (register, subscribe,
+leave, ...) always. Peers read it when they register, and again whenever the routing version
+moves, which a change of mode makes it do.
 
 How: ``subscribe.lua`` and ``leave.lua`` keep a route index beside the subscription index,
 ``routes``: pattern -> the subscriptions of that pattern. A topic of ``d`` tokens can only be
 matched by the ``2**(d+1) - 1`` patterns :func:`candidates` lists (each token itself or ``*``,
-or a prefix of them and ``>``), so a peer resolves a topic with one HMGET whose cost grows with
-the topic's depth, not with the number of subscriptions, and caches the :class:`Route` under the
-routing version it read. ``publish.lua`` delivers only while that version is current; otherwise it
-writes nothing and answers ``stale``, and the peer resolves again. Queue groups take turns in
-``group.turns``, inside the script, so every publisher spreads a group's messages over the same
-rotation.
+or a prefix of them and ``>``), so a peer resolves a topic of up to :data:`MAX_DEPTH` tokens with
+one HMGET that does not grow with the number of subscriptions (deeper topics, rare, read the
+whole index once), and caches the :class:`Route` under the routing version it read.
+``publish.lua`` delivers only while that version is current; otherwise it writes nothing and
+answers ``stale``, and the peer resolves again. Queue groups take turns in ``group.turns``, inside
+the script, so every publisher spreads a group's messages over the same rotation; a batch that
+hands a group a message is recognised if it is sent again after a lost reply (plain subscribers
+drop such repeats themselves, by message id).
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from coordinator.protocol import MAX_TTL_MS
 from coordinator.resp import bulk, pack
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
+from coordinator.topics import matches
 
 __all__ = [
+    "MAX_DEPTH",
     "DataPlane",
     "DirectBatch",
     "Outcome",
@@ -100,7 +106,8 @@ def publish_dataplane(client: Any, keys: Keys, settings: Settings) -> DataPlane:
     """Write the data plane ``settings`` put in force (a router starting); returns it."""
     plane = DataPlane.from_settings(settings)
     args = [x for kv in plane.fields().items() for x in kv]
-    scripts_for(client).dataplane(keys=[keys.dataplane, keys.subs, keys.routes], args=args)
+    scripts_for(client).dataplane(keys=[keys.dataplane, keys.subs, keys.routes, keys.routing_version],
+                                  args=args)
     return plane
 
 
@@ -185,23 +192,52 @@ class RouteCache:
 
     @staticmethod
     def lookups(keys: Keys, topics: Iterable[str]) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """(topics, commands) resolving ``topics``: the routing version first, then one HMGET per
-        topic. Reading the version before the routes means a route can only be newer than the
-        version it is filed under, which ``publish.lua`` refuses as stale (never older)."""
+        """(topics, commands) resolving ``topics``: the routing version first, then the data plane
+        in force (a router may have changed it: the version moves with it), then one HMGET of the
+        candidate patterns per topic, or for topics deeper than :data:`MAX_DEPTH` tokens the whole
+        route index once (matched here: its cost grows with the number of patterns, not 2**depth).
+        Reading the version before the routes means a route can only be newer than the version it
+        is filed under, which ``publish.lua`` refuses as stale (never older)."""
         wanted = list(dict.fromkeys(topics))
-        commands: list[tuple[Any, ...]] = [("GET", keys.routing_version)]
-        commands += [("HMGET", keys.routes, *candidates(t)) for t in wanted]
+        commands: list[tuple[Any, ...]] = [("GET", keys.routing_version), ("HGETALL", keys.dataplane)]
+        commands += [("HMGET", keys.routes, *candidates(t)) for t in wanted if not _deep(t)]
+        if any(_deep(t) for t in wanted):
+            commands.append(("HGETALL", keys.routes))
         return wanted, commands
 
-    def learn(self, topics: Sequence[str], replies: Sequence[Any]) -> None:
-        """Store what the :meth:`lookups` commands answered."""
+    def learn(self, topics: Sequence[str], replies: Sequence[Any]) -> DataPlane | None:
+        """Store what the :meth:`lookups` commands answered; returns the data plane they read."""
         version = str(replies[0] or "0")
         if version != self.version or len(self._routes) + len(topics) > _CACHE_LIMIT:
             self._routes.clear()
             self.templates.clear()
             self.version = version
-        for topic, values in zip(topics, replies[1:], strict=True):
-            self._routes[topic] = Route.from_index(candidates(topic), values)
+        plane = DataPlane.parse(_text_map(replies[1]))
+        shallow = iter(replies[2:])
+        index = _text_map(replies[-1]) if any(_deep(t) for t in topics) else {}
+        for topic in topics:
+            if _deep(topic):
+                patterns = [p for p in index if matches(p, topic)]
+                self._routes[topic] = Route.from_index(patterns, [index[p] for p in patterns])
+            else:
+                self._routes[topic] = Route.from_index(candidates(topic), next(shallow))
+        return plane
+
+
+MAX_DEPTH = 8
+"""Deepest topic resolved by its candidate patterns (511 of them); deeper ones read the index."""
+
+
+def _deep(topic: str) -> bool:
+    return topic.count(".") >= MAX_DEPTH
+
+
+def _text_map(reply: Any) -> dict[str, str]:
+    """A hash reply (a dict, or RESP2's flat list) as str -> str."""
+    if isinstance(reply, dict):
+        return {str(k): str(v) for k, v in reply.items()}
+    flat = list(reply or ())
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
 
 
 @dataclass(slots=True)
@@ -249,7 +285,10 @@ class DirectBatch:
 
     def _template(self, sha: str, routes: RouteCache) -> Template:
         command = self.command(sha, routes)
-        at = command.index("msg")  # the one message: "msg", id, topic, data, ...
+        keys = int(command[2])
+        inboxes = int(command[3 + keys + 9])  # ARGV[10]
+        at = 3 + keys + 10 + inboxes + 1  # the one message: "msg", id, topic, data, ...
+        assert command[at] == "msg"
         parts = [bulk(str(x)) for x in command]
         head = b"*%d\r\n" % len(command) + b"".join(parts[:at + 1])
         return Template(head, parts[at + 2], b"".join(parts[at + 4:]))

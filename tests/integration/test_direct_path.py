@@ -12,6 +12,7 @@ import redis
 from coordinator.cluster.membership import Membership
 from coordinator.errors import PayloadTooLarge
 from coordinator.keys import Keys
+from coordinator.routing.direct import publish_dataplane
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 from coordinator.sidecar import ClusterSidecar
@@ -121,3 +122,72 @@ async def test_concurrent_answers_and_publishes_share_calls(
         await async_wait_for(lambda: len(got) == 40, what="the log messages")
         assert [m.data for m in got] == list(range(40))
         assert _script_calls(client) - calls < 120  # 40 requests, 40 answers, 40 publishes, folded
+
+
+async def test_writes_queued_behind_a_refused_publish_still_go_out_in_order(
+        settings: Settings, client: redis.Redis) -> None:
+    small = settings.replace(max_payload_bytes=100)
+    sc = ClusterSidecar(settings=small, run_duties=False)
+    await sc.setup()
+    try:
+        async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
+            got: list[Any] = []
+            await sub.cluster_subscribe("q.>", lambda m: got.append(m.data))
+            results = await asyncio.gather(pub.cluster_publish("q.x", "x" * 200),
+                                           *(pub.cluster_publish("q.x", i) for i in range(10)),
+                                           return_exceptions=True)
+            assert isinstance(results[0], PayloadTooLarge)
+            assert not any(isinstance(r, BaseException) for r in results[1:]), results
+            await async_wait_for(lambda: got == list(range(10)), what="the publishes queued behind")
+    finally:
+        await sc.teardown()
+
+
+async def test_deep_topics_resolve_without_enumerating_every_pattern(
+        settings: Settings, sidecar: ClusterSidecar) -> None:
+    deep = ".".join(f"t{i}" for i in range(40))  # 2**41 candidate patterns: read the index instead
+    async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
+        got: list[str] = []
+        await sub.cluster_subscribe("t0.>", lambda m: got.append("rest"))
+        await sub.cluster_subscribe("t0.*." + ".".join(f"t{i}" for i in range(2, 40)),
+                                    lambda m: got.append("star"))
+        await sub.cluster_subscribe("t1.>", lambda m: got.append("other"))
+        await pub.cluster_publish(deep, 1)
+        await async_wait_for(lambda: sorted(got) == ["rest", "star"], what="the deep topic")
+
+
+async def test_a_router_that_changes_the_mode_takes_the_next_publish(
+        settings: Settings, client: redis.Redis, sidecar: ClusterSidecar) -> None:
+    keys = Keys(settings.namespace)
+    async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
+        got: list[Any] = []
+        await sub.cluster_subscribe("mode.>", lambda m: got.append(m.data))
+        await pub.cluster_publish("mode.x", "direct")
+        assert pub._require_link().data_path == "direct"
+        # a router restarted with enforcement (or data_path=routed) writes the data plane again
+        publish_dataplane(client, keys, settings.replace(data_path="routed"))
+        await pub.cluster_publish("mode.x", "routed")
+        await async_wait_for(lambda: got == ["direct", "routed"], what="both publishes")
+        assert pub._require_link().data_path == "routed"
+        sent = [f.get("d") for _, f in client.xrange(keys.requests(0)) if f.get("k") == "pub"]
+        assert sent == ['"routed"']  # the second went through the request stream
+        assert client.hget(keys.dataplane, "mode") == "routed"
+
+
+async def test_a_queue_groups_turn_counter_goes_with_the_group(
+        settings: Settings, client: redis.Redis, sidecar: ClusterSidecar) -> None:
+    keys = Keys(settings.namespace)
+    async with Peer(settings=settings) as pub, Peer(settings=settings) as m1, \
+            Peer(settings=settings) as m2:
+        got: list[Any] = []
+        for m in (m1, m2):
+            await m.cluster_subscribe("jobs.*", lambda msg: got.append(msg.data), queue="w")
+        for i in range(4):
+            await pub.cluster_publish("jobs.a", i)
+        await async_wait_for(lambda: len(got) == 4, what="the group's messages")
+        assert client.hget(keys.group_turns, "w jobs.*") == "4"
+        await m1.cluster_unsubscribe("jobs.*", queue="w")
+        assert client.hget(keys.group_turns, "w jobs.*") == "4"  # m2 is still in the group
+    # m2 left (gracefully): the group is gone, and so is its counter
+    assert client.hlen(keys.group_turns) == 0
+    assert client.hlen(keys.routes) == 0

@@ -233,7 +233,7 @@ def test_subscribe_script(client: redis.Redis, keys: Keys) -> None:
     def call(token: str, op: str, peer: str = "p1") -> Any:
         eid = pending_entry(client, stream, {"k": "sub", "s": peer})
         ks = [keys.router_lease(0), keys.subs, keys.routing_version, stream, keys.responses(peer),
-              keys.member(peer), keys.routes]
+              keys.member(peer), keys.routes, keys.group_turns]
         return s.subscribe(keys=ks, args=[token, REQUEST_GROUP, eid, op, f"{peer} a.*", "r1", 100,
                                           "a.*", peer])
 

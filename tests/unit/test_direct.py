@@ -46,7 +46,7 @@ def _cache(topic: str, *, groups: bool = False) -> RouteCache:
     cache = RouteCache()
     values: list[str | None] = [None] * len(candidates(topic))
     values[candidates(topic).index(topic)] = "sub1\nsub2 workers" if groups else "sub1\nsub2"
-    cache.learn([topic], ["7", values])
+    cache.learn([topic], ["7", [], values])
     return cache
 
 
@@ -61,8 +61,21 @@ def test_a_lone_plain_publish_reuses_its_packed_template() -> None:
         batch = DirectBatch(Keys("ns"), _plane(), "me", [f])
         assert batch.packed(SHA, cache) == pack([batch.command(SHA, cache)])
     assert list(cache.templates) == ["a.b"]
-    cache.learn(["a.b"], ["8", [None] * 7])  # the version moved: templates go with the routes
+    cache.learn(["a.b"], ["8", [], [None] * 7])  # the version moved: templates go with the routes
     assert cache.templates == {}
+
+
+def test_a_template_does_not_mistake_a_peer_named_msg_for_the_message() -> None:
+    cache = RouteCache()
+    values: list[str | None] = [None] * 7
+    values[candidates("a.b").index("a.b")] = "msg"
+    cache.learn(["a.b"], ["7", [], values])
+    f = {"k": "pub", "s": "msg", "t": "a.b", "d": "1", "i": "ID1"}
+    batch = DirectBatch(Keys("ns"), _plane(), "msg", [f])
+    assert batch.packed(SHA, cache) == pack([batch.command(SHA, cache)])
+    f2 = {**f, "d": "2", "i": "ID2"}
+    second = DirectBatch(Keys("ns"), _plane(), "msg", [f2])
+    assert second.packed(SHA, cache) == pack([second.command(SHA, cache)])
 
 
 def test_calls_with_groups_fences_or_requests_are_packed_whole() -> None:
