@@ -81,7 +81,7 @@ def up(obj: Context, duration: float | None, peers: bool, flower: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 def status(obj: Context, as_json: bool) -> None:
-    """Cluster size, leader and term, subscriptions, routers and counters."""
+    """Cluster size, leader and term, subscriptions, routers, counters and the data path."""
     report = cluster_report(obj.client(), obj.keys)
     report["members"] = members_report(obj.client(), obj.keys)
     lines = [f"{k}: {v}" for k, v in report.items() if k != "members"]

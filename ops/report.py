@@ -42,7 +42,8 @@ def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
 
 
 def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
-    """Cluster size, leader and term, subscriptions, routers and routing counters."""
+    """Cluster size, leader and term, subscriptions, routers, routing counters and the data path
+    in force (``direct`` or ``routed``: coordinator.routing.direct)."""
     pipe = client.pipeline(transaction=False)
     pipe.zcard(keys.members)
     pipe.hgetall(keys.leader)
@@ -52,7 +53,8 @@ def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
     pipe.xlen(keys.deadletter)
     pipe.get(keys.policy_version)
     pipe.hvals(keys.inbox_drops)
-    size, leader, subs, stats, routers, dead, policy, drops = pipe.execute()
+    pipe.hget(keys.dataplane, "mode")
+    size, leader, subs, stats, routers, dead, policy, drops, mode = pipe.execute()
     return {
         "namespace": keys.namespace,
         "cluster_size": int(size),
@@ -66,6 +68,7 @@ def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
         "deadletters": int(dead),
         "policy_version": int(policy or 0),
         "inbox_drops": sum(int(d or 0) for d in drops),
+        "data_path": mode or "routed",
     }
 
 

@@ -44,6 +44,7 @@ def test_read_commands_report_the_cluster(settings: Settings, sidecar: ClusterSi
             status = json.loads(run(settings, "status", "--json"))
             assert status["cluster_size"] == 1
             assert status["active_subscriptions"] >= 1
+            assert status["data_path"] == "direct"  # unsigned, not enforced: no router hop
             assert [m["id"] for m in status["members"]] == [peer.id]
             peers = json.loads(run(settings, "peers", "--json"))
             assert peers[0]["role"] == "tester"
