@@ -4,6 +4,7 @@ route that changed, an eviction, and a lost reply while handing a queue group it
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,6 +21,17 @@ from mixin import Message
 from ops.embedded import RedisServer
 from tests.faultproxy import FaultProxy
 from tests.support import Peer, async_wait_for
+
+
+@pytest.fixture
+async def small_sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
+    """A router whose data plane refuses payloads over 100 bytes (peers keep their own settings)."""
+    sc = ClusterSidecar(settings=settings.replace(max_payload_bytes=100), run_duties=False)
+    await sc.setup()
+    try:
+        yield sc
+    finally:
+        await sc.teardown()
 
 
 def _script_calls(client: redis.Redis) -> int:
@@ -47,24 +59,19 @@ async def test_a_publish_needs_no_router_and_follows_route_changes(
         assert client.hget(keys.routes, "news.>") == sub.id
 
 
+@pytest.mark.usefixtures("small_sidecar")
 async def test_too_large_a_payload_is_refused_at_the_call(
         settings: Settings, client: redis.Redis) -> None:
-    small = settings.replace(max_payload_bytes=100)
-    sc = ClusterSidecar(settings=small, run_duties=False)
-    await sc.setup()
-    try:
-        async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
-            got: list[Any] = []
-            await sub.cluster_subscribe("big.>", lambda m: got.append(m.data))
-            with pytest.raises(PayloadTooLarge, match="100-byte limit"):
-                await pub.cluster_publish("big.x", "x" * 200)
-            await pub.cluster_publish("big.x", "small")
-            await async_wait_for(lambda: got == ["small"], what="the small publish")
-            [(_, dead)] = client.xrange(Keys(settings.namespace).deadletter)
-            assert (dead["reason"], dead["sender"], dead["topic"]) == ("payload_too_large", pub.id,
-                                                                       "big.x")
-    finally:
-        await sc.teardown()
+    async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
+        got: list[Any] = []
+        await sub.cluster_subscribe("big.>", lambda m: got.append(m.data))
+        with pytest.raises(PayloadTooLarge, match="100-byte limit"):
+            await pub.cluster_publish("big.x", "x" * 200)
+        await pub.cluster_publish("big.x", "small")
+        await async_wait_for(lambda: got == ["small"], what="the small publish")
+        [(_, dead)] = client.xrange(Keys(settings.namespace).deadletter)
+        assert (dead["reason"], dead["sender"], dead["topic"]) == ("payload_too_large", pub.id,
+                                                                   "big.x")
 
 
 async def test_an_evicted_publisher_registers_again_and_its_publish_arrives(
@@ -124,23 +131,18 @@ async def test_concurrent_answers_and_publishes_share_calls(
         assert _script_calls(client) - calls < 120  # 40 requests, 40 answers, 40 publishes, folded
 
 
+@pytest.mark.usefixtures("small_sidecar")
 async def test_writes_queued_behind_a_refused_publish_still_go_out_in_order(
-        settings: Settings, client: redis.Redis) -> None:
-    small = settings.replace(max_payload_bytes=100)
-    sc = ClusterSidecar(settings=small, run_duties=False)
-    await sc.setup()
-    try:
-        async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
-            got: list[Any] = []
-            await sub.cluster_subscribe("q.>", lambda m: got.append(m.data))
-            results = await asyncio.gather(pub.cluster_publish("q.x", "x" * 200),
-                                           *(pub.cluster_publish("q.x", i) for i in range(10)),
-                                           return_exceptions=True)
-            assert isinstance(results[0], PayloadTooLarge)
-            assert not any(isinstance(r, BaseException) for r in results[1:]), results
-            await async_wait_for(lambda: got == list(range(10)), what="the publishes queued behind")
-    finally:
-        await sc.teardown()
+        settings: Settings) -> None:
+    async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
+        got: list[Any] = []
+        await sub.cluster_subscribe("q.>", lambda m: got.append(m.data))
+        results = await asyncio.gather(pub.cluster_publish("q.x", "x" * 200),
+                                       *(pub.cluster_publish("q.x", i) for i in range(10)),
+                                       return_exceptions=True)
+        assert isinstance(results[0], PayloadTooLarge)
+        assert not any(isinstance(r, BaseException) for r in results[1:]), results
+        await async_wait_for(lambda: got == list(range(10)), what="the publishes queued behind")
 
 
 async def test_deep_topics_resolve_without_enumerating_every_pattern(
