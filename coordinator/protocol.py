@@ -118,9 +118,13 @@ def parse_headers(text: str | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+"""One encoder for every call: ``json.dumps`` with options builds a new one each time."""
+
+
 def dumps(data: Any) -> str:
     """Compact JSON text; TypeError for objects JSON cannot carry, ValueError for NaN/Infinity."""
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODE(data)
 
 
 @dataclass(frozen=True, slots=True)
