@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from coordinator.errors import InvalidHeaders
@@ -151,9 +151,35 @@ class Message:
     def is_request(self) -> bool:
         return self.reply_to is not None
 
+    @classmethod
+    def delivered(cls, topic: str, data: Any, sender: str, id: str, timestamp: float,
+                  headers: dict[str, str], reply_to: str | None, queue: str | None,
+                  respond: Callable[[Any], Awaitable[None]] | None) -> Message:
+        """The message an inbox reader hands to handlers: equal to ``Message(...)`` with the same
+        fields, built at less than half the cost (a frozen dataclass's ``__init__`` goes through
+        ``object.__setattr__`` once per field, a sizeable share of a peer's work per message)."""
+        m = object.__new__(cls)
+        (s_topic, s_data, s_sender, s_id, s_timestamp, s_headers, s_site, s_reply_to, s_queue,
+         s_respond) = _MESSAGE_SLOTS
+        s_topic(m, topic)
+        s_data(m, data)
+        s_sender(m, sender)
+        s_id(m, id)
+        s_timestamp(m, timestamp)
+        s_headers(m, headers)
+        s_site(m, None)
+        s_reply_to(m, reply_to)
+        s_queue(m, queue)
+        s_respond(m, respond)
+        return m
+
     async def respond(self, data: Any) -> None:
         """Answer this request with ``data`` (JSON-able) now; the handler's return value is then
         not sent. RuntimeError for a message that is not a request."""
         if self._respond is None:
             raise RuntimeError(f"message {self.id} on {self.topic!r} is not a request")
         await self._respond(data)
+
+
+_MESSAGE_SLOTS = tuple(vars(Message)[f.name].__set__ for f in fields(Message))
+"""The slot setters of every Message field, in declaration order (see Message.delivered)."""

@@ -52,18 +52,33 @@ class StatusField(Generic[T]):
         return values[self.name]  # type: ignore[no-any-return]
 
     def __set__(self, obj: object, value: T) -> None:
-        values = _store(obj)
-        if values.get(self.name, _MISSING) != value:
-            obj.__dict__.setdefault("_status_dirty", set()).add(self.name)
-        values[self.name] = value
-        obj.__dict__.setdefault("_status_updated", {})[self.name] = time.time()
+        # on a peer's hot path (a counter per message): no throwaway containers, one dict walk
+        state = obj.__dict__
+        values = state.get("_status_values")
+        if values is None:
+            values = state["_status_values"] = {}
+        name = self.name
+        if values.get(name, _MISSING) != value:
+            dirty = state.get("_status_dirty")
+            if dirty is None:
+                dirty = state["_status_dirty"] = set()
+            dirty.add(name)
+        values[name] = value
+        updated = state.get("_status_updated")
+        if updated is None:
+            updated = state["_status_updated"] = {}
+        updated[name] = time.time()
 
     def __repr__(self) -> str:
         return f"StatusField(name={self.name!r}, sensitive={self.sensitive}, hidden={self.hidden})"
 
 
 def _store(obj: object) -> dict[str, Any]:
-    return obj.__dict__.setdefault("_status_values", {})  # type: ignore[no-any-return]
+    state = obj.__dict__
+    values = state.get("_status_values")
+    if values is None:
+        values = state["_status_values"] = {}
+    return values
 
 
 def _plain(value: Any) -> Any:

@@ -19,7 +19,6 @@ publish reply, and the mixin drops the repeat by sender and message id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import logging
@@ -52,7 +51,6 @@ __all__ = ["Handler", "SidecarMixin"]
 
 Handler = Callable[[Message], Any]
 _SEEN_LIMIT = 100_000
-_UNTRACED = contextlib.nullcontext()
 _MATCHED_LIMIT = 4096
 """Topics whose matching subscriptions a peer remembers (all forgotten when it fills up)."""
 _INTERNAL = tuple(sorted(INTERNAL_SUBSCRIPTIONS))
@@ -421,9 +419,9 @@ class SidecarMixin(Lifecycle):
             return True
         reply_to = fields.get("rt") or None
         respond = self._responder(reply_to, mid) if reply_to is not None else None
-        message = Message(topic, data, sender, mid, _timestamp_ms(eid, fields) / 1000,
-                          headers=parse_headers(fields.get("h")), reply_to=reply_to,
-                          queue=fields.get("q") or None, _respond=respond)
+        message = Message.delivered(topic, data, sender, mid, _timestamp_ms(eid, fields) / 1000,
+                                    parse_headers(fields.get("h")), reply_to,
+                                    fields.get("q") or None, respond)
         self.messages_received += 1
         if message.sender == SYSTEM_SENDER:
             if topic == "cluster.leader" and isinstance(data, dict):
@@ -518,8 +516,12 @@ class SidecarMixin(Lifecycle):
     async def _call(self, handler: Handler, message: Message) -> tuple[bool, Any]:
         """(True, what the handler returned) or (False, its error as text)."""
         try:
-            traced = "traceparent" in message.headers
-            with tracing.context_of(message.headers) if traced else _UNTRACED:
+            if "traceparent" in message.headers:
+                with tracing.context_of(message.headers):
+                    result = handler(message)
+                    if result is not None and inspect.isawaitable(result):
+                        result = await result
+            else:
                 result = handler(message)
                 if result is not None and inspect.isawaitable(result):
                     result = await result
