@@ -19,6 +19,7 @@ publish reply, and the mixin drops the repeat by sender and message id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -51,6 +52,8 @@ __all__ = ["Handler", "SidecarMixin"]
 
 Handler = Callable[[Message], Any]
 _SEEN_LIMIT = 100_000
+_UNTRACED = contextlib.nullcontext()
+"""The context a handler of a message without trace context runs in (one, reused)."""
 _MATCHED_LIMIT = 4096
 """Topics whose matching subscriptions a peer remembers (all forgotten when it fills up)."""
 _INTERNAL = tuple(sorted(INTERNAL_SUBSCRIPTIONS))
@@ -516,12 +519,8 @@ class SidecarMixin(Lifecycle):
     async def _call(self, handler: Handler, message: Message) -> tuple[bool, Any]:
         """(True, what the handler returned) or (False, its error as text)."""
         try:
-            if "traceparent" in message.headers:
-                with tracing.context_of(message.headers):
-                    result = handler(message)
-                    if result is not None and inspect.isawaitable(result):
-                        result = await result
-            else:
+            traced = "traceparent" in message.headers
+            with tracing.context_of(message.headers) if traced else _UNTRACED:
                 result = handler(message)
                 if result is not None and inspect.isawaitable(result):
                     result = await result

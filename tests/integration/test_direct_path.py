@@ -59,6 +59,27 @@ async def test_a_publish_needs_no_router_and_follows_route_changes(
         assert client.hget(keys.routes, "news.>") == sub.id
 
 
+async def test_publishes_keep_flowing_while_no_router_runs(settings: Settings,
+                                                           client: redis.Redis) -> None:
+    sc = ClusterSidecar(settings=settings, run_duties=False)
+    await sc.setup()
+    stopped = False
+    try:
+        async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
+            got: list[Any] = []
+            await sub.cluster_subscribe("live.>", lambda m: got.append(m.data))
+            await pub.cluster_publish("live.x", 0)
+            await sc.teardown()  # the only router is gone (a killed worker, say)
+            stopped = True
+            assert not client.exists(Keys(settings.namespace).router_lease(0))
+            for i in range(1, 20):
+                await pub.cluster_publish("live.x", i)
+            await async_wait_for(lambda: got == list(range(20)), what="every publish, routerless")
+    finally:
+        if not stopped:
+            await sc.teardown()
+
+
 @pytest.mark.usefixtures("small_sidecar")
 async def test_too_large_a_payload_is_refused_at_the_call(
         settings: Settings, client: redis.Redis) -> None:
