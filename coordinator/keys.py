@@ -25,6 +25,8 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:router.lease.<k>        string   token of the router owning partition k (PX lease)
     sidecar:{ns}:routers                 zset     worker name -> last renewal ms (partition spreading)
     sidecar:{ns}:beat.lease              string   token of the beat allowed to dispatch
+    sidecar:{ns}:bridge.lease            string   token of this site's active NATS bridge (PX lease)
+    sidecar:{ns}:bridge.applied          string   last JetStream sequence delivered on this site
     sidecar:{ns}:stats                   hash     counters written by routers: routed, delivered, rejected
     sidecar:{ns}:policy.docs             hash     policy name -> current record (version, document, ...)
     sidecar:{ns}:policy.history.<name>   list     every record that name ever had
@@ -37,7 +39,13 @@ slot and multi-key scripts stay legal on a cluster)::
                                                   signed request (replay protection across routers)
 
 Celery's broker and result keys live under ``sidecar-celery:{ns}:`` so they never mix with these.
-NATS subjects are ``<namespace>.<topic>``.
+
+NATS names (federation, coordinator.federation)::
+
+    <ns>.<topic>                  subject   a message on that topic, from any site or plain client
+    SIDECAR_<ns>                  stream    JetStream stream of the namespace (subjects <ns>.>)
+    site_<site>                   consumer  each site's durable consumer of that stream
+    _SIDECAR.<ns>.reply.<site>    subject   answers to requests that site's peers made (core NATS)
 """
 
 from __future__ import annotations
@@ -160,6 +168,17 @@ class Keys:
         return self._p + "beat.lease"
 
     @property
+    def bridge_lease(self) -> str:
+        """Token of the site's active NATS bridge."""
+        return self._p + "bridge.lease"
+
+    @property
+    def bridge_applied(self) -> str:
+        """The last JetStream stream sequence the site's bridge delivered here (written with the
+        deliveries, atomically: what it is past is never delivered twice)."""
+        return self._p + "bridge.applied"
+
+    @property
     def stats(self) -> str:
         return self._p + "stats"
 
@@ -204,6 +223,25 @@ class Keys:
     def subject(self, topic: str) -> str:
         """NATS subject carrying ``topic`` between sidecars."""
         return f"{self.namespace}.{topic}"
+
+    def topic_of(self, subject: str) -> str | None:
+        """The topic a NATS subject carries, or None for a subject outside the namespace."""
+        prefix = self.namespace + "."
+        return subject[len(prefix):] if subject.startswith(prefix) else None
+
+    @property
+    def stream_name(self) -> str:
+        """The namespace's JetStream stream."""
+        return f"SIDECAR_{self.namespace}"
+
+    @staticmethod
+    def durable(site: str) -> str:
+        """The durable consumer ``site`` reads the stream with."""
+        return f"site_{site}"
+
+    def reply_subject(self, site: str) -> str:
+        """Where answers for the requests of ``site``'s peers travel (core NATS, not the stream)."""
+        return f"_SIDECAR.{self.namespace}.reply.{site}"
 
     def partition_of_stream(self, stream: str) -> int:
         """The partition a request stream (or the system stream: partition 0) belongs to."""

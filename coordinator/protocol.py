@@ -28,7 +28,8 @@ Request entry (``sidecar.requests[.<k>]``), written by the mixin::
 Response entry (``sidecar.responses.<peer_id>``), written by the router::
 
     k=msg    i message id, t topic, d payload JSON, s sender, ts publish time (ms), and when set:
-             h headers JSON, x expiry (Redis ms), rt the requester of a request
+             h headers JSON, x expiry (Redis ms), rt the requester of a request, o the site it
+             came from (a message another site's bridge forwarded), q and qp the queue group
     k=reply  r request id, ok "1" | "0", e error code, m error message, plus reply fields
     k=rep    i the request's message id, d answer JSON, s responder, ok "1" | "0", e error text
     k=nr     i the request's message id, t topic: nobody is subscribed to it (no responders)
@@ -154,7 +155,8 @@ class Message:
     @classmethod
     def delivered(cls, topic: str, data: Any, sender: str, id: str, timestamp: float,
                   headers: dict[str, str], reply_to: str | None, queue: str | None,
-                  respond: Callable[[Any], Awaitable[None]] | None) -> Message:
+                  respond: Callable[[Any], Awaitable[None]] | None,
+                  site: str | None = None) -> Message:
         """The message an inbox reader hands to handlers: equal to ``Message(...)`` with the same
         fields, built at less than half the cost (a frozen dataclass's ``__init__`` goes through
         ``object.__setattr__`` once per field, a sizeable share of a peer's work per message)."""
@@ -167,7 +169,7 @@ class Message:
         s_id(m, id)
         s_timestamp(m, timestamp)
         s_headers(m, headers)
-        s_site(m, None)
+        s_site(m, site)
         s_reply_to(m, reply_to)
         s_queue(m, queue)
         s_respond(m, respond)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from coordinator.errors import ConfigurationError
+from coordinator.topics import check_pattern
 
 __all__ = ["Settings", "redact_url"]
 
@@ -51,6 +53,31 @@ class Settings:
     """NATS server joining sidecars on different Redis servers; ``None`` disables the bridge."""
     namespace: str = "default"
     """Cluster name; every key lives under ``sidecar:{<namespace>}:``."""
+    site: str = field(default_factory=lambda: _default_site())
+    """This Redis and its workers as one site of a federated cluster (default: the host name);
+    every site joined through the same NATS needs its own name."""
+    nats_export: str = ">"
+    """Comma-separated topic patterns the bridge sends to other sites (``cluster.`` never goes)."""
+    nats_creds: str | None = None
+    """NATS credentials file (``.creds``, as nats-py's ``user_credentials`` takes it)."""
+    nats_token: str | None = _secret()
+    """NATS authentication token (user and password may also sit in ``nats_url``)."""
+    nats_tls_ca: str | None = None
+    """CA file to verify the NATS server with (``tls://`` URLs)."""
+    nats_tls_cert: str | None = None
+    """Client certificate file for NATS mutual TLS (with ``nats_tls_key``)."""
+    nats_tls_key: str | None = None
+    """Client key file for NATS mutual TLS."""
+    nats_stream_max_age: float = 86_400.0
+    """Seconds the namespace's JetStream stream keeps a message (how long a site may be away)."""
+    nats_stream_max_bytes: int = 1_073_741_824
+    """Bytes the namespace's stream holds before it discards its oldest messages."""
+    nats_stream_replicas: int = 1
+    """Copies JetStream keeps of the stream (up to the NATS cluster's size; 3 for production)."""
+    nats_duplicate_window: float = 120.0
+    """Seconds JetStream remembers message ids to drop a message sent twice."""
+    bridge_batch: int = 256
+    """Messages a bridge moves per round trip, each way."""
 
     heartbeat_interval: float = 1.0
     """How often a peer stamps its membership record."""
@@ -124,7 +151,18 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("partitions", "batch_size", "inbox_maxlen", "deadletter_maxlen",
+        if not _NAMESPACE_RE.match(self.site) or len(self.site) > 32:
+            raise ConfigurationError(
+                f"site {self.site!r} must be 1-32 characters of letters, digits, '_' or '-'")
+        try:
+            self.export_patterns  # noqa: B018 - validates them
+        except ValueError as exc:
+            raise ConfigurationError(f"nats_export: {exc}") from None
+        for name in ("nats_stream_max_age", "nats_duplicate_window"):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("partitions", "batch_size", "nats_stream_max_bytes", "nats_stream_replicas",
+                     "bridge_batch", "inbox_maxlen", "deadletter_maxlen",
                      "max_payload_bytes", "max_header_bytes", "publish_buffer", "handler_max_deliveries",
                      "slow_consumer_lag"):
             if getattr(self, name) < 1:
@@ -219,6 +257,19 @@ class Settings:
         """A router blocks on its stream no longer than it can afford before renewing."""
         return max(10, int(self.lease_renew_interval * 1000 / 2))
 
+    @property
+    def bridge_lease(self) -> float:
+        """A site's active bridge holds its lease this long per renewal (the router's lease)."""
+        return self.router_lease
+
+    @property
+    def export_patterns(self) -> tuple[str, ...]:
+        """The patterns of ``nats_export``, checked (ValueError for a bad one)."""
+        out = tuple(p.strip() for p in self.nats_export.split(",") if p.strip())
+        for pattern in out:
+            check_pattern(pattern)
+        return out
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -254,6 +305,12 @@ class Settings:
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"Settings({inner})"
+
+
+def _default_site() -> str:
+    """The host name as a site name (what a site name may hold, at most 32 characters)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:32].strip("-")
+    return name or "site"
 
 
 def _parse(name: str, annotation: Any, raw: str) -> Any:

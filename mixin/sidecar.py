@@ -424,7 +424,7 @@ class SidecarMixin(Lifecycle):
         respond = self._responder(reply_to, mid) if reply_to is not None else None
         message = Message.delivered(topic, data, sender, mid, _timestamp_ms(eid, fields) / 1000,
                                     parse_headers(fields.get("h")), reply_to,
-                                    fields.get("q") or None, respond)
+                                    fields.get("q") or None, respond, fields.get("o"))
         self.messages_received += 1
         if message.sender == SYSTEM_SENDER:
             if topic == "cluster.leader" and isinstance(data, dict):

@@ -4,14 +4,16 @@
 -- script delivers only if that version is still current (else it writes nothing and answers
 -- 'stale', and the caller resolves again). Used while the sidecar runs without signing and
 -- enforcement and SIDECAR_DATA_PATH is not 'routed' (coordinator.routing.direct); otherwise every
--- publish goes through the router.
+-- publish goes through the router. A site's NATS bridge delivers other sites' messages with it
+-- too, in any mode ('fwd' messages, coordinator.federation).
 --
 -- KEYS[1] routing version (string)        KEYS[2] members zset       KEYS[3] leader hash
 -- KEYS[4] router stats (hash: rejected; the publisher counts routed and delivered itself and adds
 --         them now and then, which spares two commands a call)            KEYS[5] inbox drops (hash)
 -- KEYS[6] dead-letter stream              KEYS[7] queue group turns (hash: "<queue> <pattern>" -> n)
 -- KEYS[8] last batch applied per sender (hash: peer id -> batch key)
--- KEYS[9..] inbox streams; inbox i is KEYS[8 + i]
+-- KEYS[9] the site's bridge lease         KEYS[10] last stream sequence the bridge delivered
+-- KEYS[11..] inbox streams; inbox i is KEYS[10 + i]
 -- ARGV[1] routing version the routes were resolved at   ARGV[2] sender peer id
 -- ARGV[3] inbox MAXLEN   ARGV[4] full inbox: 'drop_oldest' | 'reject'   ARGV[5] dead-letter MAXLEN
 -- ARGV[6] largest payload (bytes)   ARGV[7] largest headers (bytes)   ARGV[8] longest ttl (ms)
@@ -19,18 +21,23 @@
 --         whose key is the sender's last applied one is the same batch sent again after its reply
 --         was lost, and is not applied twice, so a retry cannot hand a group's message to a second
 --         member (plain subscribers drop such repeats themselves, by message id)
--- ARGV[10] number of inboxes N, then N peer ids (inbox i belongs to peer i)
+-- ARGV[10] the bridge's lease token ('' for a peer): only the holder of KEYS[9] may send 'fwd'
+-- ARGV[11] number of inboxes N, then N peer ids (inbox i belongs to peer i)
 -- then the number of messages M, then M messages, each one of:
 --   'msg', message id, topic, data json, fence term or '', ttl ms or '', headers json or '',
 --     requester inbox index or '' (a request: the sender's own inbox, for 'no responders'),
 --     D, D inbox indices (plain subscribers),
 --     G, G groups each: queue, pattern, K, K member inbox indices (one member gets the message)
 --   'rep', request's message id, requester inbox index, '1' and data json | '0' and error text
+--   'fwd' (from another site, bridge only), stream sequence, message id, topic, data json,
+--     expiry (Redis ms) or '', headers json or '', original sender, origin site, '1' for a request
+--     (answered to the bridge) or '', then D and G as for 'msg'. A sequence at or below KEYS[10]
+--     was delivered before and is skipped; KEYS[10] moves to the highest one delivered.
 -- Inbox entries carry no timestamp field: their entry id is the Redis time they were written
 -- (requeue.lua adds one when it moves an entry to another inbox).
 -- Returns {'ok', routed, delivered, refused...} where refused is a flat list of (message number
 --   1..M, error code, message) for messages refused and dead-lettered | {'again'} for a batch
---   already applied | {'stale', version} |
+--   already applied | {'stale', version} | {'fenced'} for a bridge that lost its lease |
 --   {'unknown'} when the sender is not a member (nothing is written)
 local version = redis.call('GET', KEYS[1]) or '0'
 if version ~= ARGV[1] then
@@ -40,6 +47,10 @@ local sender = ARGV[2]
 if not redis.call('ZSCORE', KEYS[2], sender) then
   return {'unknown'}
 end
+local bridge = ARGV[10] ~= ''
+if bridge and redis.call('GET', KEYS[9]) ~= ARGV[10] then
+  return {'fenced'}
+end
 if ARGV[9] ~= '' then
   if redis.call('HGET', KEYS[8], sender) == ARGV[9] then
     return {'again'}
@@ -48,8 +59,9 @@ if ARGV[9] ~= '' then
 end
 local maxlen, reject, dlmax = tonumber(ARGV[3]), ARGV[4] == 'reject', ARGV[5]
 local max_payload, max_headers, max_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local ninboxes = tonumber(ARGV[10])
-local peers_at = 10
+local ninboxes = tonumber(ARGV[11])
+local peers_at = 11
+local applied, applied_max  -- the bridge's stream sequence: delivered before, and now
 local now  -- Redis time in ms, read once and only for a message with a time to live
 
 local before, added = {}, {}
@@ -60,7 +72,7 @@ local leader
 
 -- one delivery of `fields` into inbox i, honouring the inbox bound
 local function deliver(i, fields, id, topic, data)
-  local key = KEYS[8 + i]
+  local key = KEYS[10 + i]
   if not before[i] then
     before[i] = redis.call('XLEN', key)
     added[i] = 0
@@ -146,8 +158,19 @@ for n = 1, count do
       routed = routed + 1
     end
   else
+    local fwd = ARGV[p] == 'fwd'
+    local seq, origin, site, request
+    if fwd then
+      seq = tonumber(ARGV[p + 1])
+      p = p + 1
+    end
     local id, topic, data = ARGV[p + 1], ARGV[p + 2], ARGV[p + 3]
     local fence, ttl, headers, requester = ARGV[p + 4], ARGV[p + 5], ARGV[p + 6], ARGV[p + 7]
+    if fwd then  -- expiry, headers, sender, site, request: no fence on another site's message
+      ttl, headers, origin, site, request = ARGV[p + 4], ARGV[p + 5], ARGV[p + 6], ARGV[p + 7], ARGV[p + 8]
+      fence, requester = '', ''
+      p = p + 1
+    end
     local nd = tonumber(ARGV[p + 8])
     local plain = p + 9
     p = plain + nd
@@ -157,16 +180,38 @@ for n = 1, count do
     for _ = 1, ng do
       p = p + 3 + tonumber(ARGV[p + 2])
     end
-    local code, text = check(id, topic, data, fence, ttl, headers)
-    if code then
+    local skip, code, text = false, nil, nil
+    if fwd and not (bridge and seq) then
+      code, text = 'bad_request', 'only a site\'s bridge forwards messages from other sites'
+    elseif fwd then
+      applied = applied or tonumber(redis.call('GET', KEYS[10]) or '0')
+      skip = seq <= applied or (applied_max ~= nil and seq <= applied_max)
+      if not skip then applied_max = seq end
+    end
+    if not skip and not code then
+      code, text = check(id, topic, data, fence, fwd and '' or ttl, headers)
+    end
+    if skip then  -- delivered before: a bridge that took over reads again what it cannot know
+    elseif code then
       refuse(n, code, text, id, topic, data)
     else
-      local fields = {'k', 'msg', 'i', id, 't', topic, 'd', data, 's', sender}
+      local fields = {'k', 'msg', 'i', id, 't', topic, 'd', data, 's', origin or sender}
       if headers ~= '' then
         fields[#fields + 1] = 'h'
         fields[#fields + 1] = headers
       end
-      if ttl ~= '' then
+      if fwd then
+        fields[#fields + 1] = 'o'
+        fields[#fields + 1] = site
+        if ttl ~= '' then
+          fields[#fields + 1] = 'x'
+          fields[#fields + 1] = ttl
+        end
+        if request == '1' then
+          fields[#fields + 1] = 'rt'
+          fields[#fields + 1] = sender
+        end
+      elseif ttl ~= '' then
         if not now then
           local t = redis.call('TIME')
           now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -208,7 +253,7 @@ end
 if not reject then  -- what the trim dropped, exactly (MAXLEN ~ trims whole nodes)
   for i, len in pairs(before) do
     if len + added[i] > maxlen then
-      local dropped = len + added[i] - redis.call('XLEN', KEYS[8 + i])
+      local dropped = len + added[i] - redis.call('XLEN', KEYS[10 + i])
       if dropped > 0 then
         local peer = ARGV[peers_at + i]
         drops[peer] = (drops[peer] or 0) + dropped
@@ -221,6 +266,9 @@ for peer, dropped in pairs(drops) do
 end
 if #refused > 0 then
   redis.call('HINCRBY', KEYS[4], 'rejected', #refused / 3)
+end
+if applied_max then
+  redis.call('SET', KEYS[10], applied_max)
 end
 local out = {'ok', routed, delivered}
 for _, x in ipairs(refused) do

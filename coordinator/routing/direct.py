@@ -244,14 +244,18 @@ def _text_map(reply: Any) -> dict[str, str]:
 class DirectBatch:
     """One ``publish.lua`` call for a run of one sender's publishes and answers, in order.
 
-    Entries are the request fields the mixin builds (``k`` = ``pub`` or ``rep``); every ``pub``
-    topic must be resolved in ``routes`` first (see :meth:`missing`).
+    Entries are the request fields the mixin builds (``k`` = ``pub`` or ``rep``), or for a site's
+    bridge ``fwd`` entries (another site's messages: ``q`` stream sequence, ``i``, ``t``, ``d``,
+    ``x`` expiry in Redis ms, ``h``, ``s`` original sender, ``o`` origin site, ``rt`` "1" for a
+    request); every topic must be resolved in ``routes`` first (see :meth:`missing`).
     """
 
     keys: Keys
     plane: DataPlane
     sender: str
     entries: list[dict[str, str]]
+    bridge_token: str = ""
+    """The bridge lease token a bridge sends ``fwd`` entries under ('' for a peer)."""
 
     def batch_key(self, routes: RouteCache) -> str:
         """Names this batch for ``publish.lua``'s repeat check (its last message id) when it hands
@@ -265,7 +269,7 @@ class DirectBatch:
 
     def missing(self, routes: RouteCache) -> list[str]:
         """Topics of this batch the cache cannot route yet."""
-        return [f["t"] for f in self.entries if f.get("k") == "pub" and routes.get(f["t"]) is None]
+        return [f["t"] for f in self.entries if f.get("k") != "rep" and routes.get(f["t"]) is None]
 
     def packed(self, sha: str, routes: RouteCache) -> bytes:
         """The call in the Redis protocol. A lone plain publish (no fence, expiry, headers or
@@ -286,8 +290,8 @@ class DirectBatch:
     def _template(self, sha: str, routes: RouteCache) -> Template:
         command = self.command(sha, routes)
         keys = int(command[2])
-        inboxes = int(command[3 + keys + 9])  # ARGV[10]
-        at = 3 + keys + 10 + inboxes + 1  # the one message: "msg", id, topic, data, ...
+        inboxes = int(command[3 + keys + 10])  # ARGV[11]
+        at = 3 + keys + 11 + inboxes + 1  # the one message: "msg", id, topic, data, ...
         assert command[at] == "msg"
         parts = [bulk(str(x)) for x in command]
         head = b"*%d\r\n" % len(command) + b"".join(parts[:at + 1])
@@ -317,20 +321,24 @@ class DirectBatch:
                 continue
             route = routes.get(f["t"])
             assert route is not None, "resolve every topic before building the call"
-            requester = at(self.sender) if "rt" in f else ""
-            messages += ("msg", f["i"], f["t"], f["d"], f.get("f", ""), f.get("x", ""), f.get("h", ""),
-                         requester, len(route.plain), *(at(p) for p in route.plain), len(route.groups))
+            if f.get("k") == "fwd":
+                messages += ("fwd", f["q"], f["i"], f["t"], f["d"], f.get("x", ""), f.get("h", ""),
+                             f["s"], f["o"], f.get("rt", ""))
+            else:
+                messages += ("msg", f["i"], f["t"], f["d"], f.get("f", ""), f.get("x", ""),
+                             f.get("h", ""), at(self.sender) if "rt" in f else "")
+            messages += (len(route.plain), *(at(p) for p in route.plain), len(route.groups))
             for queue, pattern, members in route.groups:
                 messages += (queue, pattern, len(members), *(at(p) for p in members))
         keys = self.keys
         plane = self.plane
         script_keys = [keys.routing_version, keys.members, keys.leader, keys.stats, keys.inbox_drops,
-                       keys.deadletter, keys.group_turns, keys.publish_last,
-                       *(keys.responses(p) for p in inboxes)]
+                       keys.deadletter, keys.group_turns, keys.publish_last, keys.bridge_lease,
+                       keys.bridge_applied, *(keys.responses(p) for p in inboxes)]
         args: list[Any] = [routes.version or "", self.sender, plane.inbox_maxlen, plane.overflow,
                            plane.deadletter_maxlen, plane.max_payload_bytes, plane.max_header_bytes,
-                           MAX_TTL_MS, self.batch_key(routes), len(inboxes), *inboxes, len(self.entries),
-                           *messages]
+                           MAX_TTL_MS, self.batch_key(routes), self.bridge_token, len(inboxes),
+                           *inboxes, len(self.entries), *messages]
         return script_keys, args
 
     @staticmethod
@@ -348,7 +356,8 @@ class DirectBatch:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A ``publish.lua`` answer: ok | again | stale | unknown, and for ok what it did."""
+    """A ``publish.lua`` answer: ok | again | stale | unknown | fenced (a bridge without its
+    lease), and for ok what it did."""
 
     status: str
     routed: int = 0

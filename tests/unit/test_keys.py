@@ -41,7 +41,8 @@ def every_key(k: Keys) -> list[str]:
     for name, attr in vars(Keys).items():
         if name.startswith("_") or name in ("celery_prefix", "responses_prefix", "partition_of",
                                             "partition_of_stream",
-                                            "subject", "namespace"):
+                                            "subject", "namespace", "topic_of", "stream_name",
+                                            "durable", "reply_subject"):
             continue
         if isinstance(attr, property):
             out.append(getattr(k, name))
@@ -56,6 +57,16 @@ def test_every_key_shares_the_namespace_hash_tag() -> None:
     assert len(set(names)) == len(names)
     for name in names:
         assert name.startswith("sidecar:{my-ns}:")
+
+
+def test_nats_names_of_a_namespace() -> None:
+    k = Keys("ns")
+    assert k.subject("orders.created") == "ns.orders.created"
+    assert k.topic_of("ns.orders.created") == "orders.created"
+    assert k.topic_of("other.orders.created") is None
+    assert k.stream_name == "SIDECAR_ns"
+    assert k.durable("east") == "site_east"
+    assert not k.reply_subject("east").startswith("ns.")  # answers stay out of the stream
 
 
 def test_namespaces_do_not_share_keys() -> None:
