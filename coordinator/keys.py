@@ -42,9 +42,11 @@ Celery's broker and result keys live under ``sidecar-celery:{ns}:`` so they neve
 
 NATS names (federation, coordinator.federation)::
 
-    <ns>.<topic>                  subject   a message on that topic, from any site or plain client
-    SIDECAR_<ns>                  stream    JetStream stream of the namespace (subjects <ns>.>)
-    site_<site>                   consumer  each site's durable consumer of that stream
+    _SIDECAR.<ns>.msg.<topic>     subject   a site's message on that topic, into the stream
+    SIDECAR_<ns>                  stream    JetStream stream of the namespace (those subjects), which
+                                            republishes every message it stores on <ns>.<topic>
+    <ns>.<topic>                  subject   what plain NATS clients subscribe to and publish on
+    site_<site>                   consumer  each site's durable consumer of the stream
     _SIDECAR.<ns>.reply.<site>    subject   answers to requests that site's peers made (core NATS)
 """
 
@@ -221,13 +223,20 @@ class Keys:
         return f"sidecar-celery:{{{self.namespace}}}:"
 
     def subject(self, topic: str) -> str:
-        """NATS subject carrying ``topic`` between sidecars."""
+        """NATS subject of ``topic`` for plain NATS clients (the stream republishes there)."""
         return f"{self.namespace}.{topic}"
 
+    def stream_subject(self, topic: str) -> str:
+        """NATS subject a site's bridge sends ``topic`` to, stored by the namespace's stream."""
+        return f"_SIDECAR.{self.namespace}.msg.{topic}"
+
     def topic_of(self, subject: str) -> str | None:
-        """The topic a NATS subject carries, or None for a subject outside the namespace."""
-        prefix = self.namespace + "."
-        return subject[len(prefix):] if subject.startswith(prefix) else None
+        """The topic a NATS subject carries (plain or stream subject), or None for a subject
+        outside the namespace."""
+        for prefix in (f"_SIDECAR.{self.namespace}.msg.", self.namespace + "."):
+            if subject.startswith(prefix):
+                return subject[len(prefix):]
+        return None
 
     @property
     def stream_name(self) -> str:

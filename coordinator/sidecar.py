@@ -5,14 +5,15 @@
 process, so the seed's usage example runs with no Celery process at all; each Celery worker hosts a
 router-only ClusterSidecar through a bootstep (sync ``start()``/``stop()``), beat doing the duties.
 Several sidecars on one Redis form one highly available sidecar: the routers share the request
-partitions under leases.
+partitions under leases. With ``SIDECAR_NATS_URL`` set, the sidecar also runs the site's NATS
+bridge (:mod:`coordinator.federation`), one active per site under its own lease.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -23,6 +24,9 @@ from coordinator.keys import Keys
 from coordinator.routing.router import Router
 from coordinator.settings import Settings
 from coordinator.status import StatusField, StatusMixin
+
+if TYPE_CHECKING:
+    from coordinator.federation.bridge import BridgeThread
 
 __all__ = ["ClusterSidecar"]
 
@@ -41,7 +45,7 @@ class ClusterSidecar(StatusMixin):
 
     def __init__(self, namespace: str | None = None, logger: logging.Logger | None = None, *,
                  settings: Settings | None = None, redis_url: str | None = None,
-                 name: str | None = None, run_duties: bool = True) -> None:
+                 name: str | None = None, run_duties: bool = True, run_bridge: bool = True) -> None:
         base = settings or Settings.from_env()
         self.settings = base.replace(**{k: v for k, v in (("namespace", namespace),
                                                          ("redis_url", redis_url)) if v})
@@ -55,6 +59,11 @@ class ClusterSidecar(StatusMixin):
         self.membership = Membership(self.client, self.keys)
         self.router = Router(self.client, self.settings, name=name)
         self.duty_loop = DutyLoop(self.client, self.settings) if run_duties else None
+        self.bridge: BridgeThread | None = None
+        if run_bridge and self.settings.nats_url:
+            from coordinator.federation.bridge import BridgeThread
+
+            self.bridge = BridgeThread(self.settings, name=self.router.name)
         self._managed: list[str] = []
 
     # ------------------------------------------------------------------ sync lifecycle (bootstep)
@@ -63,10 +72,14 @@ class ClusterSidecar(StatusMixin):
         self.router.start()
         if self.duty_loop is not None:
             self.duty_loop.start()
+        if self.bridge is not None:
+            self.bridge.start()
         self.logger.info("sidecar %s routing namespace %r", self.router.name, self.namespace)
 
     def stop(self) -> None:
-        """Stop routing and the duties, releasing their leases."""
+        """Stop routing, the duties and the bridge, releasing their leases."""
+        if self.bridge is not None:
+            self.bridge.stop()
         if self.duty_loop is not None:
             self.duty_loop.stop()
         self.router.stop()

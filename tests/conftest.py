@@ -14,7 +14,7 @@ import redis
 
 from coordinator.keys import Keys
 from coordinator.settings import Settings
-from ops.embedded import RedisServer
+from ops.embedded import NatsServer, RedisServer
 from tests.support import Processes
 
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
@@ -85,3 +85,19 @@ def procs() -> Iterator[Processes]:
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """One NATS server with JetStream for the session (tests use their own namespaces)."""
+    server = NatsServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def second_redis() -> Iterator[RedisServer]:
+    """A second Redis for the session: another site's."""
+    yield from _running_redis()

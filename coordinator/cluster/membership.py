@@ -18,7 +18,8 @@ from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.protocol import dumps
 from coordinator.scripts import scripts_for
 
-__all__ = ["Membership", "elect_call", "heartbeat_call", "leave_call", "member_fields", "register_call"]
+__all__ = ["Membership", "elect_call", "heartbeat_call", "leave_call", "member_fields", "register_call",
+           "subscribe_call"]
 
 Call = tuple[list[str], list[Any]]
 
@@ -53,6 +54,21 @@ def register_call(keys: Keys, peer_id: str, info: Mapping[str, Any], *, token: s
     priority = int(info.get("priority", 0))
     args: list[Any] = [token, REQUEST_GROUP, entry_id, peer_id, request_id, inbox_maxlen, event,
                        eligible, priority, *pairs]
+    return ks, args
+
+
+def subscribe_call(keys: Keys, peer_id: str, pattern: str, queue: str = "", *, add: bool,
+                   fence: tuple[str, str], stream: str | None = None, entry_id: str = "",
+                   request_id: str = "", inbox_maxlen: int = 10_000) -> Call:
+    """Arguments of subscribe.lua: ``peer_id`` subscribes to (``add``) or leaves ``pattern``,
+    in queue group ``queue`` if given, fenced by ``fence`` (lease key, token); a router passes
+    the request entry to ack and the request id to reply to."""
+    ks = [fence[0], keys.subs, keys.routing_version, stream or keys.requests(0),
+          keys.responses(peer_id), keys.member(peer_id), keys.routes, keys.group_turns]
+    field = f"{peer_id} {pattern} {queue}" if queue else f"{peer_id} {pattern}"
+    args: list[Any] = [fence[1], REQUEST_GROUP, entry_id, "add" if add else "remove", field,
+                       request_id, inbox_maxlen, pattern,
+                       f"{peer_id} {queue}" if queue else peer_id]
     return ks, args
 
 

@@ -32,7 +32,8 @@
 --   'fwd' (from another site, bridge only), stream sequence, message id, topic, data json,
 --     expiry (Redis ms) or '', headers json or '', original sender, origin site, '1' for a request
 --     (answered to the bridge) or '', then D and G as for 'msg'. A sequence at or below KEYS[10]
---     was delivered before and is skipped; KEYS[10] moves to the highest one delivered.
+--     was delivered before and is skipped; KEYS[10] moves to the highest one delivered. Sequence
+--     0 is a plain client's core NATS message, in no stream: always delivered.
 -- Inbox entries carry no timestamp field: their entry id is the Redis time they were written
 -- (requeue.lua adds one when it moves an entry to another inbox).
 -- Returns {'ok', routed, delivered, refused...} where refused is a flat list of (message number
@@ -183,7 +184,7 @@ for n = 1, count do
     local skip, code, text = false, nil, nil
     if fwd and not (bridge and seq) then
       code, text = 'bad_request', 'only a site\'s bridge forwards messages from other sites'
-    elseif fwd then
+    elseif fwd and seq > 0 then  -- 0: a plain client's core NATS message, in no stream
       applied = applied or tonumber(redis.call('GET', KEYS[10]) or '0')
       skip = seq <= applied or (applied_max ~= nil and seq <= applied_max)
       if not skip then applied_max = seq end

@@ -1,13 +1,15 @@
 -- subscribe.lua: apply a subscribe or unsubscribe request, reply to the requester, ack the entry.
+-- A site's NATS bridge subscribes with it too, under its own lease and with no request entry.
 --
--- KEYS[1] router lease of the partition   KEYS[2] subscription index (hash)
+-- KEYS[1] lease of the caller (the partition's router, or the bridge)   KEYS[2] subscription index
 -- KEYS[3] routing version                 KEYS[4] request stream
 -- KEYS[5] requester's inbox stream        KEYS[6] requester's member hash
 -- KEYS[7] route index (hash: pattern -> newline-separated "<peer>" or "<peer> <queue>" entries,
 --         what the direct data path resolves topics with; kept in step with KEYS[2])
 -- KEYS[8] queue group turns (hash: "<queue> <pattern>" -> n; a group's counter goes with it)
--- ARGV[1] lease token   ARGV[2] consumer group   ARGV[3] request entry id
--- ARGV[4] 'add' | 'remove'   ARGV[5] index field "<peer_id> <pattern>"   ARGV[6] request id
+-- ARGV[1] lease token   ARGV[2] consumer group   ARGV[3] request entry id, or '' (nothing to ack)
+-- ARGV[4] 'add' | 'remove'   ARGV[5] index field "<peer_id> <pattern>"
+-- ARGV[6] request id, or '' (nobody waits for a reply)
 -- ARGV[7] inbox MAXLEN   ARGV[8] pattern   ARGV[9] route entry ("<peer>" or "<peer> <queue>")
 -- Returns {"ok", version, changed(0|1)} | {"lost"} | {"unknown_peer"}
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -49,7 +51,11 @@ if changed == 1 then
 else
   version = tonumber(redis.call('GET', KEYS[3]) or '0')
 end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'k', 'reply', 'r', ARGV[6], 'ok', '1',
-  'v', tostring(version))
-redis.call('XACK', KEYS[4], ARGV[2], ARGV[3])
+if ARGV[6] ~= '' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'k', 'reply', 'r', ARGV[6], 'ok', '1',
+    'v', tostring(version))
+end
+if ARGV[3] ~= '' then
+  redis.call('XACK', KEYS[4], ARGV[2], ARGV[3])
+end
 return {'ok', version, changed}

@@ -19,10 +19,18 @@ from coordinator.policy.engine import Policy, PolicyEngine, parse_policy
 from coordinator.protocol import SYSTEM_SENDER, dumps
 from coordinator.scripts import scripts_for
 
-__all__ = ["PolicyStore"]
+__all__ = ["PolicyStore", "policy_ack_call"]
 
 _MAX_BACKOFF_MS = 30_000
 _FIRST_RETRY_MS = 500
+
+
+def policy_ack_call(keys: Keys, peer: str, version: int, nonce: str, ok: bool, error: str, *,
+                    stream: str = "", entry_id: str = "") -> tuple[list[str], list[Any]]:
+    """Arguments of policy_ack.lua: ``peer`` applied (``ok``) or refused ``version``; the router
+    passes the request ``stream`` and ``entry_id`` so the entry is acknowledged in the same step."""
+    return ([keys.policy_acks, stream or keys.requests(0)],
+            [peer, version, nonce, "1" if ok else "0", error[:1000], REQUEST_GROUP, entry_id])
 
 
 class PolicyStore:
@@ -130,9 +138,9 @@ class PolicyStore:
         The router passes the request ``stream`` and ``entry_id`` so the ack of the entry happens
         in the same atomic step. Returns False if a newer version was already recorded.
         """
-        return bool(self.scripts.policy_ack(
-            keys=[self.keys.policy_acks, stream or self.keys.requests(0)],
-            args=[peer, version, nonce, "1" if ok else "0", error[:1000], REQUEST_GROUP, entry_id]))
+        keys, args = policy_ack_call(self.keys, peer, version, nonce, ok, error, stream=stream,
+                                     entry_id=entry_id)
+        return bool(self.scripts.policy_ack(keys=keys, args=args))
 
     def status(self) -> list[dict[str, Any]]:
         """Each live peer: SYNCED, STALE or NACKED, with version, error and when."""

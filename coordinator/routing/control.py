@@ -14,7 +14,13 @@ from collections.abc import Callable
 from enum import Enum
 
 from coordinator.cluster.handoff import hand_off
-from coordinator.cluster.membership import elect_call, heartbeat_call, leave_call, register_call
+from coordinator.cluster.membership import (
+    elect_call,
+    heartbeat_call,
+    leave_call,
+    register_call,
+    subscribe_call,
+)
 from coordinator.errors import BadRequest, SidecarError, UnknownPeer
 from coordinator.keys import REQUEST_GROUP
 from coordinator.protocol import DELIVERY_DEAD_LETTERS, KINDS, PEER_ID_RE, SYSTEM_SENDER
@@ -113,12 +119,10 @@ class ControlHandler:
             if str(self.client.get(self.keys.routing_version) or "0") != self.view.version:
                 self.refresh()  # judge the subscribe by the policies in force now, not cached ones
             self.guard.authorize(sender, "subscribe", pattern)
-        keys = [lease, self.keys.subs, self.keys.routing_version, stream, self.view.inbox(sender),
-                self.keys.member(sender), self.keys.routes, self.keys.group_turns]
-        field = f"{sender} {pattern} {queue}" if queue else f"{sender} {pattern}"
-        args = [self.token, REQUEST_GROUP, eid, "add" if add else "remove", field,
-                f.get("r", ""), self.settings.inbox_maxlen, pattern,
-                f"{sender} {queue}" if queue else sender]
+        keys, args = subscribe_call(self.keys, sender, pattern, queue, add=add,
+                                    fence=(lease, self.token), stream=stream, entry_id=eid,
+                                    request_id=f.get("r", ""),
+                                    inbox_maxlen=self.settings.inbox_maxlen)
         result = self.scripts.subscribe(keys=keys, args=args)
         status = str(result[0])
         if status == "lost":

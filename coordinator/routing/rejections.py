@@ -22,9 +22,18 @@ from coordinator.routing.view import RoutingView
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 
-__all__ = ["DeadLetters", "Rejection", "Rejector"]
+__all__ = ["DeadLetters", "Rejection", "Rejector", "deadletter_entry"]
 
 log = logging.getLogger("sidecar.router")
+
+
+def deadletter_entry(reason: str, message: str, *, stream: str, entry: str, sender: str = "",
+                     raw: str = "", **more: str) -> dict[str, str]:
+    """The fields of a dead-letter entry: why (``reason`` code and ``message``), where the refused
+    thing came from (``stream`` and ``entry``), who sent it, up to 4 KiB of it, and ``more``
+    (``topic``, ``peer``...)."""
+    return {"reason": reason, "message": message, "stream": stream, "entry": entry,
+            "sender": sender, "raw": raw[:4096], **more}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +54,8 @@ class Rejection:
         return self.fields.get("s")
 
     def deadletter_fields(self) -> dict[str, str]:
-        raw = dumps(self.fields)
-        return {"reason": self.code, "message": self.message, "stream": self.stream,
-                "entry": self.entry_id, "sender": self.sender or "", "raw": raw[:4096]}
+        return deadletter_entry(self.code, self.message, stream=self.stream, entry=self.entry_id,
+                                sender=self.sender or "", raw=dumps(self.fields))
 
     def reply_fields(self) -> dict[str, str]:
         return {"k": "reply", "r": self.fields.get("r", ""), "ok": "0", "e": self.code,

@@ -41,7 +41,7 @@ def every_key(k: Keys) -> list[str]:
     for name, attr in vars(Keys).items():
         if name.startswith("_") or name in ("celery_prefix", "responses_prefix", "partition_of",
                                             "partition_of_stream",
-                                            "subject", "namespace", "topic_of", "stream_name",
+                                            "subject", "namespace", "topic_of", "stream_name", "stream_subject",
                                             "durable", "reply_subject"):
             continue
         if isinstance(attr, property):
@@ -64,6 +64,8 @@ def test_nats_names_of_a_namespace() -> None:
     assert k.subject("orders.created") == "ns.orders.created"
     assert k.topic_of("ns.orders.created") == "orders.created"
     assert k.topic_of("other.orders.created") is None
+    assert k.topic_of(k.stream_subject("orders.created")) == "orders.created"
+    assert not k.stream_subject("a").startswith("ns.")  # plain clients' requests stay out of it
     assert k.stream_name == "SIDECAR_ns"
     assert k.durable("east") == "site_east"
     assert not k.reply_subject("east").startswith("ns.")  # answers stay out of the stream

@@ -1,0 +1,509 @@
+"""The site's NATS bridge: this site's messages out to JetStream, other sites' messages in.
+
+One bridge is active per site, holding the ``bridge.lease`` the way a router holds its partition;
+any other worker's bridge stands by and takes over within the lease. While active it is a member of
+the site (``bridge-<site>``, role ``bridge``, never a leader candidate) subscribed to the export
+patterns, so every local publish it should send lands in its inbox like any subscriber's, on the
+direct path and through the router alike. Then, concurrently:
+
+- **out**: read the inbox, send each message of this site to the namespace's stream
+  (:mod:`coordinator.federation.envelope`), await JetStream's acknowledgements in batches, and only
+  then acknowledge the inbox entries. A bridge that dies in between leaves them pending; the next
+  one sends them again under the same ``Nats-Msg-Id``, which JetStream drops as repeats. Messages
+  that came from another site (they carry an origin) are never sent back, so nothing echoes and
+  three sites never loop.
+- **in**: pull the site's durable consumer in batches and deliver each batch with one
+  ``publish.lua`` call (``fwd`` messages: original sender, id, headers and origin kept), which
+  also records the stream sequence delivered, atomically and fenced by the bridge lease. A bridge
+  taking over starts the consumer right after that sequence, so no message is delivered twice or
+  skipped; a deposed bridge's late call is refused (``fenced``).
+- plain NATS clients' messages on ``<namespace>.<topic>`` (core NATS: at most once, like NATS
+  itself) are delivered the same way, and answered when they are requests;
+- answers: a local peer answering a request from elsewhere answers the bridge, which sends the
+  answer on core NATS to the requester's site (or reply subject); answers coming back are handed to
+  their requesters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from coordinator.cluster.membership import heartbeat_call, register_call, subscribe_call
+from coordinator.errors import BadRequest
+from coordinator.federation.connect import connect_options, ensure_stream
+from coordinator.federation.envelope import (
+    ReplyRoute,
+    answer_in,
+    answer_out,
+    inbound,
+    origin_of,
+    outbound,
+)
+from coordinator.keys import PEER_GROUP, Keys
+from coordinator.leases import LeaseToken
+from coordinator.policy.store import policy_ack_call
+from coordinator.protocol import SYSTEM_SENDER
+from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache
+from coordinator.routing.rejections import deadletter_entry
+from coordinator.scripts import scripts_for
+from coordinator.settings import Settings
+from coordinator.status import StatusField, StatusMixin
+
+__all__ = ["BRIDGE_ROLE", "Bridge", "bridge_id"]
+
+log = logging.getLogger("sidecar.bridge")
+
+BRIDGE_ROLE = "bridge"
+"""Member role of a site's bridge."""
+_CONSUMER = "bridge"
+"""Inbox consumer name every bridge of a site shares: one is active at a time, and a successor
+reads what its predecessor left pending under the same name."""
+_REPLY_LIMIT = 10_000
+"""Requests from elsewhere a bridge remembers the way back of."""
+_ACK_TIMEOUT = 5.0
+"""Seconds a JetStream acknowledgement may take before the message is sent again."""
+
+
+def bridge_id(site: str) -> str:
+    """Member id of ``site``'s bridge."""
+    return f"bridge-{site}"
+
+
+class _Deposed(Exception):
+    """Another bridge holds the lease now."""
+
+
+class Bridge(StatusMixin):
+    """Federates this site (one Redis) with the others through NATS JetStream."""
+
+    site = StatusField("", doc="this site's name")
+    active = StatusField(False, doc="this bridge holds the site's bridge lease")
+    nats_connected = StatusField(False, doc="connected to NATS")
+    consuming = StatusField(False, doc="reading the site's durable consumer of the stream")
+    exported = StatusField(0, doc="messages sent to other sites")
+    imported = StatusField(0, doc="messages from other sites (and plain NATS clients) delivered here")
+    answers = StatusField(0, doc="answers carried between sites")
+    dead_lettered = StatusField(0, doc="messages from NATS refused here, with the reason")
+    lost_to_retention = StatusField(0, doc="stream messages discarded before this site read them")
+
+    def __init__(self, settings: Settings, *, name: str = "bridge") -> None:
+        if not settings.redis_url or not settings.nats_url:
+            raise ValueError("a bridge needs both SIDECAR_REDIS_URL and SIDECAR_NATS_URL")
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.site = settings.site
+        self.peer_id = bridge_id(settings.site)
+        self.name = name
+        self.token = str(LeaseToken.new(name))
+        self.redis: Any = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                                  socket_keepalive=True)
+        self.scripts = scripts_for(self.redis)
+        self.inbox = self.keys.responses(self.peer_id)
+        self._plane = DataPlane.from_settings(settings)
+        self._routes = RouteCache()
+        self._replies: OrderedDict[str, tuple[ReplyRoute, float]] = OrderedDict()
+        self._nc: Any = None
+        self._js: Any = None
+        self._work: asyncio.Task[None] | None = None
+        self._joined = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        """Take the lease whenever it is free and federate while holding it, until ``stop``."""
+        period = self.settings.bridge_lease / 3
+        try:
+            while not stop.is_set():
+                await self._tick()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), period)
+        finally:
+            await self._deactivate("stopping")
+            with contextlib.suppress(RedisError, OSError):
+                await self.scripts.lease_release(keys=[self.keys.bridge_lease], args=[self.token])
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
+            await self.redis.aclose()
+
+    async def _tick(self) -> None:
+        """Renew (or take) the lease, start or stop federating, and heartbeat the membership."""
+        try:
+            held = bool(await self.scripts.lease_acquire(
+                keys=[self.keys.bridge_lease],
+                args=[self.token, int(self.settings.bridge_lease * 1000)]))
+        except (RedisError, OSError) as exc:
+            log.warning("bridge %s cannot reach Redis: %s", self.name, exc)
+            held = False
+        if not held:
+            if self.active:
+                await self._deactivate("the lease is held by another bridge")
+            return
+        try:
+            if not self._joined:
+                await self._join()
+            else:
+                keys, args = heartbeat_call(self.keys, self.peer_id, fence=(self.keys.bridge_lease,
+                                                                           self.token))
+                if str((await self.scripts.heartbeat(keys=keys, args=args))[0]) == "evicted":
+                    await self._join()
+        except (RedisError, OSError) as exc:
+            log.warning("bridge %s: Redis failed: %s", self.name, exc)
+            return
+        if not self.active or self._work is None or self._work.done():
+            self.active = True
+            self._work = asyncio.create_task(self._federate(), name=f"bridge {self.site}")
+            log.info("bridge %s active for site %r", self.name, self.site)
+
+    async def _join(self) -> None:
+        """Become the site's bridge member, subscribed to the export patterns."""
+        fence = (self.keys.bridge_lease, self.token)
+        try:
+            await self.redis.xgroup_create(self.inbox, PEER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        keys, args = register_call(self.keys, self.peer_id,
+                                   {"role": BRIDGE_ROLE, "eligible": False, "labels": {"site": self.site}},
+                                   token=self.token, lease_key=self.keys.bridge_lease,
+                                   inbox_maxlen=self.settings.inbox_maxlen)
+        if str((await self.scripts.register(keys=keys, args=args))[0]) != "ok":
+            return
+        for pattern in self.settings.export_patterns:
+            keys, args = subscribe_call(self.keys, self.peer_id, pattern, add=True, fence=fence,
+                                        inbox_maxlen=self.settings.inbox_maxlen)
+            await self.scripts.subscribe(keys=keys, args=args)
+        self._joined = True
+
+    async def _deactivate(self, why: str) -> None:
+        if self._work is not None:
+            self._work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._work
+            self._work = None
+        if self.active:
+            log.info("bridge %s inactive: %s", self.name, why)
+        self.active = self.consuming = False
+        self._joined = False
+
+    async def _federate(self) -> None:
+        """Connect to NATS and move messages both ways; start over after a failure."""
+        delay = 0.1
+        while True:
+            try:
+                await self._connect()
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._out())
+                    group.create_task(self._in())
+                    group.create_task(self._core())
+            except BaseExceptionGroup as failures:
+                self.consuming = False
+                if failures.subgroup(_Deposed) is not None:
+                    log.warning("bridge %s was fenced: another bridge took the site over", self.name)
+                    self.active = False
+                    return
+                if failures.subgroup(lambda e: not isinstance(e, Exception)) is not None:
+                    raise  # cancelled: the lease is gone or the bridge stops
+                log.warning("bridge %s: %s; starting over", self.name,
+                            "; ".join(repr(e) for e in failures.exceptions))
+            except Exception as exc:  # NATS and Redis errors: start over
+                self.consuming = False
+                log.warning("bridge %s: %r; starting over", self.name, exc, exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+    async def _connect(self) -> None:
+        import nats
+
+        if self._nc is None or self._nc.is_closed:
+            async def connected(*_: Any) -> None:
+                self.nats_connected = True
+
+            async def disconnected(*_: Any) -> None:
+                self.nats_connected = False
+
+            async def error(exc: Exception) -> None:
+                log.debug("bridge %s: NATS: %s", self.name, exc)
+
+            self._nc = await nats.connect(
+                **connect_options(self.settings, name=f"sidecar-bridge {self.site} {self.name}"),
+                reconnected_cb=connected, disconnected_cb=disconnected, error_cb=error)
+            self.nats_connected = True
+            self._js = self._nc.jetstream()
+        await ensure_stream(self._js, self.keys, self.settings)
+
+    # ------------------------------------------------------------------ out: this site to NATS
+    async def _out(self) -> None:
+        """Send this site's messages (and answers to requests from elsewhere) to NATS."""
+        cursor = "0"  # first what a predecessor (or this bridge) left pending, then new entries
+        while True:
+            reply = await self.redis.xreadgroup(
+                PEER_GROUP, _CONSUMER, {self.inbox: cursor}, count=self.settings.bridge_batch,
+                block=None if cursor != ">" else 1000)
+            entries = reply[0][1] if reply else []
+            if cursor != ">":
+                if not entries:
+                    cursor = ">"
+                    continue
+                cursor = entries[-1][0]
+            if not entries:
+                continue
+            messages = []
+            for _, fields in entries:
+                kind = fields.get("k")
+                if kind == "rep":
+                    await self._answer(fields)
+                elif kind != "msg" or fields.get("o"):
+                    continue  # control replies, and other sites' messages: never sent back
+                elif fields.get("t", "").startswith("cluster."):
+                    if fields.get("t") == "cluster.policy" and fields.get("s") == SYSTEM_SENDER:
+                        await self._ack_policy(fields)
+                else:
+                    messages.append(outbound(self.keys, self.site, fields))
+            if messages:
+                await self._send(messages)
+                self.exported += len(messages)
+            await self.redis.xack(self.inbox, PEER_GROUP, *(eid for eid, _ in entries))
+
+    async def _send(self, messages: list[Any]) -> None:
+        """Publish ``messages`` to the stream, in order, until JetStream acknowledges each."""
+        pending = messages
+        delay = 0.05
+        while pending:
+            futures: list[Awaitable[Any]] = []
+            try:
+                for m in pending:
+                    futures.append(await self._js.publish_async(m.subject, m.payload, headers=m.headers))
+            except Exception as exc:  # NATS down or its buffer full: send again
+                log.debug("bridge %s: publish failed: %r", self.name, exc)
+            results = await asyncio.gather(*(asyncio.wait_for(f, _ACK_TIMEOUT) for f in futures),
+                                           return_exceptions=True)
+            failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+            done = len(futures) if not failed else failed[0]
+            pending = pending[done:]  # from the first one not acknowledged, in order
+            if pending:
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def _answer(self, fields: dict[str, str]) -> None:
+        """A local peer answered a request from elsewhere: send it the way the request came."""
+        found = self._replies.pop(fields.get("i", ""), None)
+        if found is None:
+            return  # answered already, or asked before this bridge took over: the requester times out
+        payload, headers = answer_out(fields, found[0])
+        with contextlib.suppress(Exception):  # core NATS: at most once, like any NATS request
+            await self._nc.publish(found[0].subject, payload, headers=headers)
+            self.answers += 1
+
+    async def _ack_policy(self, fields: dict[str, str]) -> None:
+        """A bridge runs no policies: it acknowledges each version so rollouts can complete."""
+        try:
+            body = json.loads(fields.get("d", "{}"))
+            version, nonce = int(body["version"]), str(body["nonce"])
+        except (ValueError, KeyError, TypeError):
+            return
+        keys, args = policy_ack_call(self.keys, self.peer_id, version, nonce, True, "")
+        await self.scripts.policy_ack(keys=keys, args=args)
+
+    # ------------------------------------------------------------------ in: NATS to this site
+    async def _in(self) -> None:
+        """Deliver other sites' messages from the site's durable consumer, in stream order."""
+        subscription, expected = await self._consumer()
+        self.consuming = True
+        while True:
+            try:
+                msgs = await subscription.fetch(self.settings.bridge_batch, timeout=1.0)
+            except TimeoutError:  # nothing to read (nats.errors.TimeoutError is one)
+                continue
+            if not msgs:
+                continue
+            first = msgs[0].metadata.sequence.stream
+            if expected and first > expected:
+                self.lost_to_retention += first - expected
+                log.warning("bridge %s: stream messages %d-%d were discarded before this site read "
+                            "them", self.name, expected, first - 1)
+            expected = 0
+            entries = []
+            for m in msgs:
+                seq = m.metadata.sequence.stream
+                if origin_of(m.headers) == self.site:
+                    continue
+                found = await self._admit(m.subject, m.data, m.headers, seq)
+                if found is not None:
+                    entries.append(found)
+            if entries:
+                await self._deliver(entries)
+                self.imported += len(entries)
+            await msgs[-1].ack()  # acknowledges every message up to it (AckPolicy.ALL)
+
+    async def _consumer(self) -> tuple[Any, int]:
+        """The site's durable consumer, placed right after the last sequence delivered here;
+        returns it and the sequence expected first (0: no expectation)."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        stream, durable = self.keys.stream_name, self.keys.durable(self.site)
+        applied = int(await self.redis.get(self.keys.bridge_applied) or 0)
+        config = ConsumerConfig(durable_name=durable, name=durable, ack_policy=AckPolicy.ALL,
+                                ack_wait=30, max_ack_pending=self.settings.bridge_batch * 4,
+                                deliver_policy=DeliverPolicy.NEW)
+        if applied:  # the sequence delivered with the deliveries is the truth: start after it
+            with contextlib.suppress(NotFoundError):
+                await self._js.delete_consumer(stream, durable)
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = applied + 1
+            await self._js.add_consumer(stream, config)
+        else:  # a new site starts with what comes next; a site whose Redis was emptied resumes
+            try:
+                await self._js.consumer_info(stream, durable)
+            except NotFoundError:
+                await self._js.add_consumer(stream, config)
+        subscription = await self._js.pull_subscribe_bind(durable=durable, stream=stream)
+        return subscription, applied + 1 if applied else 0
+
+    async def _core(self) -> None:
+        """Plain NATS clients' messages on ``<namespace>.>``, and answers coming back here."""
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=self.settings.bridge_batch * 16)
+
+        async def put(msg: Any) -> None:
+            await queue.put(msg)
+
+        subscriptions = [await self._nc.subscribe(self.keys.subject(">"), cb=put),
+                         await self._nc.subscribe(self.keys.reply_subject(self.site), cb=put)]
+        answers_subject = self.keys.reply_subject(self.site)
+        try:
+            while True:
+                batch = [await queue.get()]
+                while not queue.empty() and len(batch) < self.settings.bridge_batch:
+                    batch.append(queue.get_nowait())
+                entries = []
+                for msg in batch:
+                    headers = msg.headers or {}
+                    if msg.subject == answers_subject:
+                        entry = self._answer_in(msg)
+                    elif "Nats-Stream" in headers or "Sidecar-Site" in headers:
+                        continue  # a site's message, republished by the stream: came in already
+                    else:
+                        entry = await self._admit(msg.subject, msg.data, headers, 0, reply=msg.reply)
+                    if entry is not None:
+                        entries.append(entry)
+                if entries:
+                    await self._deliver(entries)
+                    self.imported += sum(1 for e in entries if e["k"] == "fwd")
+                    self.answers += sum(1 for e in entries if e["k"] == "rep")
+        finally:
+            for sub in subscriptions:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    def _answer_in(self, msg: Any) -> dict[str, str] | None:
+        """The ``rep`` entry of an answer that came back here (None: not an answer)."""
+        try:
+            return answer_in(msg.headers, msg.data)
+        except BadRequest as exc:
+            log.info("bridge %s: dropped an answer on %s: %s", self.name, msg.subject, exc)
+            return None
+
+    async def _admit(self, subject: str, payload: bytes, headers: Any, seq: int, *,
+                     reply: str = "") -> dict[str, str] | None:
+        """The ``fwd`` entry of a NATS message, or None when it was dead-lettered as bad input."""
+        try:
+            found = inbound(self.keys, subject, payload, headers, seq,
+                            max_header_bytes=self.settings.max_header_bytes, reply=reply or "")
+        except BadRequest as exc:
+            await self.redis.xadd(self.keys.deadletter, deadletter_entry(
+                exc.code, str(exc), stream="nats", entry=f"{subject}#{seq}",
+                sender=origin_of(headers), topic=self.keys.topic_of(subject) or "",
+                raw=payload[:4096].decode(errors="replace")),
+                maxlen=self.settings.deadletter_maxlen, approximate=True)
+            self.dead_lettered += 1
+            return None
+        if found.reply is not None:
+            self._remember(found.entry["i"], found.reply)
+        return found.entry
+
+    def _remember(self, request: str, route: ReplyRoute) -> None:
+        now = time.monotonic()
+        self._replies[request] = (route, now)
+        while self._replies and (len(self._replies) > _REPLY_LIMIT or
+                                 next(iter(self._replies.values()))[1] < now - 300):
+            self._replies.popitem(last=False)
+
+    async def _deliver(self, entries: list[dict[str, str]]) -> None:
+        """Deliver ``entries`` here with one ``publish.lua`` call (again after a routing change)."""
+        while True:
+            batch = DirectBatch(self.keys, self._plane, self.peer_id, entries, bridge_token=self.token)
+            missing = batch.missing(self._routes)
+            if missing or self._routes.version is None:  # answers alone need the version too
+                topics, commands = RouteCache.lookups(self.keys, missing)
+                pipe = self.redis.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                plane = self._routes.learn(topics, await pipe.execute())
+                if plane is not None:
+                    self._plane = plane
+                continue
+            keys, args = batch.call(self._routes)
+            outcome = DirectBatch.outcome(await self.scripts.publish(keys=keys, args=args))
+            if outcome.status == "stale":
+                self._routes.invalidate()
+            elif outcome.status == "unknown":
+                await self._join()
+            elif outcome.status == "fenced":
+                raise _Deposed
+            else:
+                for n, error in outcome.refused.items():
+                    log.info("bridge %s: message %s refused here: %s", self.name,
+                             entries[n].get("i"), error)
+                self.dead_lettered += len(outcome.refused)
+                return
+
+    def __repr__(self) -> str:
+        return f"Bridge(site={self.site!r}, name={self.name!r}, active={self.active})"
+
+
+class BridgeThread:
+    """Runs a :class:`Bridge` on its own event loop thread (a Celery worker, a ClusterSidecar)."""
+
+    def __init__(self, settings: Settings, *, name: str) -> None:
+        self.bridge = Bridge(settings, name=name)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: Any = None
+
+    def start(self) -> None:
+        import threading
+
+        ready = threading.Event()
+
+        def main() -> None:
+            async def body() -> None:
+                self._loop = asyncio.get_running_loop()
+                self._stop = asyncio.Event()
+                ready.set()
+                await self.bridge.run(self._stop)
+
+            asyncio.run(body())
+
+        self._thread = threading.Thread(target=main, name=f"bridge-{self.bridge.site}", daemon=True)
+        self._thread.start()
+        ready.wait(5)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop federating and release the lease (a successor takes over at once)."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+

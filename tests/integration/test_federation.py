@@ -1,0 +1,186 @@
+"""Federation: sites on different Redis servers joined through one NATS JetStream server.
+
+Each test runs its sites in this process (a ClusterSidecar per site, which routes and runs the
+site's bridge) with peers on every site, on a namespace of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import nats
+import pytest
+import redis
+
+from coordinator import ClusterSidecar, Keys, Settings
+from mixin import Message
+from ops.embedded import NatsServer, RedisServer
+from tests.support import Peer, async_wait_for
+
+
+@asynccontextmanager
+async def running_sites(*settings: Settings) -> AsyncIterator[list[ClusterSidecar]]:
+    """A sidecar per site, each with its bridge consuming the stream."""
+    sidecars = [ClusterSidecar(settings=s, run_duties=False) for s in settings]
+    try:
+        for sc in sidecars:
+            await sc.setup()
+        await async_wait_for(lambda: all(sc.bridge and sc.bridge.bridge.consuming for sc in sidecars),
+                             timeout=20, what="every site's bridge")
+        yield sidecars
+    finally:
+        for sc in sidecars:
+            await sc.teardown()
+
+
+def site(redis_url: str, nats_url: str, namespace: str, name: str, **more: Any) -> Settings:
+    return Settings(redis_url=redis_url, nats_url=nats_url, namespace=namespace, site=name, **more)
+
+
+@pytest.fixture
+def two(redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
+        namespace: str) -> tuple[Settings, Settings]:
+    return (site(redis_server.url, nats_server.url, namespace, "a"),
+            site(second_redis.url, nats_server.url, namespace, "b"))
+
+
+async def peers(stack: AsyncExitStack, *settings: Settings) -> list[Peer]:
+    return [await stack.enter_async_context(Peer(settings=s)) for s in settings]
+
+
+async def stream_messages(nats_url: str, keys: Keys) -> int:
+    nc = await nats.connect(nats_url)
+    try:
+        return int((await nc.jetstream().stream_info(keys.stream_name)).state.messages)
+    finally:
+        await nc.close()
+
+
+async def test_publish_on_one_site_reaches_wildcard_subscribers_on_the_other_once(
+        two: tuple[Settings, Settings]) -> None:
+    a, b = two
+    star: list[Message] = []
+    rest: list[Message] = []
+    local: list[Message] = []
+    async with running_sites(a, b), AsyncExitStack() as stack:
+        pa, pb = await peers(stack, a, b)
+        await pb.cluster_subscribe("orders.*", star.append)
+        await pb.cluster_subscribe("orders.>", rest.append)
+        await pa.cluster_subscribe("orders.>", local.append)  # the publisher's own site
+        ids = [await pa.cluster_publish("orders.created", {"n": i}, headers={"traceparent": f"t{i}"})
+               for i in range(50)]
+        ids.append(await pa.cluster_publish("orders.eu.paid", {"n": 50}))
+        await async_wait_for(lambda: len(star) == 50 and len(rest) == 51 and len(local) == 51,
+                             what="every delivery")
+        await asyncio.sleep(0.3)  # anything extra (an echo, a repeat) would have arrived by now
+        assert (len(star), len(rest), len(local)) == (50, 51, 51)
+        assert await stream_messages(a.nats_url or "", Keys(a.namespace)) == 51  # nothing re-sent
+    assert [m.id for m in rest] == ids  # same ids, in publish order
+    assert [m.data["n"] for m in star] == list(range(50))
+    assert {(m.sender, m.site) for m in rest} == {(pa.id, "a")}
+    assert all(m.site is None for m in local)  # this site's own messages
+    assert [m.headers["traceparent"] for m in star] == [f"t{i}" for i in range(50)]
+
+
+async def test_queue_groups_and_requests_across_sites(two: tuple[Settings, Settings]) -> None:
+    a, b = two
+    handled: list[tuple[str, int]] = []
+    async with running_sites(a, b), AsyncExitStack() as stack:
+        pa, m1, m2 = await peers(stack, a, b, b)
+        for m in (m1, m2):
+            await m.cluster_subscribe("jobs.>", lambda msg, m=m: handled.append((m.id, msg.data)),
+                                      queue="workers")
+            await m.cluster_subscribe("svc.echo", lambda msg, m=m: {"echo": msg.data, "by": m.id})
+        for i in range(20):
+            await pa.cluster_publish("jobs.run", i)
+        await async_wait_for(lambda: len(handled) == 20, what="the group's twenty")
+        answer = await pa.cluster_request("svc.echo", "hi", timeout=10)
+    assert sorted(n for _, n in handled) == list(range(20))  # each once in the group
+    assert Counter(p for p, _ in handled) == {m1.id: 10, m2.id: 10}
+    assert answer["echo"] == "hi" and answer["by"] in (m1.id, m2.id)
+
+
+async def test_three_sites_never_loop(two: tuple[Settings, Settings], fresh_redis: RedisServer,
+                                      nats_server: NatsServer, namespace: str) -> None:
+    a, b = two
+    c = site(fresh_redis.url, nats_server.url, namespace, "c")
+    got: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    async with running_sites(a, b, c), AsyncExitStack() as stack:
+        pa, pb, pc = await peers(stack, a, b, c)
+        for name, p in (("a", pa), ("b", pb), ("c", pc)):
+            await p.cluster_subscribe("t.>", lambda msg, n=name: got[n].append(msg.data))
+        for i in range(10):
+            await (pa, pb, pc)[i % 3].cluster_publish("t.x", i)
+        await async_wait_for(lambda: all(len(v) == 10 for v in got.values()), what="ten on each site")
+        await asyncio.sleep(0.5)
+        assert await stream_messages(nats_server.url, Keys(namespace)) == 10
+    assert all(sorted(v) == list(range(10)) for v in got.values())
+
+
+async def test_plain_nats_clients_both_ways(two: tuple[Settings, Settings],
+                                            nats_server: NatsServer) -> None:
+    a, b = two
+    keys = Keys(a.namespace)
+    got: list[Message] = []
+    nc = await nats.connect(nats_server.url)
+    plain: list[Any] = []
+    try:
+        async with running_sites(a, b), AsyncExitStack() as stack:
+            pa, pb = await peers(stack, a, b)
+            await pa.cluster_subscribe("conductor.set_tempo", got.append)
+            await pb.cluster_subscribe("svc.time", lambda msg: {"site": "b", "asked": msg.data})
+
+            async def collect(msg: Any) -> None:
+                plain.append(msg)
+
+            await nc.subscribe(keys.subject("conductor.heartbeat"), cb=collect)
+            await nc.flush()
+            await nc.publish(keys.subject("conductor.set_tempo"), b'{"bpm": 120}')
+            await async_wait_for(lambda: got, what="the plain client's message")
+            mid = await pb.cluster_publish("conductor.heartbeat", {"beat": 1})
+            await async_wait_for(lambda: plain, what="the peer's message on plain NATS")
+            answer = await nc.request(keys.subject("svc.time"), b'"now?"', timeout=10)
+    finally:
+        await nc.close()
+    assert got[0].data == {"bpm": 120} and got[0].sender == "nats" and got[0].site == "nats"
+    assert plain[0].subject == keys.subject("conductor.heartbeat")
+    assert json.loads(plain[0].data) == {"beat": 1}
+    assert plain[0].headers["Nats-Msg-Id"] == mid and plain[0].headers["Sidecar-Site"] == "b"
+    assert json.loads(answer.data) == {"site": "b", "asked": "now?"}
+
+
+async def test_bad_messages_on_nats_are_dead_lettered_and_the_bridge_goes_on(
+        two: tuple[Settings, Settings], nats_server: NatsServer, redis_server: RedisServer) -> None:
+    a, b = two[0].replace(max_payload_bytes=1000), two[1]
+    keys = Keys(a.namespace)
+    got: list[Message] = []
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with running_sites(a, b), AsyncExitStack() as stack:
+            (pa,) = await peers(stack, a)
+            await pa.cluster_subscribe("in.>", got.append)
+            js = nc.jetstream()
+            subject = keys.stream_subject
+            await js.publish(subject("in.a"), b"not json", headers={"Sidecar-Site": "b"})
+            await js.publish(subject("in.b"), b"{}", headers={"Sidecar-Site": "b", "big": "x" * 5000})
+            await js.publish(subject("in.c"), b"{}", headers={"Sidecar-Site": "b",
+                                                              "Sidecar-Sender": "no spaces allowed"})
+            await js.publish(subject("in.d"), json.dumps("x" * 2000).encode(),
+                             headers={"Sidecar-Site": "b"})
+            await nc.publish(keys.subject("in.e"), b"\xff\xfe")  # a plain client's garbage
+            await js.publish(subject("in.ok"), b'{"fine": true}', headers={"Sidecar-Site": "b"})
+            await async_wait_for(lambda: got, what="the good message after the bad ones")
+            await async_wait_for(lambda: client.xlen(keys.deadletter) >= 5, what="five dead letters")
+    finally:
+        await nc.close()
+        client_entries = client.xrange(keys.deadletter)
+        client.close()
+    assert [m.topic for m in got] == ["in.ok"]
+    reasons = Counter(f["reason"] for _, f in client_entries)
+    assert reasons == {"bad_request": 3, "invalid_headers": 1, "payload_too_large": 1}
