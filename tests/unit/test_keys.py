@@ -41,8 +41,8 @@ def every_key(k: Keys) -> list[str]:
     for name, attr in vars(Keys).items():
         if name.startswith("_") or name in ("celery_prefix", "responses_prefix", "partition_of",
                                             "partition_of_stream",
-                                            "subject", "namespace", "topic_of", "stream_name", "stream_subject",
-                                            "durable", "reply_subject"):
+                                            "subject", "namespace", "topic_of", "stream_name",
+                                            "stream_subject", "durable", "reply_subject"):
             continue
         if isinstance(attr, property):
             out.append(getattr(k, name))
