@@ -78,6 +78,9 @@ class Settings:
     """Seconds JetStream remembers message ids to drop a message sent twice."""
     bridge_batch: int = 256
     """Messages a bridge moves per round trip, each way."""
+    bridge_backlog: int = 50_000
+    """Messages a site holds for other sites while NATS is unreachable; past it the oldest are
+    dead-lettered (``export_failed``) and counted. Keep it below ``inbox_maxlen``."""
 
     heartbeat_interval: float = 1.0
     """How often a peer stamps its membership record."""
@@ -162,7 +165,7 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("partitions", "batch_size", "nats_stream_max_bytes", "nats_stream_replicas",
-                     "bridge_batch", "inbox_maxlen", "deadletter_maxlen",
+                     "bridge_batch", "bridge_backlog", "inbox_maxlen", "deadletter_maxlen",
                      "max_payload_bytes", "max_header_bytes", "publish_buffer", "handler_max_deliveries",
                      "slow_consumer_lag"):
             if getattr(self, name) < 1:

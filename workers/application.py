@@ -19,7 +19,7 @@ from celery import Celery
 
 from coordinator.keys import Keys
 from coordinator.settings import Settings
-from workers.bootsteps import RouterStep
+from workers.bootsteps import BridgeStep, RouterStep
 from workers.schedule import beat_schedule
 
 __all__ = ["DEFAULT_BROKER", "SidecarCelery", "app", "celery_config"]
@@ -101,6 +101,7 @@ class SidecarCelery(Celery):
 
 app = SidecarCelery("sidecar", include=["workers.tasks"])
 app.steps["worker"].add(RouterStep)
+app.steps["worker"].add(BridgeStep)
 
 if "flower" in sys.argv:
     from workers.flower_guard import install

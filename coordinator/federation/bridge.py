@@ -42,6 +42,7 @@ from coordinator.cluster.membership import heartbeat_call, register_call, subscr
 from coordinator.errors import BadRequest
 from coordinator.federation.connect import connect_options, ensure_stream
 from coordinator.federation.envelope import (
+    Outbound,
     ReplyRoute,
     answer_in,
     answer_out,
@@ -94,6 +95,7 @@ class Bridge(StatusMixin):
     imported = StatusField(0, doc="messages from other sites (and plain NATS clients) delivered here")
     answers = StatusField(0, doc="answers carried between sites")
     dead_lettered = StatusField(0, doc="messages from NATS refused here, with the reason")
+    export_failed = StatusField(0, doc="messages given up (dead-lettered) while NATS was unreachable")
     lost_to_retention = StatusField(0, doc="stream messages discarded before this site read them")
 
     def __init__(self, settings: Settings, *, name: str = "bridge") -> None:
@@ -269,19 +271,20 @@ class Bridge(StatusMixin):
                         await self._ack_policy(fields)
                 else:
                     messages.append(outbound(self.keys, self.site, fields))
-            if messages:
-                await self._send(messages)
+            if messages and await self._send(messages):
                 self.exported += len(messages)
             await self.redis.xack(self.inbox, PEER_GROUP, *(eid for eid, _ in entries))
 
-    async def _send(self, messages: list[Any]) -> None:
-        """Publish ``messages`` to the stream, in order, until JetStream acknowledges each."""
+    async def _send(self, messages: list[Outbound]) -> bool:
+        """Publish ``messages`` to the stream, in order, until JetStream acknowledges each; False
+        if they were given up instead: NATS stayed unreachable while more than ``bridge_backlog``
+        messages waited here, so they are dead-lettered (``export_failed``) to make room."""
         pending = messages
         delay = 0.05
         while pending:
             futures: list[Awaitable[Any]] = []
-            try:
-                for m in pending:
+            try:  # nothing goes into the client's buffer while NATS is away: it could not be recalled
+                for m in (pending if self._nc.is_connected else ()):
                     futures.append(await self._js.publish_async(m.subject, m.payload, headers=m.headers))
             except Exception as exc:  # NATS down or its buffer full: send again
                 log.debug("bridge %s: publish failed: %r", self.name, exc)
@@ -291,8 +294,34 @@ class Bridge(StatusMixin):
             done = len(futures) if not failed else failed[0]
             pending = pending[done:]  # from the first one not acknowledged, in order
             if pending:
+                waiting = await self._backlog()
+                if waiting > self.settings.bridge_backlog:
+                    await self._give_up(pending, waiting)
+                    return False
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
+        return True
+
+    async def _backlog(self) -> int:
+        """Messages in this bridge's inbox not yet sent (unread, and read but unacknowledged)."""
+        for group in await self.redis.xinfo_groups(self.inbox):
+            if group.get("name") == PEER_GROUP:
+                return int(group.get("lag") or 0) + int(group.get("pending") or 0)
+        return 0
+
+    async def _give_up(self, messages: list[Outbound], waiting: int) -> None:
+        text = (f"NATS stayed unreachable with {waiting} messages waiting to leave site "
+                f"{self.site!r} (SIDECAR_BRIDGE_BACKLOG={self.settings.bridge_backlog})")
+        log.warning("bridge %s: %s; dead-lettering %d", self.name, text, len(messages))
+        pipe = self.redis.pipeline(transaction=False)
+        for m in messages:
+            pipe.xadd(self.keys.deadletter, deadletter_entry(
+                "export_failed", text, stream="bridge", entry=m.msg_id,
+                sender=m.headers.get("Sidecar-Sender", ""), topic=self.keys.topic_of(m.subject) or "",
+                raw=m.payload[:4096].decode(errors="replace")),
+                maxlen=self.settings.deadletter_maxlen, approximate=True)
+        await pipe.execute()
+        self.export_failed += len(messages)
 
     async def _answer(self, fields: dict[str, str]) -> None:
         """A local peer answered a request from elsewhere: send it the way the request came."""
@@ -353,20 +382,23 @@ class Bridge(StatusMixin):
 
         stream, durable = self.keys.stream_name, self.keys.durable(self.site)
         applied = int(await self.redis.get(self.keys.bridge_applied) or 0)
+        try:
+            info = await self._js.consumer_info(stream, durable)
+        except NotFoundError:
+            info = None
+        if not applied and info is not None:  # this Redis lost its record: resume at the consumer's
+            applied = int(info.ack_floor.stream_seq if info.ack_floor else 0)
         config = ConsumerConfig(durable_name=durable, name=durable, ack_policy=AckPolicy.ALL,
-                                ack_wait=30, max_ack_pending=self.settings.bridge_batch * 4,
-                                deliver_policy=DeliverPolicy.NEW)
-        if applied:  # the sequence delivered with the deliveries is the truth: start after it
-            with contextlib.suppress(NotFoundError):
+                                ack_wait=10, max_ack_pending=self.settings.bridge_batch * 4)
+        if applied:  # start right after it at once, not after the last holder's deliveries time out
+            if info is not None:
                 await self._js.delete_consumer(stream, durable)
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = applied + 1
             await self._js.add_consumer(stream, config)
-        else:  # a new site starts with what comes next; a site whose Redis was emptied resumes
-            try:
-                await self._js.consumer_info(stream, durable)
-            except NotFoundError:
-                await self._js.add_consumer(stream, config)
+        elif info is None:  # a new site starts with what is published from now on
+            config.deliver_policy = DeliverPolicy.NEW
+            await self._js.add_consumer(stream, config)
         subscription = await self._js.pull_subscribe_bind(durable=durable, stream=stream)
         return subscription, applied + 1 if applied else 0
 
