@@ -27,6 +27,8 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:beat.lease              string   token of the beat allowed to dispatch
     sidecar:{ns}:bridge.lease            string   token of this site's active NATS bridge (PX lease)
     sidecar:{ns}:bridge.applied          string   last JetStream sequence delivered on this site
+    sidecar:{ns}:sites                   hash     site -> its record as the bridge last saw it (JSON:
+                                                  members, leader, reachable), from NATS
     sidecar:{ns}:stats                   hash     counters written by routers: routed, delivered, rejected
     sidecar:{ns}:policy.docs             hash     policy name -> current record (version, document, ...)
     sidecar:{ns}:policy.history.<name>   list     every record that name ever had
@@ -48,6 +50,7 @@ NATS names (federation, coordinator.federation)::
     <ns>.<topic>                  subject   what plain NATS clients subscribe to and publish on
     site_<site>                   consumer  each site's durable consumer of the stream
     _SIDECAR.<ns>.reply.<site>    subject   answers to requests that site's peers made (core NATS)
+    sidecar_<ns>                  KV bucket site.<site> records and the cluster-wide leader
 """
 
 from __future__ import annotations
@@ -181,6 +184,11 @@ class Keys:
         return self._p + "bridge.applied"
 
     @property
+    def sites(self) -> str:
+        """Every site of the federated cluster, as this site's bridge last saw them on NATS."""
+        return self._p + "sites"
+
+    @property
     def stats(self) -> str:
         return self._p + "stats"
 
@@ -247,6 +255,11 @@ class Keys:
     def durable(site: str) -> str:
         """The durable consumer ``site`` reads the stream with."""
         return f"site_{site}"
+
+    @property
+    def bucket(self) -> str:
+        """The namespace's key-value bucket: each site's record and the cluster-wide leader."""
+        return f"sidecar_{self.namespace}"
 
     def reply_subject(self, site: str) -> str:
         """Where answers for the requests of ``site``'s peers travel (core NATS, not the stream)."""

@@ -12,6 +12,7 @@ bridge (:mod:`coordinator.federation`), one active per site under its own lease.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +38,14 @@ class ClusterSidecar(StatusMixin):
     managed_peers = StatusField[list[str]](default_factory=list,
                                            doc="peers registered through this sidecar")
     active_subscriptions = StatusField(0, doc="subscriptions in the cluster's index")
-    cluster_size = StatusField(0, doc="live members")
+    cluster_size = StatusField(0, doc="live members (of every reachable site, with federation on)")
     leader_id = StatusField[str | None](None, doc="current leader, if any")
     leader_term = StatusField(0, doc="term of the current leader (the fencing token)")
     members = StatusField[dict[str, float]](default_factory=dict,
                                             doc="live member id -> seconds since its last heartbeat")
+    sites = StatusField[dict[str, dict[str, Any]]](
+        default_factory=dict, doc="with federation on: each site's members, leader and whether "
+                                  "this site's bridge still hears from it")
 
     def __init__(self, namespace: str | None = None, logger: logging.Logger | None = None, *,
                  settings: Settings | None = None, redis_url: str | None = None,
@@ -114,11 +118,16 @@ class ClusterSidecar(StatusMixin):
         pipe.hlen(self.keys.subs)
         pipe.hmget(self.keys.leader, "id", "term")
         pipe.zrange(self.keys.members, 0, -1, withscores=True)
-        clock, subs, (leader, term), members = pipe.execute()
+        pipe.hgetall(self.keys.sites)
+        clock, subs, (leader, term), members, sites = pipe.execute()
         now_ms = time_reply_ms(clock)
         seen = {str(m): round(max(0.0, now_ms - s) / 1000, 3) for m, s in members}
         self.managed_peers = [p for p in self._managed if p in seen]
-        self.cluster_size = len(seen)
+        self.sites = {str(name): _site(record) for name, record in sorted(sites.items())}
+        if self.sites:  # federated: the whole cluster, as far as it can be heard
+            self.cluster_size = sum(len(s["members"]) for s in self.sites.values() if s["reachable"])
+        else:
+            self.cluster_size = len(seen)
         self.active_subscriptions = int(subs)
         self.leader_id = leader or None
         self.leader_term = int(term or 0)
@@ -132,3 +141,16 @@ class ClusterSidecar(StatusMixin):
 
     def __repr__(self) -> str:
         return f"ClusterSidecar(namespace={self.namespace!r}, router={self.router.name!r})"
+
+
+def _site(text: str) -> dict[str, Any]:
+    """A site's record as the bridge mirrored it (members, leader, reachable)."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    members = record.get("members") if isinstance(record.get("members"), dict) else {}
+    return {"members": members, "leader": record.get("leader"),
+            "reachable": bool(record.get("reachable")), "bridge": record.get("bridge")}

@@ -11,6 +11,9 @@ Arm it to cut one connection:
 
 Each arming cuts once; ``cuts`` counts the cuts made. Commands are matched on the RESP bulk string
 (``$4\\r\\nXADD``), so a payload that merely contains the word does not trip it.
+
+``sever()`` cuts every connection and refuses new ones until ``heal()``: a network partition
+between the client and its server (any TCP protocol: the NATS tests put one before NATS).
 """
 
 from __future__ import annotations
@@ -54,6 +57,19 @@ class FaultProxy:
     def armed(self) -> int:
         with self._lock:
             return len(self._arms)
+
+    def sever(self) -> None:
+        """Cut every connection now and refuse new ones until :meth:`heal` (the port stops
+        listening, as a server that cannot be reached)."""
+        _close(self._listener)  # shutdown first: a bare close does not wake a blocked accept()
+        for conn in list(self._conns):
+            _close(conn)
+        self._conns.clear()
+
+    def heal(self) -> None:
+        """Listen on the same port again."""
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, name="faultproxy", daemon=True).start()
 
     def close(self) -> None:
         self._closed = True

@@ -51,7 +51,11 @@ class Duties:
         return left
 
     def elect(self, reason: str = "periodic") -> dict[str, Any]:
-        """Keep or change the leader (see coordinator.cluster.election)."""
+        """Keep or change the leader (see coordinator.cluster.election). With federation on,
+        the site's bridge keeps the namespace's one leader instead (coordinator.federation)."""
+        if self.settings.nats_url:
+            leader, term = self.election.leader()
+            return {"status": "federated", "leader_id": leader, "term": term}
         status, leader, term = self.election.run(reason)
         if status == "elected":
             log.info("leader is now %s (term %d, %s)", leader, term, reason)

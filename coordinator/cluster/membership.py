@@ -88,10 +88,15 @@ def leave_call(keys: Keys, peer_id: str, reason: str, *, stream: str | None = No
                 token]
 
 
-def elect_call(keys: Keys, member_ttl: float, reason: str) -> Call:
-    """Arguments of elect.lua (``reason`` is recorded if the leader changes)."""
+def elect_call(keys: Keys, member_ttl: float, reason: str, *, mode: str = "local",
+               extra: tuple[Any, ...] = ()) -> Call:
+    """Arguments of elect.lua (``reason`` is recorded if the leader changes). ``mode`` and
+    ``extra`` are the federated modes' (``candidate``: who to keep; ``adopt``: leader id, term,
+    hold ms, bridge lease token), see coordinator.federation.directory."""
     ks = [keys.members, keys.electorate, keys.leader, keys.system, keys.events, keys.routing_version]
-    return ks, [int(member_ttl * 1000), reason]
+    if mode == "adopt":
+        ks.append(keys.bridge_lease)
+    return ks, [int(member_ttl * 1000), reason, mode, *extra]
 
 
 def heartbeat_call(keys: Keys, peer_id: str, extra: Any = None, *, payload: str | None = None,

@@ -21,7 +21,11 @@ direct path and through the router alike. Then, concurrently:
   itself) are delivered the same way, and answered when they are requests;
 - answers: a local peer answering a request from elsewhere answers the bridge, which sends the
   answer on core NATS to the requester's site (or reply subject); answers coming back are handed to
-  their requesters.
+  their requesters;
+- one cluster: about once a second the bridge puts the site's record in the namespace's key-value
+  bucket, takes part in choosing the namespace's one leader there and records it here (both in
+  :mod:`coordinator.federation.directory`), and mirrors every site's record into the ``sites``
+  hash, which ``sidecar status``, ``sidecar peers`` and the dashboard read.
 """
 
 from __future__ import annotations
@@ -38,9 +42,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from coordinator.cluster.membership import heartbeat_call, register_call, subscribe_call
+from coordinator.cluster.membership import (
+    elect_call,
+    heartbeat_call,
+    register_call,
+    subscribe_call,
+)
 from coordinator.errors import BadRequest
 from coordinator.federation.connect import connect_options, ensure_stream
+from coordinator.federation.directory import ClusterElection, Directory, LeaderRecord, SiteView
 from coordinator.federation.envelope import (
     Outbound,
     ReplyRoute,
@@ -118,6 +128,9 @@ class Bridge(StatusMixin):
         self._js: Any = None
         self._work: asyncio.Task[None] | None = None
         self._joined = False
+        self._leading: LeaderRecord | None = None
+        """The namespace's leader while it is on this site (see _fence_unconfirmed)."""
+        self._confirmed_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -158,8 +171,12 @@ class Bridge(StatusMixin):
                                                                            self.token))
                 if str((await self.scripts.heartbeat(keys=keys, args=args))[0]) == "evicted":
                     await self._join()
+            await self._fence_unconfirmed()
         except (RedisError, OSError) as exc:
             log.warning("bridge %s: Redis failed: %s", self.name, exc)
+            return
+        except _Deposed:
+            await self._deactivate("fenced by another bridge")
             return
         if not self.active or self._work is None or self._work.done():
             self.active = True
@@ -196,6 +213,7 @@ class Bridge(StatusMixin):
             log.info("bridge %s inactive: %s", self.name, why)
         self.active = self.consuming = False
         self._joined = False
+        self._leading = None
 
     async def _federate(self) -> None:
         """Connect to NATS and move messages both ways; start over after a failure."""
@@ -207,6 +225,7 @@ class Bridge(StatusMixin):
                     group.create_task(self._out())
                     group.create_task(self._in())
                     group.create_task(self._core())
+                    group.create_task(self._govern())
             except BaseExceptionGroup as failures:
                 self.consuming = False
                 if failures.subgroup(_Deposed) is not None:
@@ -342,6 +361,73 @@ class Bridge(StatusMixin):
             return
         keys, args = policy_ack_call(self.keys, self.peer_id, version, nonce, True, "")
         await self.scripts.policy_ack(keys=keys, args=args)
+
+    # ------------------------------------------------------------------ one cluster
+    async def _govern(self) -> None:
+        """Announce this site, keep the namespace's one leader, mirror the sites; every round."""
+        directory = Directory(self._js, self.keys, replicas=self.settings.nats_stream_replicas)
+        await directory.open()
+        election = ClusterElection(directory, self.site, self.settings.member_ttl)
+        period = self.settings.bridge_lease / 3
+        while True:
+            try:
+                await directory.announce(self.site, await self._site_record())
+                leader = await election.step(self._candidate)
+                self._leading = leader if leader.id and leader.site == self.site else None
+                self._confirmed_at = election.confirmed_at
+                await self._adopt(leader, election.hold)
+                await self._mirror(await directory.sites(self.site,
+                                                         silent_after=self.settings.member_ttl))
+            except _Deposed:
+                raise
+            except Exception as exc:  # NATS away: _tick fences this site's leader after the hold
+                log.debug("bridge %s: cluster round failed: %r", self.name, exc)
+            await asyncio.sleep(period)
+
+    async def _fence_unconfirmed(self) -> None:
+        """This site's leader could not be confirmed on NATS for the hold (half a member TTL):
+        record no leader here, so its fenced publishes are refused and peers learn it, before
+        another site may take over (a member TTL after the last confirmation)."""
+        leading = self._leading
+        if leading is None or time.monotonic() - self._confirmed_at <= self.settings.member_ttl / 2:
+            return
+        self._leading = None
+        await self._adopt(LeaderRecord("", self.site, leading.term), self.settings.member_ttl / 2)
+        log.warning("bridge %s: leader %s could not be confirmed on NATS; fenced here", self.name,
+                    leading.id)
+
+    async def _site_record(self) -> dict[str, Any]:
+        members = await self.redis.zrange(self.keys.members, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for member in members:
+            pipe.hget(self.keys.member(member), "role")
+        pipe.hget(self.keys.leader, "id")
+        *roles, leader = await pipe.execute()
+        return {"site": self.site, "bridge": self.name, "leader": leader or None,
+                "members": {m: r or "peer" for m, r in zip(members, roles, strict=True)
+                            if r != BRIDGE_ROLE},
+                "at": round(time.time(), 3)}
+
+    async def _candidate(self, keep: str) -> str:
+        keys, args = elect_call(self.keys, self.settings.member_ttl, "", mode="candidate",
+                                extra=(keep,))
+        return str((await self.scripts.elect(keys=keys, args=args))[1] or "")
+
+    async def _adopt(self, leader: LeaderRecord, hold: float) -> None:
+        """Record ``leader`` here (announced to peers if it changed) for ``hold`` seconds."""
+        reason = f"cluster leader on site {leader.site}" if leader.id else "no cluster leader"
+        keys, args = elect_call(self.keys, self.settings.member_ttl, reason, mode="adopt",
+                                extra=(leader.id, leader.term, max(1, int(hold * 1000)), self.token))
+        if str((await self.scripts.elect(keys=keys, args=args))[0]) == "fenced":
+            raise _Deposed
+
+    async def _mirror(self, views: list[SiteView]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.sites)
+        for view in views:
+            pipe.hset(self.keys.sites, view.site, json.dumps({**view.record,
+                                                              "reachable": view.reachable}))
+        await pipe.execute()
 
     # ------------------------------------------------------------------ in: NATS to this site
     async def _in(self) -> None:

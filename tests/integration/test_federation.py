@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,8 +19,9 @@ import pytest
 import redis
 
 from coordinator import ClusterSidecar, Keys, Settings
-from mixin import Message
+from mixin import Message, NotLeader
 from ops.embedded import NatsServer, RedisServer
+from tests.faultproxy import FaultProxy
 from tests.support import Peer, async_wait_for
 
 
@@ -184,3 +186,78 @@ async def test_bad_messages_on_nats_are_dead_lettered_and_the_bridge_goes_on(
     assert [m.topic for m in got] == ["in.ok"]
     reasons = Counter(f["reason"] for _, f in client_entries)
     assert reasons == {"bad_request": 3, "invalid_headers": 1, "payload_too_large": 1}
+
+
+async def test_one_leader_across_sites_and_a_new_one_when_it_goes(
+        redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
+        namespace: str) -> None:
+    timing = {"heartbeat_interval": 0.2, "member_ttl": 1.0, "router_lease": 0.6}
+    a = site(redis_server.url, nats_server.url, namespace, "a", **timing)
+    b = site(second_redis.url, nats_server.url, namespace, "b", **timing)
+    async with running_sites(a, b) as sidecars, AsyncExitStack() as stack:
+        everyone = await peers(stack, a, a, b, b)
+
+        def agreed(group: list[Peer]) -> bool:
+            views = {(p.leader_id, p.leader_term) for p in group}
+            return len(views) == 1 and bool(group[0].leader_id)
+
+        await async_wait_for(lambda: agreed(everyone), timeout=20, what="one leader everywhere")
+        first = next(p for p in everyone if p.is_leader)
+        assert sum(p.is_leader for p in everyone) == 1
+        term = first.leader_term
+        await first.teardown()  # leaves: the next leader may come from either site
+        rest = [p for p in everyone if p is not first]
+        await async_wait_for(lambda: agreed(rest) and rest[0].leader_term > term, timeout=20,
+                             what="a new leader everywhere")
+        assert sum(p.is_leader for p in rest) == 1
+        # every site shows every site, reachable, with its members
+        sidecars[0].refresh_status()
+        status = sidecars[0].status["clustersidecar"]
+        assert set(status["sites"]) == {"a", "b"}
+        assert all(s["reachable"] for s in status["sites"].values())
+        assert status["cluster_size"] == 3
+
+
+class Believer(Peer):
+    """Records when it starts and stops believing it leads (monotonic time)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.beliefs: list[tuple[float, bool]] = []
+        super().__init__(*args, **kwargs)
+
+    def on_leader_change(self, leader_id: str | None, term: int) -> None:
+        self.beliefs.append((time.monotonic(), self.is_leader))
+
+
+async def test_a_site_cut_off_from_nats_fences_its_leader_before_another_site_takes_over(
+        redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
+        namespace: str) -> None:
+    timing = {"heartbeat_interval": 0.2, "member_ttl": 1.0, "router_lease": 0.6}
+    proxy = FaultProxy(nats_server.port)
+    a = site(redis_server.url, f"nats://127.0.0.1:{proxy.port}", namespace, "a", **timing)
+    b = site(second_redis.url, nats_server.url, namespace, "b", **timing)
+    local: list[Message] = []
+    try:
+        async with running_sites(a, b), AsyncExitStack() as stack:
+            pa = await stack.enter_async_context(Believer(settings=a))
+            await async_wait_for(lambda: pa.is_leader, timeout=20, what="a leader on site a")
+            pb = await stack.enter_async_context(Believer(settings=b))
+            await async_wait_for(lambda: pb.leader_id == pa.id, timeout=20, what="b following a")
+            await pa.cluster_subscribe("local.*", local.append)
+            term = pa.leader_term
+            proxy.sever()  # site a is cut off from NATS
+            await async_wait_for(lambda: pb.is_leader, timeout=20, what="site b taking over")
+            assert not pa.is_leader and pb.leader_term > term
+            with pytest.raises(NotLeader):
+                await pa.cluster_publish("orders.x", 1, fenced=True)
+            await pa.cluster_publish("local.x", "still routed")  # site a goes on locally
+            await async_wait_for(lambda: local, what="local routing on the cut-off site")
+            proxy.heal()
+            await async_wait_for(lambda: pa.leader_id == pb.id, timeout=20,
+                                 what="site a following b once healed")
+    finally:
+        proxy.close()
+    last_led = max(t for t, leads in pa.beliefs if leads)
+    stopped = min(t for t, leads in pa.beliefs if not leads and t > last_led)
+    started = min(t for t, leads in pb.beliefs if leads)
+    assert stopped < started  # never two peers believing they lead at once

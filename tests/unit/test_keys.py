@@ -42,7 +42,7 @@ def every_key(k: Keys) -> list[str]:
         if name.startswith("_") or name in ("celery_prefix", "responses_prefix", "partition_of",
                                             "partition_of_stream",
                                             "subject", "namespace", "topic_of", "stream_name",
-                                            "stream_subject", "durable", "reply_subject"):
+                                            "stream_subject", "durable", "reply_subject", "bucket"):
             continue
         if isinstance(attr, property):
             out.append(getattr(k, name))
