@@ -12,7 +12,6 @@ bridge (:mod:`coordinator.federation`), one active per site under its own lease.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ import redis
 from coordinator.clock import time_reply_ms
 from coordinator.cluster.duty_loop import DutyLoop
 from coordinator.cluster.membership import Membership
+from coordinator.federation.directory import parse_site
 from coordinator.keys import Keys
 from coordinator.routing.router import Router
 from coordinator.settings import Settings
@@ -123,7 +123,7 @@ class ClusterSidecar(StatusMixin):
         now_ms = time_reply_ms(clock)
         seen = {str(m): round(max(0.0, now_ms - s) / 1000, 3) for m, s in members}
         self.managed_peers = [p for p in self._managed if p in seen]
-        self.sites = {str(name): _site(record) for name, record in sorted(sites.items())}
+        self.sites = {str(name): parse_site(record) for name, record in sorted(sites.items())}
         if self.sites:  # federated: the whole cluster, as far as it can be heard
             self.cluster_size = sum(len(s["members"]) for s in self.sites.values() if s["reachable"])
         else:
@@ -142,15 +142,3 @@ class ClusterSidecar(StatusMixin):
     def __repr__(self) -> str:
         return f"ClusterSidecar(namespace={self.namespace!r}, router={self.router.name!r})"
 
-
-def _site(text: str) -> dict[str, Any]:
-    """A site's record as the bridge mirrored it (members, leader, reachable)."""
-    try:
-        record = json.loads(text)
-    except ValueError:
-        record = {}
-    if not isinstance(record, dict):
-        record = {}
-    members = record.get("members") if isinstance(record.get("members"), dict) else {}
-    return {"members": members, "leader": record.get("leader"),
-            "reachable": bool(record.get("reachable")), "bridge": record.get("bridge")}

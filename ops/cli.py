@@ -19,7 +19,7 @@ from coordinator.errors import SidecarError
 from coordinator.keys import Keys
 from coordinator.settings import Settings
 from coordinator.topics import check_publish_topic
-from ops.report import cluster_report, members_report, recent_events
+from ops.report import cluster_report, members_report, recent_events, sites_report
 
 __all__ = ["cli", "main"]
 
@@ -67,13 +67,21 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str | None) -> Non
 @click.option("--duration", type=float, help="Stop on its own after this many seconds.")
 @click.option("--peers/--no-peers", default=True, help="Start the demo conductor and followers.")
 @click.option("--flower/--no-flower", default=False, help="Start Flower on loopback.")
+@click.option("--sites", type=click.IntRange(1, 9), default=1, show_default=True,
+              help="Sites to run, each with its own Redis, joined by an embedded NATS JetStream.")
 @pass_ctx
-def up(obj: Context, duration: float | None, peers: bool, flower: bool) -> None:
-    """Run a sidecar (worker + beat) with demo peers; embedded Redis unless SIDECAR_REDIS_URL is set."""
+def up(obj: Context, duration: float | None, peers: bool, flower: bool, sites: int) -> None:
+    """Run a sidecar (worker + beat) with demo peers; embedded Redis unless SIDECAR_REDIS_URL is set.
+    With --sites N, N sites on this machine federated through NATS."""
     from ops.supervisor import Supervisor
 
     click.echo(f"settings: {obj.settings!r}")
-    status = Supervisor(obj.settings, peers=peers, flower=flower, echo=click.echo).run(duration)
+    try:
+        supervisor = Supervisor(obj.settings, peers=peers, flower=flower, sites=sites,
+                                echo=click.echo)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    status = supervisor.run(duration)
     sys.exit(status)
 
 
@@ -84,7 +92,10 @@ def status(obj: Context, as_json: bool) -> None:
     """Cluster size, leader and term, subscriptions, routers, counters and the data path."""
     report = cluster_report(obj.client(), obj.keys)
     report["members"] = members_report(obj.client(), obj.keys)
-    lines = [f"{k}: {v}" for k, v in report.items() if k != "members"]
+    lines = [f"{k}: {v}" for k, v in report.items() if k not in ("members", "sites")]
+    lines += [f"site {name}: {s['members']} members, leader {s['leader'] or 'none'}, "
+              + ("reachable" if s["reachable"] else "NOT REACHABLE")
+              for name, s in report["sites"].items()]
     lines += [f"  {m['id']} {m['role']:<10} last seen {m['last_seen_s']}s ago"
               + (f", inbox dropped {m['inbox_drops']}" if m["inbox_drops"] else "")
               for m in report["members"]]
@@ -95,11 +106,22 @@ def status(obj: Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def peers(obj: Context, as_json: bool) -> None:
-    """Live members with role, priority, last heartbeat and inbox drops."""
+    """Live members with role, priority, last heartbeat and inbox drops; with federation on, the
+    members of the other sites too (as this site's bridge last heard them)."""
     rows = members_report(obj.client(), obj.keys)
     text = "\n".join(f"{m['id']} {m['role']:<10} prio={m['priority']} eligible={m['eligible']} "
                      f"last_seen={m['last_seen_s']}s drops={m['inbox_drops']}" for m in rows
                      ) or "(no members)"
+    sites = sites_report(obj.client(), obj.keys)
+    own = next((m["id"].removeprefix("bridge-") for m in rows if m["role"] == "bridge"),
+               obj.settings.site)
+    others = [{"id": peer, "role": role, "site": name, "reachable": site["reachable"]}
+              for name, site in sites.items() if name != own
+              for peer, role in sorted(site["members"].items())]
+    if sites:
+        rows = [{**m, "site": own} for m in rows] + others
+        text += "".join(f"\n{m['id']} {m['role']:<10} site={m['site']}"
+                        + ("" if m["reachable"] else " (site not reachable)") for m in others)
     _emit(rows, as_json, text)
 
 

@@ -7,9 +7,10 @@ import json
 from typing import Any
 
 from coordinator.clock import redis_ms
+from coordinator.federation.directory import parse_site
 from coordinator.keys import Keys
 
-__all__ = ["cluster_report", "members_report", "recent_events"]
+__all__ = ["cluster_report", "members_report", "recent_events", "sites_report"]
 
 
 def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
@@ -69,7 +70,17 @@ def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
         "policy_version": int(policy or 0),
         "inbox_drops": sum(int(d or 0) for d in drops),
         "data_path": mode or "routed",
+        "sites": {name: {"members": len(site["members"]), "leader": site["leader"],
+                         "reachable": site["reachable"]}
+                  for name, site in sites_report(client, keys).items()},
     }
+
+
+def sites_report(client: Any, keys: Keys) -> dict[str, dict[str, Any]]:
+    """With federation on, every site as this site's bridge last saw it on NATS: members (id ->
+    role), the leader it runs under, its active bridge and whether it is reachable ({} when this
+    site is not federated)."""
+    return {str(k): parse_site(v) for k, v in sorted(client.hgetall(keys.sites).items())}
 
 
 def recent_events(client: Any, keys: Keys, count: int = 20) -> list[dict[str, str]]:

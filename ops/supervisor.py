@@ -4,6 +4,11 @@ Starts an embedded Redis when no ``SIDECAR_REDIS_URL`` is set, then a worker (ho
 beat, optionally Flower on loopback, and the demo peers; prints the cluster status each second; on
 Ctrl-C, SIGTERM or the end of ``duration`` stops every child (peers first, so they leave cleanly)
 and makes sure none is left behind.
+
+With ``sites`` above one it runs a federated cluster on this machine: an embedded NATS server with
+JetStream (unless ``SIDECAR_NATS_URL`` names one), and per site its own embedded Redis, worker
+(router and NATS bridge), beat and demo peers (the conductor on the first site, a follower on
+every site), with one status line per site.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import redis
 
 from coordinator.keys import Keys
 from coordinator.settings import Settings
-from ops.embedded import RedisServer, free_port
-from ops.report import cluster_report
+from ops.embedded import NatsServer, RedisServer, free_port
+from ops.report import cluster_report, sites_report
 
 __all__ = ["Supervisor"]
 
@@ -32,21 +37,34 @@ class Supervisor:
     """Owns the child processes of ``sidecar up``."""
 
     def __init__(self, settings: Settings, *, peers: bool = True, flower: bool = False,
-                 echo: Callable[[str], None] = print) -> None:
+                 sites: int = 1, echo: Callable[[str], None] = print) -> None:
+        if sites < 1:
+            raise ValueError("sites must be at least 1")
+        if sites > 1 and settings.redis_url:
+            raise ValueError("with more than one site, `sidecar up` starts a Redis per site: "
+                             "unset SIDECAR_REDIS_URL")
         self.settings = settings
+        self.sites = sites
         self.with_peers = peers
         self.with_flower = flower
         self.echo = echo
-        self.redis: RedisServer | None = None
+        self.servers: list[RedisServer] = []
+        self.nats: NatsServer | None = None
+        self.urls: dict[str, str] = {}
+        """Site name -> its Redis URL."""
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.dir = Path(tempfile.mkdtemp(prefix="sidecar-up-"))
         self._stopping = False
 
-    def _env(self, url: str) -> dict[str, str]:
+    def _env(self, url: str, site: str | None = None, nats_url: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env["SIDECAR_REDIS_URL"] = url
         env["SIDECAR_NAMESPACE"] = self.settings.namespace
         env["PYTHONUNBUFFERED"] = "1"
+        if site is not None:
+            env["SIDECAR_SITE"] = site
+        if nats_url:
+            env["SIDECAR_NATS_URL"] = nats_url
         return env
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
@@ -57,20 +75,36 @@ class Supervisor:
         self.children.append((name, proc))
 
     def start(self) -> str:
-        """Start everything; returns the Redis URL in use."""
-        url = self.settings.redis_url
-        if not url:
-            self.redis = RedisServer().start()
-            url = self.redis.url
-            self.echo(f"embedded Redis on {url} (log: {self.redis.log_path})")
-        env = self._env(url)
+        """Start everything; returns the (first site's) Redis URL in use."""
+        nats_url = self.settings.nats_url
+        if self.sites > 1 and not nats_url:
+            self.nats = NatsServer().start()
+            nats_url = self.nats.url
+            self.echo(f"embedded NATS with JetStream on {nats_url} (log: {self.nats.log_path})")
+        names = [self.settings.site] if self.sites == 1 else [f"site{i + 1}" for i in range(self.sites)]
+        for i, site in enumerate(names):
+            url = self.settings.redis_url if self.sites == 1 else None
+            if not url:
+                server = RedisServer().start()
+                self.servers.append(server)
+                url = server.url
+                where = "" if self.sites == 1 else f" for site {site}"
+                self.echo(f"embedded Redis{where} on {url} (log: {server.log_path})")
+            self.urls[site] = url
+            self._start_site(site, self._env(url, site if self.sites > 1 else None, nats_url),
+                             first=i == 0)
+        self.echo(f"logs in {self.dir}")
+        return next(iter(self.urls.values()))
+
+    def _start_site(self, site: str, env: dict[str, str], *, first: bool) -> None:
         py = sys.executable
-        self._spawn("worker", [py, "-m", "celery", "-A", "workers", "worker", "-P", "solo",
-                               "-n", "sidecar@%h", "-l", "info", "--without-mingle",
-                               "--without-gossip"], env)
-        self._spawn("beat", [py, "-m", "celery", "-A", "workers", "beat", "-l", "info",
-                             "-s", str(self.dir / "beat-schedule")], env)
-        if self.with_flower:
+        tag = "" if self.sites == 1 else f"-{site}"
+        self._spawn(f"worker{tag}", [py, "-m", "celery", "-A", "workers", "worker", "-P", "solo",
+                                     "-n", f"sidecar{tag}@%h", "-l", "info", "--without-mingle",
+                                     "--without-gossip"], env)
+        self._spawn(f"beat{tag}", [py, "-m", "celery", "-A", "workers", "beat", "-l", "info",
+                                   "-s", str(self.dir / f"beat-schedule{tag}")], env)
+        if self.with_flower and first:
             port = free_port()
             args = [py, "-m", "celery", "-A", "workers", "flower", "--address=127.0.0.1",
                     f"--port={port}"]
@@ -81,11 +115,14 @@ class Supervisor:
             self.echo(f"Flower on http://127.0.0.1:{port}")
         if self.with_peers:
             demo = [py, "-m", "examples.sidecar_conductor"]
-            self._spawn("conductor", [*demo, "conductor"], env)
-            self._spawn("follower-1", [*demo, "follower", "--nudge-every", "5"], env)
-            self._spawn("follower-2", [*demo, "follower"], env)
-        self.echo(f"logs in {self.dir}")
-        return url
+            if self.sites == 1:
+                self._spawn("conductor", [*demo, "conductor"], env)
+                self._spawn("follower-1", [*demo, "follower", "--nudge-every", "5"], env)
+                self._spawn("follower-2", [*demo, "follower"], env)
+                return
+            if first:
+                self._spawn(f"conductor{tag}", [*demo, "conductor"], env)
+            self._spawn(f"follower{tag}", [*demo, "follower", "--nudge-every", "5"], env)
 
     def run(self, duration: float | None = None) -> int:
         """Start, report each second until stopped, stop. Returns the exit status."""
@@ -98,8 +135,9 @@ class Supervisor:
             signal.signal(sig, on_signal)
         status = 0
         try:
-            url = self.start()
-            client = redis.Redis.from_url(url, decode_responses=True)
+            self.start()
+            clients = {site: redis.Redis.from_url(url, decode_responses=True)
+                       for site, url in self.urls.items()}
             keys = Keys(self.settings.namespace)
             deadline = None if duration is None else time.monotonic() + duration
             while not self._stopping and (deadline is None or time.monotonic() < deadline):
@@ -110,14 +148,30 @@ class Supervisor:
                                   f"{self._tail(name)}")
                     status = 1
                     break
-                self.echo(self._line(cluster_report(client, keys)))
+                self.echo(self._status(clients, keys))
                 time.sleep(min(1.0, max(0.0, (deadline or float("inf")) - time.monotonic())))
-            client.close()
+            for client in clients.values():
+                client.close()
         finally:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return status
+
+    def _status(self, clients: dict[str, redis.Redis], keys: Keys) -> str:
+        """One status line per site (``site: ...`` prefixed when there are several)."""
+        lines = []
+        for site, client in clients.items():
+            try:
+                line = self._line(cluster_report(client, keys))
+                if self.sites > 1:
+                    heard = sites_report(client, keys)
+                    reachable = sum(1 for s in heard.values() if s["reachable"])
+                    line = f"{site}: {line} sites={reachable}/{len(heard)} reachable"
+            except redis.RedisError as exc:
+                line = f"{site}: unreachable ({exc})"
+            lines.append(line)
+        return "\n".join(lines)
 
     @staticmethod
     def _line(r: dict[str, object]) -> str:
@@ -135,8 +189,8 @@ class Supervisor:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        """Stop peers first (they leave cleanly), then beat, Flower and the worker, then Redis."""
-        order = sorted(self.children, key=lambda c: c[0] in ("worker", "beat", "flower"))
+        """Stop peers first (they leave cleanly), then beats, Flower and workers, then the servers."""
+        order = sorted(self.children, key=lambda c: c[0].startswith(("worker", "beat", "flower")))
         for name, proc in order:
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
@@ -148,9 +202,12 @@ class Supervisor:
                     proc.wait()
             _signal_group(proc, signal.SIGKILL)  # anything its children left behind
         self.children.clear()
-        if self.redis is not None:
-            self.redis.stop()
-            self.redis = None
+        for server in self.servers:
+            server.stop()
+        self.servers.clear()
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

@@ -579,6 +579,11 @@ class Bridge(StatusMixin):
             elif outcome.status == "fenced":
                 raise _Deposed
             else:
+                if outcome.delivered:  # the site's counters, as a peer's publishes add to them
+                    pipe = self.redis.pipeline(transaction=False)
+                    pipe.hincrby(self.keys.stats, "routed", outcome.routed)
+                    pipe.hincrby(self.keys.stats, "delivered", outcome.delivered)
+                    await pipe.execute()
                 for n, error in outcome.refused.items():
                     log.info("bridge %s: message %s refused here: %s", self.name,
                              entries[n].get("i"), error)

@@ -27,7 +27,7 @@ from typing import Any
 
 from coordinator.keys import Keys
 
-__all__ = ["ClusterElection", "Directory", "LeaderRecord", "SiteView"]
+__all__ = ["ClusterElection", "Directory", "LeaderRecord", "SiteView", "parse_site"]
 
 _LEADER = "leader"
 
@@ -59,6 +59,21 @@ class SiteView:
     site: str
     record: dict[str, Any]
     reachable: bool
+
+
+def parse_site(text: str | None) -> dict[str, Any]:
+    """A site's record as a bridge mirrors it into the ``sites`` hash: members (id -> role), the
+    leader it runs under, its active bridge, and whether this site's bridge still hears it."""
+    try:
+        record = json.loads(text or "")
+    except ValueError:
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    members = record.get("members")
+    return {"members": dict(members) if isinstance(members, dict) else {},
+            "leader": record.get("leader") or None, "bridge": record.get("bridge"),
+            "reachable": bool(record.get("reachable"))}
 
 
 class Directory:

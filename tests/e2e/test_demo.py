@@ -40,15 +40,18 @@ def leftovers(markers: tuple[str, ...]) -> dict[int, str]:
 
 
 def assert_nothing_left(out: str) -> tuple[str, str, Path]:
-    """Find the run's Redis and log folder in its output; fail if any of its processes lives on.
+    """Find the run's Redis servers (and NATS) and log folder in its output; fail if any of its
+    processes lives on.
 
-    Returns (embedded Redis URL, its port, the folder of the children's logs).
+    Returns (the first embedded Redis URL, its port, the folder of the children's logs).
     """
-    redis_line = re.search(r"embedded Redis on (redis://127\.0\.0\.1:(\d+)/0) \(log: (\S+)\)", out)
+    servers = re.findall(r"embedded (?:Redis|NATS)[^\n]* on (\S+) \(log: (\S+)\)", out)
+    redis_line = re.search(r"embedded Redis (?:for site \S+ )?on (redis://127\.0\.0\.1:(\d+)/0)", out)
     logs_line = re.search(r"logs in (\S+)", out)
-    assert redis_line and logs_line, out
+    assert servers and redis_line and logs_line, out
     url = redis_line.group(1)
-    markers = (f"SIDECAR_REDIS_URL={url}", str(Path(redis_line.group(3)).parent), logs_line.group(1))
+    markers = (*(f"_URL={u}" for u, _ in servers), *(str(Path(log).parent) for _, log in servers),
+               logs_line.group(1))
     left = leftovers(markers)
     for pid in left:  # clean up before failing, so nothing outlives the test
         os.kill(pid, signal.SIGKILL)
@@ -111,3 +114,32 @@ def test_ctrl_c_stops_sidecar_up_and_every_child(procs: Processes) -> None:
         assert "Traceback" not in log, f"{name}:\n{log[-3000:]}"
         # each peer left while the worker still routed (its leave was answered): peers stop first
         assert "leave not confirmed" not in log, f"{name}:\n{log[-3000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sidecar_up_with_two_sites_federates_them_and_leaves_nothing_behind(procs: Processes) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    up = procs.start([str(VENV_BIN / "sidecar"), "up", "--sites", "2", "--duration", "10",
+                      "--no-flower"], env, "up")
+    try:
+        code = up.wait(90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`sidecar up --sites 2` still running after 90s:\n{procs.log(up)}")
+    out = procs.log(up)
+    _, _, logs_dir = assert_nothing_left(out)
+    assert code == 0, out
+    assert "embedded NATS with JetStream" in out, out
+    status = [(line.split(":", 1)[0], dict(re.findall(r"(\w+)=(\S+)", line)))
+              for line in out.splitlines() if re.match(r"site\d: peers=", line)]
+    last = {site: s for site, s in status}
+    assert set(last) == {"site1", "site2"}, out
+    assert all(s["sites"] == "2/2" for s in last.values()), out  # each site hears both
+    # one leader for the whole namespace, the same on both sites
+    assert last["site1"]["leader"] == last["site2"]["leader"] != "none", out
+    follower = (logs_dir / "follower-site2.log").read_text(errors="replace")
+    assert "Traceback" not in follower, follower[-3000:]
+    # nothing on site 2 publishes until it hears the conductor (site 1): site 2 routed the
+    # heartbeats its bridge brought over, and the follower's nudges after every fifth
+    assert int(last["site2"]["routed"]) > 0, out
