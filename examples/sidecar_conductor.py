@@ -68,6 +68,9 @@ class SidecarFollower(Agent, SidecarMixin):
         await self.cluster_subscribe("conductor.heartbeat", self.on_beat)
 
     def on_beat(self, message: Message) -> None:
+        if not self.beats_heard:
+            self.logger.info("following the conductor at tempo %s (from site %s)",
+                             message.data["tempo"], message.site or "here")
         self.tempo = message.data["tempo"]
         self.musical_position = message.data["position"]
         self.beats_heard += 1
