@@ -53,6 +53,14 @@ class Plan:
     """How long two beats run under membership churn (the beat is killed halfway)."""
     policy_peers: int = 1_000
     policy_procs: int = 4
+    nats_msgs: int = 5_000
+    """Messages of one raw NATS run and of one cross-site run (both awaited one at a time)."""
+    jetstream_msgs: int = 50_000
+    """Messages of one raw JetStream run (batched acknowledgements both ways)."""
+    catch_up_msgs: int = 50_000
+    """Messages a site misses and catches up on."""
+    federation_reps: int = 3
+    """Repetitions of the cross-site runs (each alternating with its anchor) and of the failover."""
 
     @property
     def fanout_peers(self) -> int:
@@ -73,7 +81,8 @@ QUICK = Plan(name="quick", reps=1, raw_msgs=200, route_msgs=200, pipelined_msgs=
              warmup_fraction=0.0, match_seconds=0.02, match_repeats=2,
              match_sizes=(10, 10_000), idle_peers=10, idle_procs=1,
              settle_s=0.5, settle_max_s=3.0, scenario_timeout_s=30.0, failover_reps=1,
-             beat_ha_s=4.0, policy_peers=50, policy_procs=1, rpc_msgs=50, rpc_reps=1)
+             beat_ha_s=4.0, policy_peers=50, policy_procs=1, rpc_msgs=50, rpc_reps=1,
+             nats_msgs=100, jetstream_msgs=500, catch_up_msgs=500, federation_reps=1)
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,10 @@ TARGETS = (
     Target("route_secure_vs_raw_throughput", ">=", 0.8),
     Target("request_reply_p50_vs_raw_rtt", "<=", 2.5),
     Target("queue_group_vs_route_throughput", ">=", 1.0),
+    Target("cross_site_vs_route_throughput", ">=", 0.8),
+    Target("cross_site_p50_vs_budget", "<=", 1.0),
+    Target("catch_up_vs_raw_jetstream", ">=", 0.5),
+    Target("cross_site_failover_s", "<=", 5.0),
 )
 """The issue's targets. Every ratio names its strongest anchor: ``raw`` is the fastest (for
 latency: the quickest) of the three raw hops, ``celery`` Celery at its default configuration,
@@ -128,5 +141,8 @@ NOTES = {
                                                  "configuration (no target)",
     "match_cost_ratio_10000_vs_10_same_answer": "legacy: same answer from both indexes (no target)",
     "redis_bytes_per_idle_peer": "legacy: key sizes only, connections left out (no target)",
+    "cross_site_p50_vs_budget": "cross_site_p50_us over 2 x route_p50_us + raw_nats_p50_us",
+    "raw_nats_msgs_per_s": "nats-py, a flush awaited after every publish (the anchor of the NATS hop)",
+    "raw_jetstream_msgs_per_s": "nats-py, JetStream acknowledgements batched both ways",
 }
 """What a figure without a target is, or which anchor a targeted figure stands on."""

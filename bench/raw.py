@@ -10,7 +10,7 @@ so the routed figures meet the strongest plain design, not a convenient one:
 ``sync``
     redis-py's synchronous client (with hiredis, so hiredis parses its replies) on both sides.
 ``lean``
-    the project's own lean RESP connections: ``mixin.resp.AsyncResp`` for the asyncio publisher,
+    the project's own lean RESP connections: ``coordinator.resp.AsyncResp`` for the asyncio publisher,
     ``coordinator.resp.RespConnection`` for a synchronous consumer.
 
 The ``sync`` and ``lean`` consumers pop the way a peer reads its inbox (up to 256 entries per read):
@@ -38,8 +38,7 @@ import redis.asyncio as aioredis
 
 from bench.children import Channel, Role, pace, run_stages
 from coordinator.protocol import dumps
-from coordinator.resp import RespConnection
-from mixin.resp import AsyncResp
+from coordinator.resp import AsyncResp, RespConnection
 
 __all__ = ["BATCH", "VARIANTS", "RawParams", "raw_consumer", "raw_publisher", "run_raw"]
 

@@ -23,9 +23,8 @@ from typing import Any
 
 from bench.children import Channel, Role, run_stages
 from bench.route import BenchPeer, _payload
-from coordinator.resp import RespConnection
+from coordinator.resp import AsyncResp, RespConnection
 from mixin import Message
-from mixin.resp import AsyncResp
 
 __all__ = ["run_queue_group", "run_raw_rtt", "run_request_reply"]
 

@@ -13,6 +13,9 @@
 5. Redis memory of idle peers.
 6. Failover, beat takeover under churn, dual-leader checks (the Redis record and every peer's own
    ``is_leader``), policy convergence.
+7. Federation (``bench.federation``): a NATS server and two sites; the raw NATS hop alternating with
+   the cross-site route, paced latency of both, raw JetStream, a site catching up, and the failover
+   of the namespace's leader across sites.
 
 Anchors are the strongest plain designs: ``raw_hop_msgs_per_s`` is the fastest raw hop by median,
 ``raw_hop_p50_us`` the quickest by median p50, and every ratio naming the raw hop uses them (the
@@ -29,11 +32,20 @@ import os
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from bench.celery_anchor import run_celery
+from bench.federation import (
+    Sites,
+    run_catch_up,
+    run_cross_site,
+    run_cross_site_failover,
+    run_raw_jetstream,
+    run_raw_nats,
+)
 from bench.ha import run_beat_ha, run_failover
 from bench.match import measure_match
 from bench.memory import run_idle_memory
@@ -128,7 +140,59 @@ class Run:
             if idle is not None:
                 self.extra.update(idle)
             self.availability(svc)
+        self.federation()
         return self.results()
+
+    def federation(self) -> None:
+        """Two sites joined by NATS: the cross-site figures and their NATS anchors."""
+        p = self.plan
+        t = p.scenario_timeout_s
+        self.say("federation: a NATS server and two sites")
+        with Sites() as sites:
+            namespace = f"bench-xs-{uuid.uuid4().hex[:6]}"
+            for site in ("a", "b"):
+                sites.worker(site, namespace)
+            sites.wait_federated(namespace, 60)
+            for rep in range(p.federation_reps):
+                steps: list[Step] = [
+                    ("raw_nats", lambda: run_raw_nats(sites.nats_url, p.nats_msgs, timeout=t)),
+                    ("cross_site", lambda: run_cross_site(sites, namespace, p.nats_msgs, timeout=t)),
+                    ("raw_nats_paced", lambda: run_raw_nats(sites.nats_url, p.latency_msgs,
+                                                            rate=p.latency_rate, timeout=t)),
+                    ("cross_site_paced", lambda: run_cross_site(sites, namespace, p.latency_msgs,
+                                                                rate=p.latency_rate, timeout=t)),
+                ]
+                for name, call in reversed(steps) if rep % 2 else steps:
+                    res = self.attempt(f"federation {rep + 1} {name}", call)
+                    if res is None:
+                        continue
+                    if name.endswith("_paced"):
+                        base = name.removesuffix("_paced")
+                        self.record(f"{base}_p50_us", percentile(
+                            [x / 1e3 for x in res["latency_ns"]], 50))
+                    else:
+                        self.record(f"{name}_msgs_per_s", res["msgs_per_s"])
+                        for part, us in res.get("cpu_us_per_msg", {}).items():
+                            self.record(f"cpu_us_per_msg_{name}_{part}", us)
+            sites.stop_procs()
+            for rep in range(p.federation_reps):
+                js = self.attempt(f"federation {rep + 1} raw_jetstream", lambda: run_raw_jetstream(
+                    sites.nats_url, p.jetstream_msgs, timeout=t))
+                if js is not None:
+                    self.record("raw_jetstream_msgs_per_s", js["msgs_per_s"])
+                back = self.attempt(f"federation {rep + 1} catch_up", lambda: run_catch_up(
+                    sites, p.catch_up_msgs, timeout=t * 2))
+                if back is not None:
+                    self.record("catch_up_msgs_per_s", back["msgs_per_s"])
+                sites.stop_procs()
+                failover = self.attempt(f"federation {rep + 1} failover",
+                                        lambda: run_cross_site_failover(sites, timeout=t))
+                if failover is not None:
+                    self.record("cross_site_failover_s", failover["failover_s"])
+                sites.stop_procs()
+        self.say("federation: " + ", ".join(f"{k} {self.runs.get(k)}" for k in (
+            "raw_nats_msgs_per_s", "cross_site_msgs_per_s", "raw_nats_p50_us", "cross_site_p50_us",
+            "raw_jetstream_msgs_per_s", "catch_up_msgs_per_s", "cross_site_failover_s")))
 
     def availability(self, svc: Services) -> None:
         """Failover, detection, beat takeover, dual-leader checks and policy convergence."""
@@ -337,6 +401,17 @@ class Run:
             f[name] = m.get(name)
         f["request_reply_p50_vs_raw_rtt"] = ratio(f["request_reply_p50_us"], f["raw_rtt_p50_us"])
         f["queue_group_vs_route_throughput"] = ratio(f["queue_group_msgs_per_s"], f["route_msgs_per_s"])
+        # federation: across sites against the route and the plain NATS and JetStream clients
+        for name in ("raw_nats_msgs_per_s", "raw_nats_p50_us", "raw_jetstream_msgs_per_s",
+                     "cross_site_msgs_per_s", "cross_site_p50_us", "catch_up_msgs_per_s",
+                     "cross_site_failover_s"):
+            f[name] = m.get(name)
+        f["cross_site_vs_route_throughput"] = ratio(f["cross_site_msgs_per_s"], f["route_msgs_per_s"])
+        budget = (2 * f["route_p50_us"] + f["raw_nats_p50_us"]
+                  if f["route_p50_us"] is not None and f["raw_nats_p50_us"] is not None else None)
+        f["cross_site_p50_budget_us"] = budget
+        f["cross_site_p50_vs_budget"] = ratio(f["cross_site_p50_us"], budget)
+        f["catch_up_vs_raw_jetstream"] = ratio(f["catch_up_msgs_per_s"], f["raw_jetstream_msgs_per_s"])
         # matching: the mixed workload carries the target
         for size in p.match_sizes:
             f[f"match_us_{size}_subs"] = m.get(f"match_us_{size}_subs")

@@ -1,15 +1,20 @@
-"""A lean RESP connection for the router's hot loop.
+"""Lean RESP connections for the hot paths: the router's loop (sync :class:`RespConnection`), a
+peer's requests and inbox reads and a bridge's deliveries (asyncio :class:`AsyncResp`).
 
 redis-py spends about 40 us of CPU per call on this machine beyond the socket work itself (command
 building, connection-pool bookkeeping, retry and observability wrappers). The router makes one
-round trip per batch (its read, with the previous batch's fan-out riding along), so that overhead
-was most of its cost per message. This connection packs with ``hiredis.pack_command``, parses with
-a ``hiredis.Reader`` and raises redis-py's own exception types, so callers handle errors exactly as
-they would with redis-py. Everything else in the router still uses redis-py.
+round trip per batch (its read, with the previous batch's fan-out riding along), a peer one per
+publish and one per inbox read, so that overhead was most of their cost per message. These
+connections pack with ``hiredis.pack_command``, parse with a ``hiredis.Reader`` and raise
+redis-py's own exception types, so callers handle errors exactly as they would with redis-py
+(reconnect with backoff, NOGROUP, NOPERM, NOSCRIPT). One caller at a time uses an asyncio
+connection (an outbox writes one batch at a time; an inbox has one reader), so it needs no locking.
+Plain ``redis://`` TCP URLs only; other URLs keep using redis-py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any
 
@@ -26,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
+    "AsyncResp",
     "Endpoint",
     "Entry",
     "Replies",
@@ -190,6 +196,79 @@ class RespConnection(Endpoint):
 
     def __repr__(self) -> str:
         return f"RespConnection({self.host}:{self.port}/{self.db})"
+
+
+class AsyncResp(Endpoint):
+    """One asyncio connection; ``pipeline(commands)`` sends them in one write, returns every reply."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._replies = Replies()
+
+    async def _connect(self) -> None:
+        try:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        except OSError as exc:
+            raise RedisConnectionError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        self._replies = Replies()
+        setup = self.handshake()
+        if setup:
+            for reply in await self._exchange(pack(setup), len(setup)):
+                if isinstance(reply, Exception):
+                    await self.close()
+                    raise reply
+
+    async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Each command's reply, or the ResponseError that command got (raised for nothing)."""
+        if self._writer is None:
+            await self._connect()
+        return await self._exchange(pack(commands), len(commands))
+
+    async def send_packed(self, data: bytes, count: int) -> list[Any]:
+        """As :meth:`pipeline` for ``count`` commands already packed into ``data``."""
+        if self._writer is None:
+            await self._connect()
+        return await self._exchange(data, count)
+
+    async def call(self, *command: Any) -> Any:
+        """One command; raises its error."""
+        (reply,) = await self.pipeline([command])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def _exchange(self, data: bytes, count: int) -> list[Any]:
+        reader, writer = self._reader, self._writer
+        assert reader is not None and writer is not None
+        try:
+            writer.write(data)
+            replies: list[Any] = []
+            while not self._replies.collect(replies, count):
+                data = await reader.read(1 << 16)
+                if not data:
+                    raise ConnectionResetError("Redis closed the connection")
+                self._replies.feed(data)
+            return replies
+        except asyncio.CancelledError:
+            await self.close()  # a reply may be half read: never reuse this connection
+            raise
+        except OSError as exc:
+            await self.close()
+            raise RedisConnectionError(f"lost the connection to Redis: {exc}") from exc
+
+    async def close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"AsyncResp({self.host}:{self.port}/{self.db})"
 
 
 def pack(commands: list[tuple[Any, ...]]) -> bytes:

@@ -28,13 +28,12 @@ from coordinator.errors import SidecarError, SidecarTimeout, SidecarUnavailable,
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.policy.auth import Signer
 from coordinator.protocol import dumps
-from coordinator.resp import stream_entries, stream_entries_py
+from coordinator.resp import AsyncResp, stream_entries, stream_entries_py, supports
 from coordinator.routing.coalesce import ReadCoalescer
 from coordinator.routing.direct import DataPlane
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 from mixin.outbox import TRANSIENT, Outbox
-from mixin.resp import AsyncResp, supports
 
 __all__ = ["SidecarLink"]
 

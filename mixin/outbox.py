@@ -35,10 +35,9 @@ from coordinator.errors import SidecarError, SidecarUnavailable, UnknownPeer
 from coordinator.keys import Keys
 from coordinator.policy.auth import Signer
 from coordinator.protocol import dumps
-from coordinator.resp import pack
+from coordinator.resp import AsyncResp, pack
 from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache
 from coordinator.scripts import scripts_for, source
-from mixin.resp import AsyncResp
 
 __all__ = ["MAX_FOLD", "TRANSIENT", "Outbox"]
 

@@ -35,12 +35,13 @@ import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from coordinator.cluster.membership import (
     elect_call,
@@ -64,9 +65,10 @@ from coordinator.keys import PEER_GROUP, Keys
 from coordinator.leases import LeaseToken
 from coordinator.policy.store import policy_ack_call
 from coordinator.protocol import SYSTEM_SENDER
+from coordinator.resp import AsyncResp, supports
 from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache
 from coordinator.routing.rejections import deadletter_entry
-from coordinator.scripts import scripts_for
+from coordinator.scripts import scripts_for, source
 from coordinator.settings import Settings
 from coordinator.status import StatusField, StatusMixin
 
@@ -83,6 +85,22 @@ _REPLY_LIMIT = 10_000
 """Requests from elsewhere a bridge remembers the way back of."""
 _ACK_TIMEOUT = 5.0
 """Seconds a JetStream acknowledgement may take before the message is sent again."""
+
+
+_IN_FLIGHT = 8
+"""Batches a bridge has published and not yet seen acknowledged, at most."""
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A batch of inbox entries on its way to NATS: the entries, the messages among them, and the
+    futures of their JetStream acknowledgements."""
+
+    entry_ids: list[str]
+    messages: list[Outbound]
+    futures: list[Awaitable[Any]]
+    connection: int
+    """The NATS connection (a count of disconnections) its messages were published on."""
 
 
 def bridge_id(site: str) -> str:
@@ -121,6 +139,9 @@ class Bridge(StatusMixin):
                                                   socket_keepalive=True)
         self.scripts = scripts_for(self.redis)
         self.inbox = self.keys.responses(self.peer_id)
+        self._lean = AsyncResp(settings.redis_url) if supports(settings.redis_url) else None
+        """Deliveries' connection: hiredis-parsed, without redis-py's per-call work."""
+        self._lean_lock = asyncio.Lock()
         self._plane = DataPlane.from_settings(settings)
         self._routes = RouteCache()
         self._replies: OrderedDict[str, tuple[ReplyRoute, float]] = OrderedDict()
@@ -131,6 +152,15 @@ class Bridge(StatusMixin):
         self._leading: LeaderRecord | None = None
         """The namespace's leader while it is on this site (see _fence_unconfirmed)."""
         self._confirmed_at = 0.0
+        self._tally = [0, 0]
+        self._connection = 0
+        """Disconnections from NATS so far (see _Flight.connection)."""
+        self._unsettled: deque[tuple[int, bool]] = deque()
+        """Each unsettled flight, oldest first: the connection it went out on, and whether all
+        of it went out."""
+        self._settled = asyncio.Event()
+        """Routed and delivered since the last round, added to the site's counters by _tick (as
+        peers add theirs with their heartbeats: one command less per delivery)."""
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -149,6 +179,8 @@ class Bridge(StatusMixin):
                 with contextlib.suppress(Exception):
                     await self._nc.close()
             await self.redis.aclose()
+            if self._lean is not None:
+                await self._lean.close()
 
     async def _tick(self) -> None:
         """Renew (or take) the lease, start or stop federating, and heartbeat the membership."""
@@ -171,6 +203,7 @@ class Bridge(StatusMixin):
                                                                            self.token))
                 if str((await self.scripts.heartbeat(keys=keys, args=args))[0]) == "evicted":
                     await self._join()
+                await self._flush_tally()
             await self._fence_unconfirmed()
         except (RedisError, OSError) as exc:
             log.warning("bridge %s: Redis failed: %s", self.name, exc)
@@ -182,6 +215,15 @@ class Bridge(StatusMixin):
             self.active = True
             self._work = asyncio.create_task(self._federate(), name=f"bridge {self.site}")
             log.info("bridge %s active for site %r", self.name, self.site)
+
+    async def _flush_tally(self) -> None:
+        routed, delivered = self._tally
+        if routed or delivered:
+            self._tally = [0, 0]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(self.keys.stats, "routed", routed)
+            pipe.hincrby(self.keys.stats, "delivered", delivered)
+            await pipe.execute()
 
     async def _join(self) -> None:
         """Become the site's bridge member, subscribed to the export patterns."""
@@ -251,6 +293,7 @@ class Bridge(StatusMixin):
 
             async def disconnected(*_: Any) -> None:
                 self.nats_connected = False
+                self._connection += 1
 
             async def error(exc: Exception) -> None:
                 log.debug("bridge %s: NATS: %s", self.name, exc)
@@ -264,7 +307,17 @@ class Bridge(StatusMixin):
 
     # ------------------------------------------------------------------ out: this site to NATS
     async def _out(self) -> None:
-        """Send this site's messages (and answers to requests from elsewhere) to NATS."""
+        """Send this site's messages (and answers to requests from elsewhere) to NATS: one task
+        reads the inbox and publishes, another awaits JetStream's acknowledgements in order and
+        acknowledges the entries, so reading never waits on the acknowledgements."""
+        flights: asyncio.Queue[_Flight] = asyncio.Queue(maxsize=_IN_FLIGHT)
+        self._unsettled.clear()
+        self._settled.set()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._out_read(flights))
+            group.create_task(self._out_settle(flights))
+
+    async def _out_read(self, flights: asyncio.Queue[_Flight]) -> None:
         cursor = "0"  # first what a predecessor (or this bridge) left pending, then new entries
         while True:
             reply = await self.redis.xreadgroup(
@@ -290,36 +343,60 @@ class Bridge(StatusMixin):
                         await self._ack_policy(fields)
                 else:
                     messages.append(outbound(self.keys, self.site, fields))
-            if messages and await self._send(messages):
-                self.exported += len(messages)
-            await self.redis.xack(self.inbox, PEER_GROUP, *(eid for eid, _ in entries))
+            if not all(ok and on == self._connection for on, ok in self._unsettled):
+                # An earlier batch went out on a connection since lost, or could not go out at
+                # all: it will be published again. Nothing newer goes out before it is settled,
+                # or it could be stored ahead of it (order per publisher).
+                await self._settled.wait()
+            futures = await self._launch(messages) if messages else []
+            self._unsettled.append((self._connection, len(futures) == len(messages)))
+            self._settled.clear()
+            await flights.put(_Flight([eid for eid, _ in entries], messages, futures,
+                                      self._connection))
 
-    async def _send(self, messages: list[Outbound]) -> bool:
-        """Publish ``messages`` to the stream, in order, until JetStream acknowledges each; False
-        if they were given up instead: NATS stayed unreachable while more than ``bridge_backlog``
-        messages waited here, so they are dead-lettered (``export_failed``) to make room."""
+    async def _out_settle(self, flights: asyncio.Queue[_Flight]) -> None:
+        while True:
+            flight = await flights.get()
+            if flight.messages and await self._send(flight.messages, flight.futures):
+                self.exported += len(flight.messages)
+            await self.redis.xack(self.inbox, PEER_GROUP, *flight.entry_ids)
+            self._unsettled.popleft()
+            if not self._unsettled:
+                self._settled.set()
+
+    async def _launch(self, messages: list[Outbound]) -> list[Awaitable[Any]]:
+        """Publish ``messages`` in order; their acknowledgements' futures (none while NATS is
+        away: nothing goes into the client's buffer that could not be recalled)."""
+        futures: list[Awaitable[Any]] = []
+        try:
+            for m in (messages if self._nc.is_connected else ()):
+                futures.append(await self._js.publish_async(m.subject, m.payload, headers=m.headers))
+        except Exception as exc:  # NATS down or its buffer full: sent again by _send
+            log.debug("bridge %s: publish failed: %r", self.name, exc)
+        return futures
+
+    async def _send(self, messages: list[Outbound], futures: list[Awaitable[Any]]) -> bool:
+        """Await the acknowledgements of ``messages`` (published with ``futures``), publishing
+        again from the first one not acknowledged, in order, until each is; False if they were
+        given up instead: NATS stayed unreachable while more than ``bridge_backlog`` messages
+        waited here, so they are dead-lettered (``export_failed``) to make room."""
         pending = messages
         delay = 0.05
-        while pending:
-            futures: list[Awaitable[Any]] = []
-            try:  # nothing goes into the client's buffer while NATS is away: it could not be recalled
-                for m in (pending if self._nc.is_connected else ()):
-                    futures.append(await self._js.publish_async(m.subject, m.payload, headers=m.headers))
-            except Exception as exc:  # NATS down or its buffer full: send again
-                log.debug("bridge %s: publish failed: %r", self.name, exc)
+        while True:
             results = await asyncio.gather(*(asyncio.wait_for(f, _ACK_TIMEOUT) for f in futures),
                                            return_exceptions=True)
             failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
             done = len(futures) if not failed else failed[0]
-            pending = pending[done:]  # from the first one not acknowledged, in order
-            if pending:
-                waiting = await self._backlog()
-                if waiting > self.settings.bridge_backlog:
-                    await self._give_up(pending, waiting)
-                    return False
-                await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)
-        return True
+            pending = pending[done:]
+            if not pending:
+                return True
+            waiting = await self._backlog()
+            if waiting > self.settings.bridge_backlog:
+                await self._give_up(pending, waiting)
+                return False
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+            futures = await self._launch(pending)
 
     async def _backlog(self) -> int:
         """Messages in this bridge's inbox not yet sent (unread, and read but unacknowledged)."""
@@ -431,16 +508,27 @@ class Bridge(StatusMixin):
 
     # ------------------------------------------------------------------ in: NATS to this site
     async def _in(self) -> None:
-        """Deliver other sites' messages from the site's durable consumer, in stream order."""
+        """Deliver other sites' messages from the site's durable consumer, in stream order: one
+        task fetches, another delivers and acknowledges, so fetching never waits on Redis."""
         subscription, expected = await self._consumer()
         self.consuming = True
+        fetched: asyncio.Queue[list[Any]] = asyncio.Queue(maxsize=4)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._in_fetch(subscription, fetched))
+            group.create_task(self._in_deliver(fetched, expected))
+
+    async def _in_fetch(self, subscription: Any, fetched: asyncio.Queue[list[Any]]) -> None:
         while True:
             try:
                 msgs = await subscription.fetch(self.settings.bridge_batch, timeout=1.0)
             except TimeoutError:  # nothing to read (nats.errors.TimeoutError is one)
                 continue
-            if not msgs:
-                continue
+            if msgs:
+                await fetched.put(msgs)
+
+    async def _in_deliver(self, fetched: asyncio.Queue[list[Any]], expected: int) -> None:
+        while True:
+            msgs = await fetched.get()
             first = msgs[0].metadata.sequence.stream
             if expected and first > expected:
                 self.lost_to_retention += first - expected
@@ -449,10 +537,9 @@ class Bridge(StatusMixin):
             expected = 0
             entries = []
             for m in msgs:
-                seq = m.metadata.sequence.stream
                 if origin_of(m.headers) == self.site:
                     continue
-                found = await self._admit(m.subject, m.data, m.headers, seq)
+                found = await self._admit(m.subject, m.data, m.headers, m.metadata.sequence.stream)
                 if found is not None:
                     entries.append(found)
             if entries:
@@ -571,7 +658,7 @@ class Bridge(StatusMixin):
                     self._plane = plane
                 continue
             keys, args = batch.call(self._routes)
-            outcome = DirectBatch.outcome(await self.scripts.publish(keys=keys, args=args))
+            outcome = DirectBatch.outcome(await self._publish(keys, args))
             if outcome.status == "stale":
                 self._routes.invalidate()
             elif outcome.status == "unknown":
@@ -579,16 +666,26 @@ class Bridge(StatusMixin):
             elif outcome.status == "fenced":
                 raise _Deposed
             else:
-                if outcome.delivered:  # the site's counters, as a peer's publishes add to them
-                    pipe = self.redis.pipeline(transaction=False)
-                    pipe.hincrby(self.keys.stats, "routed", outcome.routed)
-                    pipe.hincrby(self.keys.stats, "delivered", outcome.delivered)
-                    await pipe.execute()
+                self._tally[0] += outcome.routed  # added to the site's counters each round
+                self._tally[1] += outcome.delivered
                 for n, error in outcome.refused.items():
                     log.info("bridge %s: message %s refused here: %s", self.name,
                              entries[n].get("i"), error)
                 self.dead_lettered += len(outcome.refused)
                 return
+
+    async def _publish(self, keys: list[str], args: list[Any]) -> Any:
+        """Run publish.lua, on the lean connection when the URL allows (one caller at a time)."""
+        if self._lean is None:
+            return await self.scripts.publish(keys=keys, args=args)
+        async with self._lean_lock:
+            try:
+                return await self._lean.call("EVALSHA", self.scripts.publish.sha, len(keys), *keys,
+                                             *args)
+            except NoScriptError:  # Redis restarted: load it and call again
+                await self._lean.call("SCRIPT", "LOAD", source("publish"))
+                return await self._lean.call("EVALSHA", self.scripts.publish.sha, len(keys), *keys,
+                                             *args)
 
     def __repr__(self) -> str:
         return f"Bridge(site={self.site!r}, name={self.name!r}, active={self.active})"

@@ -25,7 +25,10 @@ FIGURES = ("raw_hop_msgs_per_s", "raw_hop_p50_us", "celery_task_msgs_per_s", "ro
            "raw_hop_lean_msgs_per_s", "raw_hop_sync_msgs_per_s", "raw_hop_async_msgs_per_s",
            "raw_pipelined_msgs_per_s", "route_pipelined_vs_raw_pipelined",
            "celery_task_project_config_msgs_per_s", "redis_used_memory_per_idle_peer",
-           "dual_leader_belief_ms", "dual_leader_belief_outside_ttl_ms")
+           "dual_leader_belief_ms", "dual_leader_belief_outside_ttl_ms", "raw_nats_msgs_per_s",
+           "raw_nats_p50_us", "raw_jetstream_msgs_per_s", "cross_site_msgs_per_s", "cross_site_p50_us",
+           "catch_up_msgs_per_s", "cross_site_failover_s", "cross_site_vs_route_throughput",
+           "cross_site_p50_vs_budget", "catch_up_vs_raw_jetstream")
 
 
 @pytest.mark.slow
@@ -42,4 +45,4 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     assert results["dual_leader_samples"] == 0
     assert results["dual_leader_belief_outside_ttl_ms"] == 0  # overlaps only inside the TTL window
     assert set(results["targets"]) >= {"route_vs_raw_throughput", "failover_s",
-                                       "policy_convergence_1000_peers_s"}
+                                       "policy_convergence_1000_peers_s", "cross_site_failover_s"}
