@@ -357,8 +357,8 @@ class Bridge(StatusMixin):
     async def _out_settle(self, flights: asyncio.Queue[_Flight]) -> None:
         while True:
             flight = await flights.get()
-            if flight.messages and await self._send(flight.messages, flight.futures):
-                self.exported += len(flight.messages)
+            if flight.messages:
+                self.exported += await self._send(flight.messages, flight.futures)
             await self.redis.xack(self.inbox, PEER_GROUP, *flight.entry_ids)
             self._unsettled.popleft()
             if not self._unsettled:
@@ -370,30 +370,41 @@ class Bridge(StatusMixin):
         futures: list[Awaitable[Any]] = []
         try:
             for m in (messages if self._nc.is_connected else ()):
-                futures.append(await self._js.publish_async(m.subject, m.payload, headers=m.headers))
-        except Exception as exc:  # NATS down or its buffer full: sent again by _send
+                futures.append(await self._js.publish_async(m.subject, m.payload, headers=m.headers,
+                                                            wait_stall=_ACK_TIMEOUT))
+        except Exception as exc:  # NATS down or too many unacknowledged: sent again by _send
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # nats-py reports a cancellation while it waits for room as TooManyStalledMsgs:
+                # swallowing it would leave this task running after its group was torn down
+                raise asyncio.CancelledError from exc
             log.debug("bridge %s: publish failed: %r", self.name, exc)
         return futures
 
-    async def _send(self, messages: list[Outbound], futures: list[Awaitable[Any]]) -> bool:
+    async def _send(self, messages: list[Outbound], futures: list[Awaitable[Any]]) -> int:
         """Await the acknowledgements of ``messages`` (published with ``futures``), publishing
-        again from the first one not acknowledged, in order, until each is; False if they were
-        given up instead: NATS stayed unreachable while more than ``bridge_backlog`` messages
-        waited here, so they are dead-lettered (``export_failed``) to make room."""
+        again from the first one not acknowledged, in order, until each is; returns how many
+        were. While NATS stays unreachable with more than ``bridge_backlog`` messages waiting
+        here, the oldest of them are given up (dead-lettered as ``export_failed``) to keep the
+        backlog within the bound; the rest keep waiting."""
         pending = messages
+        sent = 0
         delay = 0.05
         while True:
             results = await asyncio.gather(*(asyncio.wait_for(f, _ACK_TIMEOUT) for f in futures),
                                            return_exceptions=True)
             failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
             done = len(futures) if not failed else failed[0]
+            sent += done
             pending = pending[done:]
             if not pending:
-                return True
-            waiting = await self._backlog()
-            if waiting > self.settings.bridge_backlog:
-                await self._give_up(pending, waiting)
-                return False
+                return sent
+            excess = await self._backlog() - self.settings.bridge_backlog
+            if excess > 0:
+                await self._give_up(pending[:excess], excess + self.settings.bridge_backlog)
+                pending = pending[excess:]
+                if not pending:
+                    return sent
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
             futures = await self._launch(pending)
