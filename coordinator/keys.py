@@ -45,8 +45,10 @@ Celery's broker and result keys live under ``sidecar-celery:{ns}:`` so they neve
 NATS names (federation, coordinator.federation)::
 
     _SIDECAR.<ns>.msg.<topic>     subject   a site's message on that topic, into the stream
+    _SIDECAR.<ns>.plain.<topic>   subject   a plain NATS client's message, put in the stream by the
+                                            bridge that took it from <ns>.<topic>
     SIDECAR_<ns>                  stream    JetStream stream of the namespace (those subjects), which
-                                            republishes every message it stores on <ns>.<topic>
+                                            republishes every site's message on <ns>.<topic>
     <ns>.<topic>                  subject   what plain NATS clients subscribe to and publish on
     site_<site>                   consumer  each site's durable consumer of the stream
     _SIDECAR.<ns>.reply.<site>    subject   answers to requests that site's peers made (core NATS)
@@ -238,10 +240,16 @@ class Keys:
         """NATS subject a site's bridge sends ``topic`` to, stored by the namespace's stream."""
         return f"_SIDECAR.{self.namespace}.msg.{topic}"
 
+    def plain_subject(self, topic: str) -> str:
+        """NATS subject a bridge puts a plain NATS client's message on ``topic`` in the stream
+        with (not republished: its subscribers had it from the client already)."""
+        return f"_SIDECAR.{self.namespace}.plain.{topic}"
+
     def topic_of(self, subject: str) -> str | None:
         """The topic a NATS subject carries (plain or stream subject), or None for a subject
         outside the namespace."""
-        for prefix in (f"_SIDECAR.{self.namespace}.msg.", self.namespace + "."):
+        for prefix in (f"_SIDECAR.{self.namespace}.msg.", f"_SIDECAR.{self.namespace}.plain.",
+                       self.namespace + "."):
             if subject.startswith(prefix):
                 return subject[len(prefix):]
         return None

@@ -17,8 +17,9 @@ direct path and through the router alike. Then, concurrently:
   also records the stream sequence delivered, atomically and fenced by the bridge lease. A bridge
   taking over starts the consumer right after that sequence, so no message is delivered twice or
   skipped; a deposed bridge's late call is refused (``fenced``).
-- plain NATS clients' messages on ``<namespace>.<topic>`` (core NATS: at most once, like NATS
-  itself) are delivered the same way, and answered when they are requests;
+- plain NATS clients' messages on ``<namespace>.<topic>`` are taken by one bridge of the cluster (a
+  queue group) and put in the stream (until then at most once, like core NATS itself), so every
+  site delivers them like any other; a request is answered on its reply subject;
 - answers: a local peer answering a request from elsewhere answers the bridge, which sends the
   answer on core NATS to the requester's site (or reply subject); answers coming back are handed to
   their requesters;
@@ -58,6 +59,7 @@ from coordinator.federation.envelope import (
     answer_in,
     answer_out,
     inbound,
+    ingest,
     origin_of,
     outbound,
 )
@@ -87,6 +89,8 @@ _ACK_TIMEOUT = 5.0
 """Seconds a JetStream acknowledgement may take before the message is sent again."""
 
 
+_PLAIN_QUEUE = "sidecar-bridges"
+"""Queue group of every bridge on ``<namespace>.>``: one of them takes each plain client message."""
 _IN_FLIGHT = 8
 """Batches a bridge has published and not yet seen acknowledged, at most."""
 
@@ -457,6 +461,16 @@ class Bridge(StatusMixin):
         await directory.open()
         election = ClusterElection(directory, self.site, self.settings.member_ttl)
         period = self.settings.bridge_lease / 3
+        following = asyncio.create_task(directory.follow(), name="bridge directory")
+        try:
+            await self._govern_rounds(directory, election, period)
+        finally:
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await following
+
+    async def _govern_rounds(self, directory: Directory, election: ClusterElection,
+                             period: float) -> None:
         while True:
             try:
                 await directory.announce(self.site, await self._site_record())
@@ -464,8 +478,7 @@ class Bridge(StatusMixin):
                 self._leading = leader if leader.id and leader.site == self.site else None
                 self._confirmed_at = election.confirmed_at
                 await self._adopt(leader, election.hold)
-                await self._mirror(await directory.sites(self.site,
-                                                         silent_after=self.settings.member_ttl))
+                await self._mirror(directory.sites(self.site, silent_after=self.settings.member_ttl))
             except _Deposed:
                 raise
             except Exception as exc:  # NATS away: _tick fences this site's leader after the hold
@@ -519,48 +532,49 @@ class Bridge(StatusMixin):
 
     # ------------------------------------------------------------------ in: NATS to this site
     async def _in(self) -> None:
-        """Deliver other sites' messages from the site's durable consumer, in stream order: one
-        task fetches, another delivers and acknowledges, so fetching never waits on Redis."""
-        subscription, expected = await self._consumer()
+        """Deliver other sites' messages from the site's durable consumer, in stream order. The
+        server pushes up to four batches ahead (``max_ack_pending``); each delivery takes what
+        has arrived, up to a batch, so a lone message goes at once and a burst goes in batches."""
+        arrived: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def take(msg: Any) -> None:
+            arrived.put_nowait(msg)
+
+        subscription, expected = await self._consumer(take)
         self.consuming = True
-        fetched: asyncio.Queue[list[Any]] = asyncio.Queue(maxsize=4)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._in_fetch(subscription, fetched))
-            group.create_task(self._in_deliver(fetched, expected))
+        try:
+            while True:
+                msgs = [await arrived.get()]
+                while not arrived.empty() and len(msgs) < self.settings.bridge_batch:
+                    msgs.append(arrived.get_nowait())
+                await self._deliver_batch(msgs, expected)
+                expected = 0
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
 
-    async def _in_fetch(self, subscription: Any, fetched: asyncio.Queue[list[Any]]) -> None:
-        while True:
-            try:
-                msgs = await subscription.fetch(self.settings.bridge_batch, timeout=1.0)
-            except TimeoutError:  # nothing to read (nats.errors.TimeoutError is one)
+    async def _deliver_batch(self, msgs: list[Any], expected: int) -> None:
+        first = msgs[0].metadata.sequence.stream
+        if expected and first > expected:
+            self.lost_to_retention += first - expected
+            log.warning("bridge %s: stream messages %d-%d were discarded before this site read "
+                        "them", self.name, expected, first - 1)
+        entries = []
+        for m in msgs:
+            if origin_of(m.headers) == self.site:
                 continue
-            if msgs:
-                await fetched.put(msgs)
+            found = await self._admit(m.subject, m.data, m.headers, m.metadata.sequence.stream)
+            if found is not None:
+                entries.append(found)
+        if entries:
+            await self._deliver(entries)
+            self.imported += len(entries)
+        await msgs[-1].ack()  # acknowledges every message up to it (AckPolicy.ALL)
 
-    async def _in_deliver(self, fetched: asyncio.Queue[list[Any]], expected: int) -> None:
-        while True:
-            msgs = await fetched.get()
-            first = msgs[0].metadata.sequence.stream
-            if expected and first > expected:
-                self.lost_to_retention += first - expected
-                log.warning("bridge %s: stream messages %d-%d were discarded before this site read "
-                            "them", self.name, expected, first - 1)
-            expected = 0
-            entries = []
-            for m in msgs:
-                if origin_of(m.headers) == self.site:
-                    continue
-                found = await self._admit(m.subject, m.data, m.headers, m.metadata.sequence.stream)
-                if found is not None:
-                    entries.append(found)
-            if entries:
-                await self._deliver(entries)
-                self.imported += len(entries)
-            await msgs[-1].ack()  # acknowledges every message up to it (AckPolicy.ALL)
-
-    async def _consumer(self) -> tuple[Any, int]:
-        """The site's durable consumer, placed right after the last sequence delivered here;
-        returns it and the sequence expected first (0: no expectation)."""
+    async def _consumer(self, callback: Any) -> tuple[Any, int]:
+        """Subscribe ``callback`` to the site's durable consumer, (re)created right after the
+        last sequence delivered here; returns the subscription and the sequence expected first
+        (0: no expectation)."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
         from nats.js.errors import NotFoundError
 
@@ -572,54 +586,77 @@ class Bridge(StatusMixin):
             info = None
         if not applied and info is not None:  # this Redis lost its record: resume at the consumer's
             applied = int(info.ack_floor.stream_seq if info.ack_floor else 0)
-        config = ConsumerConfig(durable_name=durable, name=durable, ack_policy=AckPolicy.ALL,
-                                ack_wait=10, max_ack_pending=self.settings.bridge_batch * 4)
+        config = ConsumerConfig(ack_policy=AckPolicy.ALL, ack_wait=10,
+                                max_ack_pending=self.settings.bridge_batch * 4,
+                                filter_subjects=[self.keys.stream_subject(">"),
+                                                 self.keys.plain_subject(">")])
         if applied:  # start right after it at once, not after the last holder's deliveries time out
-            if info is not None:
+            if info is not None:  # (a push consumer is bound to its last holder's inbox)
                 await self._js.delete_consumer(stream, durable)
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = applied + 1
-            await self._js.add_consumer(stream, config)
         elif info is None:  # a new site starts with what is published from now on
             config.deliver_policy = DeliverPolicy.NEW
-            await self._js.add_consumer(stream, config)
-        subscription = await self._js.pull_subscribe_bind(durable=durable, stream=stream)
+        # else: nothing was ever acknowledged: bind the consumer where it stands (what its last
+        # holder had in hand comes again once the acknowledgement wait runs out)
+        subscription = await self._js.subscribe(self.keys.stream_subject(">"), durable=durable,
+                                                stream=stream, cb=callback, manual_ack=True,
+                                                config=config, pending_msgs_limit=-1)
         return subscription, applied + 1 if applied else 0
 
     async def _core(self) -> None:
-        """Plain NATS clients' messages on ``<namespace>.>``, and answers coming back here."""
+        """Plain NATS clients' messages on ``<namespace>.>`` into the stream (one bridge of the
+        cluster takes each: a queue group), and answers coming back to this site."""
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=self.settings.bridge_batch * 16)
 
         async def put(msg: Any) -> None:
             await queue.put(msg)
 
-        subscriptions = [await self._nc.subscribe(self.keys.subject(">"), cb=put),
-                         await self._nc.subscribe(self.keys.reply_subject(self.site), cb=put)]
         answers_subject = self.keys.reply_subject(self.site)
+        subscriptions = [await self._nc.subscribe(self.keys.subject(">"), queue=_PLAIN_QUEUE, cb=put),
+                         await self._nc.subscribe(answers_subject, cb=put)]
         try:
             while True:
                 batch = [await queue.get()]
                 while not queue.empty() and len(batch) < self.settings.bridge_batch:
                     batch.append(queue.get_nowait())
-                entries = []
+                answers, plain = [], []
                 for msg in batch:
                     headers = msg.headers or {}
                     if msg.subject == answers_subject:
                         entry = self._answer_in(msg)
-                    elif "Nats-Stream" in headers or "Sidecar-Site" in headers:
-                        continue  # a site's message, republished by the stream: came in already
-                    else:
-                        entry = await self._admit(msg.subject, msg.data, headers, 0, reply=msg.reply)
-                    if entry is not None:
-                        entries.append(entry)
-                if entries:
-                    await self._deliver(entries)
-                    self.imported += sum(1 for e in entries if e["k"] == "fwd")
-                    self.answers += sum(1 for e in entries if e["k"] == "rep")
+                        if entry is not None:
+                            answers.append(entry)
+                    elif "Nats-Stream" not in headers and "Sidecar-Site" not in headers:
+                        # (those are sites' messages the stream republished: they came in already)
+                        found = await self._ingest(msg)
+                        if found is not None:
+                            plain.append(found)
+                if answers:
+                    await self._deliver(answers)
+                    self.answers += len(answers)
+                if plain:  # core NATS: at most once until the stream has it, like NATS itself
+                    results = await asyncio.gather(
+                        *(asyncio.wait_for(f, _ACK_TIMEOUT) for f in await self._launch(plain)),
+                        return_exceptions=True)
+                    lost = len(plain) - sum(1 for r in results if not isinstance(r, BaseException))
+                    if lost:
+                        log.warning("bridge %s: %d plain NATS messages could not be stored", self.name,
+                                    lost)
         finally:
             for sub in subscriptions:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    async def _ingest(self, msg: Any) -> Outbound | None:
+        """The stream message carrying a plain client's ``msg``, or None when it was
+        dead-lettered here as bad input."""
+        try:
+            return ingest(self.keys, msg.subject, msg.data, msg.headers, msg.reply or "",
+                          max_header_bytes=self.settings.max_header_bytes)
+        except BadRequest as exc:
+            await self._dead_letter(exc, msg.subject, 0, msg.data, msg.headers)
+            return None
 
     def _answer_in(self, msg: Any) -> dict[str, str] | None:
         """The ``rep`` entry of an answer that came back here (None: not an answer)."""
@@ -629,23 +666,26 @@ class Bridge(StatusMixin):
             log.info("bridge %s: dropped an answer on %s: %s", self.name, msg.subject, exc)
             return None
 
-    async def _admit(self, subject: str, payload: bytes, headers: Any, seq: int, *,
-                     reply: str = "") -> dict[str, str] | None:
-        """The ``fwd`` entry of a NATS message, or None when it was dead-lettered as bad input."""
+    async def _admit(self, subject: str, payload: bytes, headers: Any, seq: int) -> dict[str, str] | None:
+        """The ``fwd`` entry of stream message ``seq``, or None when it was dead-lettered here as
+        bad input."""
         try:
             found = inbound(self.keys, subject, payload, headers, seq,
-                            max_header_bytes=self.settings.max_header_bytes, reply=reply or "")
+                            max_header_bytes=self.settings.max_header_bytes)
         except BadRequest as exc:
-            await self.redis.xadd(self.keys.deadletter, deadletter_entry(
-                exc.code, str(exc), stream="nats", entry=f"{subject}#{seq}",
-                sender=origin_of(headers), topic=self.keys.topic_of(subject) or "",
-                raw=payload[:4096].decode(errors="replace")),
-                maxlen=self.settings.deadletter_maxlen, approximate=True)
-            self.dead_lettered += 1
+            await self._dead_letter(exc, subject, seq, payload, headers)
             return None
         if found.reply is not None:
             self._remember(found.entry["i"], found.reply)
         return found.entry
+
+    async def _dead_letter(self, exc: BadRequest, subject: str, seq: int, payload: bytes,
+                           headers: Any) -> None:
+        await self.redis.xadd(self.keys.deadletter, deadletter_entry(
+            exc.code, str(exc), stream="nats", entry=f"{subject}#{seq}", sender=origin_of(headers),
+            topic=self.keys.topic_of(subject) or "", raw=payload[:4096].decode(errors="replace")),
+            maxlen=self.settings.deadletter_maxlen, approximate=True)
+        self.dead_lettered += 1
 
     def _remember(self, request: str, route: ReplyRoute) -> None:
         now = time.monotonic()

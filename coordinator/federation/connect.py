@@ -41,12 +41,14 @@ def connect_options(settings: Settings, *, name: str) -> dict[str, Any]:
 
 
 def stream_config(keys: Keys, settings: Settings) -> Any:
-    """The namespace's stream: every site's messages, kept within the limits of ``settings``, and
-    republished on ``<namespace>.<topic>`` for plain NATS subscribers."""
+    """The namespace's stream: every site's messages (republished on ``<namespace>.<topic>`` for
+    plain NATS subscribers) and plain NATS clients' messages, kept within the limits of
+    ``settings``."""
     from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
 
     source = keys.stream_subject(">")
-    return StreamConfig(name=keys.stream_name, subjects=[source], retention=RetentionPolicy.LIMITS,
+    return StreamConfig(name=keys.stream_name, subjects=[source, keys.plain_subject(">")],
+                        retention=RetentionPolicy.LIMITS,
                         discard=DiscardPolicy.OLD, storage=StorageType.FILE,
                         max_age=settings.nats_stream_max_age,
                         max_bytes=settings.nats_stream_max_bytes,

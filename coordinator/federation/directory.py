@@ -84,7 +84,8 @@ class Directory:
         self.bucket = keys.bucket
         self.replicas = replicas
         self.kv: Any = None
-        self._moves: dict[str, tuple[int, float]] = {}
+        self._records: dict[str, tuple[dict[str, Any], float]] = {}
+        """Site -> its last record and when it came (this process's monotonic clock)."""
 
     async def open(self) -> None:
         """Bind the bucket, creating it the first time."""
@@ -100,38 +101,32 @@ class Directory:
         """Put ``site``'s record."""
         await self.kv.put(f"site.{site}", json.dumps(record).encode())
 
-    async def sites(self, own: str, silent_after: float) -> list[SiteView]:
+    async def follow(self) -> None:
+        """Keep every site's record as the bucket changes (a watch: no polling), until cancelled."""
+        watcher = await self.kv.watch("site.*")
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of the records there were when the watch began
+                    continue
+                site = str(entry.key)[len("site."):]
+                try:
+                    record = json.loads(entry.value or b"{}")
+                except ValueError:
+                    record = {}
+                if entry.operation in ("DEL", "PURGE"):
+                    self._records.pop(site, None)
+                else:
+                    self._records[site] = (record if isinstance(record, dict) else {},
+                                           time.monotonic())
+        finally:
+            await watcher.stop()
+
+    def sites(self, own: str, silent_after: float) -> list[SiteView]:
         """Every site's record; a site is reachable while its record keeps changing (within
         ``silent_after`` seconds of this process's clock), this site while it reaches NATS."""
-        from nats.js.errors import KeyNotFoundError, NoKeysError
-
-        try:
-            names = [k for k in await self.kv.keys() if k.startswith("site.")]
-        except NoKeysError:
-            return []
         now = time.monotonic()
-        out = []
-        for key in sorted(names):
-            try:
-                entry = await self.kv.get(key)
-            except KeyNotFoundError:
-                continue
-            site = key[len("site."):]
-            try:
-                record = json.loads(entry.value or b"{}")
-            except ValueError:
-                record = {}
-            reachable = site == own or self._moved_within(key, int(entry.revision or 0), now,
-                                                          silent_after)
-            out.append(SiteView(site, record if isinstance(record, dict) else {}, reachable))
-        return out
-
-    def _moved_within(self, key: str, revision: int, now: float, seconds: float) -> bool:
-        seen = self._moves.get(key)
-        if seen is None or seen[0] != revision:
-            self._moves[key] = (revision, now if seen is not None else now - seconds / 2)
-            return True
-        return now - seen[1] < seconds
+        return [SiteView(site, record, site == own or now - seen < silent_after)
+                for site, (record, seen) in sorted(self._records.items())]
 
     async def leader(self) -> tuple[LeaderRecord | None, int]:
         """The leader record and its revision (0: there is none)."""

@@ -17,9 +17,10 @@ requester gets the same payload on its reply subject.
 
 Header names starting with ``Sidecar-`` or ``Nats-`` are the bridge's: a publisher's own headers of
 those names are not sent (they could forge an origin), and on the way in they are not handed to
-handlers. A message from a plain NATS client (no ``Sidecar-Site``) comes from site and sender
-``nats``; its id is its ``Nats-Msg-Id`` when that is a valid id, else one made of its stream
-sequence, so every site names it alike.
+handlers. A message from a plain NATS client on ``<namespace>.<topic>`` is taken by one bridge of the
+cluster (a queue group) and put in the stream on ``_SIDECAR.<namespace>.plain.<topic>`` (:func:`ingest`),
+so every site gets it once, in order, like any other; it comes from site and sender ``nats``, and
+its id is its ``Nats-Msg-Id`` when that is a valid id, else one the bridge made.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from coordinator.keys import Keys
 from coordinator.protocol import PEER_ID_RE, check_headers
 
 __all__ = ["ORIGIN_NATS", "RESERVED_PREFIXES", "Inbound", "Outbound", "ReplyRoute", "answer_in",
-           "answer_out", "inbound", "origin_of", "outbound"]
+           "answer_out", "inbound", "ingest", "origin_of", "outbound"]
 
 ORIGIN_NATS = "nats"
 """Site and sender of a message a plain NATS client published."""
@@ -115,10 +116,24 @@ def outbound(keys: Keys, site: str, fields: Mapping[str, str]) -> Outbound:
                     mid)
 
 
+def ingest(keys: Keys, subject: str, payload: bytes, headers: Mapping[str, str] | None, reply: str,
+           *, max_header_bytes: int) -> Outbound:
+    """The stream message that carries a plain NATS client's message on ``<namespace>.<topic>``
+    to every site: its own headers, an id (its ``Nats-Msg-Id`` if valid, else a new one) and,
+    for a request, its reply subject (``Sidecar-Reply-To``). BadRequest (and its kinds) for a
+    message no peer may be handed, as :func:`inbound` says."""
+    checked = inbound(keys, subject, payload, headers, 0, max_header_bytes=max_header_bytes)
+    entry = checked.entry
+    out = {k: v for k, v in (headers or {}).items() if not _reserved(k)}
+    out[H_ID] = entry["i"]
+    if reply:
+        out[H_REPLY_TO] = reply
+    return Outbound(keys.plain_subject(entry["t"]), payload, out, entry["i"])
+
+
 def inbound(keys: Keys, subject: str, payload: bytes, headers: Mapping[str, str] | None, seq: int, *,
-            max_header_bytes: int, reply: str = "") -> Inbound:
-    """What delivers NATS message ``seq`` of the stream here (``seq`` 0: a plain client's core
-    NATS message, answered on ``reply`` if it gives one). BadRequest (and its kinds) for a
+            max_header_bytes: int) -> Inbound:
+    """What delivers NATS message ``seq`` of the stream here. BadRequest (and its kinds) for a
     message no peer may be handed: a subject outside the namespace, a payload that is not JSON
     text, headers or names that are not valid."""
     topic = keys.topic_of(subject)
@@ -150,8 +165,8 @@ def inbound(keys: Keys, subject: str, payload: bytes, headers: Mapping[str, str]
         if not PEER_ID_RE.match(given[H_REQUESTER]):
             raise BadRequest(f"{H_REQUESTER} must be a peer id")
         route = ReplyRoute(given[H_REPLY_TO], given[H_REQUESTER])
-    elif not site and reply:
-        route = ReplyRoute(reply, None)
+    elif not site and given.get(H_REPLY_TO):  # a plain NATS client's request: its reply subject
+        route = ReplyRoute(given[H_REPLY_TO], None)
     if route is not None:
         entry["rt"] = "1"
     return Inbound(entry, route)

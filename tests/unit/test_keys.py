@@ -42,7 +42,8 @@ def every_key(k: Keys) -> list[str]:
         if name.startswith("_") or name in ("celery_prefix", "responses_prefix", "partition_of",
                                             "partition_of_stream",
                                             "subject", "namespace", "topic_of", "stream_name",
-                                            "stream_subject", "durable", "reply_subject", "bucket"):
+                                            "stream_subject", "durable", "reply_subject", "bucket",
+                                            "plain_subject"):
             continue
         if isinstance(attr, property):
             out.append(getattr(k, name))
@@ -65,6 +66,7 @@ def test_nats_names_of_a_namespace() -> None:
     assert k.topic_of("ns.orders.created") == "orders.created"
     assert k.topic_of("other.orders.created") is None
     assert k.topic_of(k.stream_subject("orders.created")) == "orders.created"
+    assert k.topic_of(k.plain_subject("orders.created")) == "orders.created"
     assert not k.stream_subject("a").startswith("ns.")  # plain clients' requests stay out of it
     assert k.stream_name == "SIDECAR_ns"
     assert k.durable("east") == "site_east"
