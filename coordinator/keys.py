@@ -27,6 +27,7 @@ slot and multi-key scripts stay legal on a cluster)::
     sidecar:{ns}:beat.lease              string   token of the beat allowed to dispatch
     sidecar:{ns}:bridge.lease            string   token of this site's active NATS bridge (PX lease)
     sidecar:{ns}:bridge.applied          string   last JetStream sequence delivered on this site
+    sidecar:{ns}:site                    string   this site's name, set by the first bridge to run here
     sidecar:{ns}:sites                   hash     site -> its record as the bridge last saw it (JSON:
                                                   members, leader, reachable), from NATS
     sidecar:{ns}:stats                   hash     counters written by routers: routed, delivered, rejected
@@ -184,6 +185,11 @@ class Keys:
         """The last JetStream stream sequence the site's bridge delivered here (written with the
         deliveries, atomically: what it is past is never delivered twice)."""
         return self._p + "bridge.applied"
+
+    @property
+    def site_name(self) -> str:
+        """The name of the site this Redis is (every bridge on it must agree)."""
+        return self._p + "site"
 
     @property
     def sites(self) -> str:

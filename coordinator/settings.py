@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from coordinator.errors import ConfigurationError
 from coordinator.topics import check_pattern
 
-__all__ = ["Settings", "redact_url"]
+__all__ = ["Settings", "default_site", "redact_url"]
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ENV_PREFIX = "SIDECAR_"
@@ -53,9 +53,10 @@ class Settings:
     """NATS server joining sidecars on different Redis servers; ``None`` disables the bridge."""
     namespace: str = "default"
     """Cluster name; every key lives under ``sidecar:{<namespace>}:``."""
-    site: str = field(default_factory=lambda: _default_site())
-    """This Redis and its workers as one site of a federated cluster (default: the host name);
-    every site joined through the same NATS needs its own name."""
+    site: str | None = None
+    """This Redis and its workers as one site of a federated cluster; every site joined through
+    the same NATS needs its own name. Unset: the name the site's Redis already holds, else the
+    host name of the first bridge that runs there (coordinator.federation.bridge)."""
     nats_export: str = ">"
     """Comma-separated topic patterns the bridge sends to other sites (``cluster.`` never goes)."""
     nats_creds: str | None = None
@@ -154,7 +155,7 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not _NAMESPACE_RE.match(self.site) or len(self.site) > 32:
+        if self.site is not None and (not _NAMESPACE_RE.match(self.site) or len(self.site) > 32):
             raise ConfigurationError(
                 f"site {self.site!r} must be 1-32 characters of letters, digits, '_' or '-'")
         try:
@@ -310,7 +311,7 @@ class Settings:
         return f"Settings({inner})"
 
 
-def _default_site() -> str:
+def default_site() -> str:
     """The host name as a site name (what a site name may hold, at most 32 characters)."""
     name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:32].strip("-")
     return name or "site"

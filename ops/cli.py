@@ -113,8 +113,7 @@ def peers(obj: Context, as_json: bool) -> None:
                      f"last_seen={m['last_seen_s']}s drops={m['inbox_drops']}" for m in rows
                      ) or "(no members)"
     sites = sites_report(obj.client(), obj.keys)
-    own = next((m["id"].removeprefix("bridge-") for m in rows if m["role"] == "bridge"),
-               obj.settings.site)
+    own = str(obj.client().get(obj.keys.site_name) or obj.settings.site or "")
     others = [{"id": peer, "role": role, "site": name, "reachable": site["reachable"]}
               for name, site in sites.items() if name != own
               for peer, role in sorted(site["members"].items())]

@@ -81,7 +81,8 @@ class Supervisor:
             self.nats = NatsServer().start()
             nats_url = self.nats.url
             self.echo(f"embedded NATS with JetStream on {nats_url} (log: {self.nats.log_path})")
-        names = [self.settings.site] if self.sites == 1 else [f"site{i + 1}" for i in range(self.sites)]
+        names = ([self.settings.site or "local"] if self.sites == 1
+                 else [f"site{i + 1}" for i in range(self.sites)])
         for i, site in enumerate(names):
             url = self.settings.redis_url if self.sites == 1 else None
             if not url:

@@ -71,7 +71,7 @@ from coordinator.resp import AsyncResp, supports
 from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache
 from coordinator.routing.rejections import deadletter_entry
 from coordinator.scripts import scripts_for, source
-from coordinator.settings import Settings
+from coordinator.settings import Settings, default_site
 from coordinator.status import StatusField, StatusMixin
 
 __all__ = ["BRIDGE_ROLE", "Bridge", "bridge_id"]
@@ -135,14 +135,16 @@ class Bridge(StatusMixin):
             raise ValueError("a bridge needs both SIDECAR_REDIS_URL and SIDECAR_NATS_URL")
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.site = settings.site
-        self.peer_id = bridge_id(settings.site)
+        self.site = settings.site or ""
+        """Resolved when the bridge first runs (see _resolve_site)."""
+        self.peer_id = bridge_id(self.site)
         self.name = name
         self.token = str(LeaseToken.new(name))
         self.redis: Any = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
                                                   socket_keepalive=True)
         self.scripts = scripts_for(self.redis)
         self.inbox = self.keys.responses(self.peer_id)
+        self._resolved = False
         self._lean = AsyncResp(settings.redis_url) if supports(settings.redis_url) else None
         """Deliveries' connection: hiredis-parsed, without redis-py's per-call work."""
         self._lean_lock = asyncio.Lock()
@@ -186,8 +188,35 @@ class Bridge(StatusMixin):
             if self._lean is not None:
                 await self._lean.close()
 
+    async def _resolve_site(self) -> bool:
+        """Agree on this site's name with its Redis: the name it holds, or ours if it holds none.
+        An explicit ``SIDECAR_SITE`` that differs from it is a configuration error: the bridge
+        stays inactive and says so (two names for one Redis would echo every message)."""
+        if self._resolved:
+            return True
+        wanted = self.settings.site or default_site()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.site_name, wanted, nx=True)
+        pipe.get(self.keys.site_name)
+        _, stored = await pipe.execute()
+        stored = str(stored or wanted)
+        if self.settings.site and stored != self.settings.site:
+            log.error("bridge %s: SIDECAR_SITE=%r, but this Redis is site %r; not federating",
+                      self.name, self.settings.site, stored)
+            return False
+        self.site, self.peer_id = stored, bridge_id(stored)
+        self.inbox = self.keys.responses(self.peer_id)
+        self._resolved = True
+        return True
+
     async def _tick(self) -> None:
         """Renew (or take) the lease, start or stop federating, and heartbeat the membership."""
+        try:
+            if not await self._resolve_site():
+                return
+        except (RedisError, OSError) as exc:
+            log.warning("bridge %s cannot reach Redis: %s", self.name, exc)
+            return
         try:
             held = bool(await self.scripts.lease_acquire(
                 keys=[self.keys.bridge_lease],

@@ -270,3 +270,31 @@ async def test_a_site_cut_off_from_nats_fences_its_leader_before_another_site_ta
     stopped = min(t for t, leads in pa.beliefs if not leads and t > last_led)
     started = min(t for t, leads in pb.beliefs if leads)
     assert stopped < started  # never two peers believing they lead at once
+
+
+async def test_a_site_keeps_one_name_and_a_bridge_configured_otherwise_stays_out(
+        redis_server: RedisServer, nats_server: NatsServer, namespace: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from coordinator.federation.bridge import Bridge
+
+    keys = Keys(namespace)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    unnamed = Settings(redis_url=redis_server.url, nats_url=nats_server.url, namespace=namespace)
+    try:
+        async with running_sites(unnamed.replace(site="east")):
+            assert client.get(keys.site_name) == "east"
+            # another worker of the same Redis without SIDECAR_SITE takes the site's name
+            follower = Bridge(unnamed, name="w2")
+            assert await follower._resolve_site() and follower.site == "east"
+            await follower.redis.aclose()
+            # one configured with another name refuses to federate, and says why
+            stray = Bridge(unnamed.replace(site="west"), name="w3")
+            stop = asyncio.Event()
+            task = asyncio.create_task(stray.run(stop))
+            await async_wait_for(lambda: "this Redis is site 'east'" in caplog.text,
+                                 what="the refusal in the log")
+            assert not stray.active
+            stop.set()
+            await task
+    finally:
+        client.close()
