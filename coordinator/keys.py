@@ -187,6 +187,12 @@ class Keys:
         return self._p + "bridge.applied"
 
     @property
+    def bridge_stream(self) -> str:
+        """When the stream whose sequences ``bridge_applied`` counts was created (a stream
+        created again numbers from 1 again)."""
+        return self._p + "bridge.stream"
+
+    @property
     def site_name(self) -> str:
         """The name of the site this Redis is (every bridge on it must agree)."""
         return self._p + "site"

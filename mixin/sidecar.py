@@ -351,6 +351,8 @@ class SidecarMixin(Lifecycle):
         self._set_leader(leader, term)
 
     def _set_leader(self, leader: str, term: int) -> None:
+        if not leader:  # nobody leads (a lapsed record says term 0): terms still never go back
+            term = max(term, self._leader[1])
         if term < self._leader[1] or (leader, term) == self._leader:
             return
         self._leader = (leader, term)

@@ -140,7 +140,8 @@ class Membership:
         return left
 
     def sweep(self, member_ttl: float) -> list[str]:
-        """Evict every member silent for longer than ``member_ttl``; returns the evicted ids."""
+        """Evict every member silent for longer than ``member_ttl`` (a site's bridge member
+        stays: leave.lua); returns the evicted ids."""
         now_ms = redis_ms(self.client)
         ttl_ms = int(member_ttl * 1000)
         evicted = []

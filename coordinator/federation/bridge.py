@@ -12,11 +12,12 @@ direct path and through the router alike. Then, concurrently:
   one sends them again under the same ``Nats-Msg-Id``, which JetStream drops as repeats. Messages
   that came from another site (they carry an origin) are never sent back, so nothing echoes and
   three sites never loop.
-- **in**: pull the site's durable consumer in batches and deliver each batch with one
-  ``publish.lua`` call (``fwd`` messages: original sender, id, headers and origin kept), which
-  also records the stream sequence delivered, atomically and fenced by the bridge lease. A bridge
-  taking over starts the consumer right after that sequence, so no message is delivered twice or
-  skipped; a deposed bridge's late call is refused (``fenced``).
+- **in**: take what the site's durable (push) consumer delivers, in batches, and deliver each
+  batch with one ``publish.lua`` call (``fwd`` messages: original sender, id, headers and origin
+  kept), which also records the stream sequence delivered, atomically and fenced by the bridge
+  lease. A bridge taking over, or one that sees a delivery go missing (the server numbers
+  them), starts the consumer again right after that sequence, so no message is delivered twice
+  or skipped; a deposed bridge's late call is refused (``fenced``).
 - plain NATS clients' messages on ``<namespace>.<topic>`` are taken by one bridge of the cluster (a
   queue group) and put in the stream (until then at most once, like core NATS itself), so every
   site delivers them like any other; a request is answered on its reply subject;
@@ -103,8 +104,6 @@ class _Flight:
     entry_ids: list[str]
     messages: list[Outbound]
     futures: list[Awaitable[Any]]
-    connection: int
-    """The NATS connection (a count of disconnections) its messages were published on."""
 
 
 def bridge_id(site: str) -> str:
@@ -114,6 +113,39 @@ def bridge_id(site: str) -> str:
 
 class _Deposed(Exception):
     """Another bridge holds the lease now."""
+
+
+class _Gap(Exception):
+    """A delivery from the consumer went missing (lost with a connection, or the consumer was
+    deleted): delivering what follows it would skip it, and acknowledging would give it up."""
+
+
+class _Cursor:
+    """Where a subscription to the site's consumer stands: the delivery it expects next (the
+    server numbers every delivery, so one that went missing shows as a gap), and the stream
+    sequence (a gap there is what the stream discarded, or a repeat of what came before)."""
+
+    def __init__(self, next_stream: int) -> None:
+        self.delivery = 0
+        """The consumer sequence of the last delivery seen."""
+        self.next_stream = next_stream
+        """The stream sequence expected next (0: whatever comes first)."""
+        self.discarded = 0
+        """Stream messages skipped over by the stream itself since last read."""
+
+    def admit(self, delivery: int, stream: int) -> bool:
+        """True when stream message ``stream`` (delivered as ``delivery``) is new here; False
+        for one delivered before. Raises :class:`_Gap` when a delivery went missing."""
+        if delivery != self.delivery + 1:
+            raise _Gap(f"delivery {self.delivery + 1} of the consumer went missing "
+                       f"(then came {delivery})")
+        self.delivery = delivery
+        if stream < self.next_stream:
+            return False
+        if self.next_stream:
+            self.discarded += stream - self.next_stream
+        self.next_stream = stream + 1
+        return True
 
 
 class Bridge(StatusMixin):
@@ -127,7 +159,8 @@ class Bridge(StatusMixin):
     imported = StatusField(0, doc="messages from other sites (and plain NATS clients) delivered here")
     answers = StatusField(0, doc="answers carried between sites")
     dead_lettered = StatusField(0, doc="messages from NATS refused here, with the reason")
-    export_failed = StatusField(0, doc="messages given up (dead-lettered) while NATS was unreachable")
+    export_failed = StatusField(0, doc="messages given up (dead-lettered): NATS stayed unreachable, "
+                                         "or one was larger than NATS takes")
     lost_to_retention = StatusField(0, doc="stream messages discarded before this site read them")
 
     def __init__(self, settings: Settings, *, name: str = "bridge") -> None:
@@ -159,14 +192,15 @@ class Bridge(StatusMixin):
         """The namespace's leader while it is on this site (see _fence_unconfirmed)."""
         self._confirmed_at = 0.0
         self._tally = [0, 0]
+        """Routed and delivered since the last round, added to the site's counters by _tick (as
+        peers add theirs with their heartbeats: one command less per delivery)."""
         self._connection = 0
-        """Disconnections from NATS so far (see _Flight.connection)."""
+        """Disconnections from NATS so far: a flight published before the last one may be lost."""
         self._unsettled: deque[tuple[int, bool]] = deque()
         """Each unsettled flight, oldest first: the connection it went out on, and whether all
         of it went out."""
         self._settled = asyncio.Event()
-        """Routed and delivered since the last round, added to the site's counters by _tick (as
-        peers add theirs with their heartbeats: one command less per delivery)."""
+        """Set while no flight is unsettled."""
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -271,7 +305,7 @@ class Bridge(StatusMixin):
                                    token=self.token, lease_key=self.keys.bridge_lease,
                                    inbox_maxlen=self.settings.inbox_maxlen)
         if str((await self.scripts.register(keys=keys, args=args))[0]) != "ok":
-            return
+            raise _Deposed  # 'lost': the lease went to another bridge
         for pattern in self.settings.export_patterns:
             keys, args = subscribe_call(self.keys, self.peer_id, pattern, add=True, fence=fence,
                                         inbox_maxlen=self.settings.inbox_maxlen)
@@ -327,13 +361,21 @@ class Bridge(StatusMixin):
             async def disconnected(*_: Any) -> None:
                 self.nats_connected = False
                 self._connection += 1
+                # nats-py writes what it still holds unsent to the next connection, ahead of
+                # anything sent after it: messages published before ones lost with this
+                # connection would then be stored first. _send publishes them again, in order.
+                nc = self._nc
+                if nc is not None and isinstance(getattr(nc, "_pending", None), list):
+                    nc._pending.clear()
+                    nc._pending_data_size = 0
 
             async def error(exc: Exception) -> None:
                 log.debug("bridge %s: NATS: %s", self.name, exc)
 
             self._nc = await nats.connect(
                 **connect_options(self.settings, name=f"sidecar-bridge {self.site} {self.name}"),
-                reconnected_cb=connected, disconnected_cb=disconnected, error_cb=error)
+                reconnected_cb=connected, disconnected_cb=disconnected, error_cb=error,
+                pending_size=0)  # nothing buffered while disconnected: _send publishes again
             self.nats_connected = True
             self._js = self._nc.jetstream()
         await ensure_stream(self._js, self.keys, self.settings)
@@ -346,9 +388,15 @@ class Bridge(StatusMixin):
         flights: asyncio.Queue[_Flight] = asyncio.Queue(maxsize=_IN_FLIGHT)
         self._unsettled.clear()
         self._settled.set()
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._out_read(flights))
-            group.create_task(self._out_settle(flights))
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._out_read(flights))
+                group.create_task(self._out_settle(flights))
+        finally:  # what was in flight is read again from the inbox: nobody waits for these
+            while not flights.empty():
+                for future in flights.get_nowait().futures:
+                    if isinstance(future, asyncio.Future):
+                        future.cancel()
 
     async def _out_read(self, flights: asyncio.Queue[_Flight]) -> None:
         cursor = "0"  # first what a predecessor (or this bridge) left pending, then new entries
@@ -376,16 +424,18 @@ class Bridge(StatusMixin):
                         await self._ack_policy(fields)
                 else:
                     messages.append(outbound(self.keys, self.site, fields))
-            if not all(ok and on == self._connection for on, ok in self._unsettled):
+            messages = await self._fitting(messages)
+            connection = self._connection
+            if not all(ok and on == connection for on, ok in self._unsettled):
                 # An earlier batch went out on a connection since lost, or could not go out at
                 # all: it will be published again. Nothing newer goes out before it is settled,
                 # or it could be stored ahead of it (order per publisher).
                 await self._settled.wait()
+                connection = self._connection
             futures = await self._launch(messages) if messages else []
-            self._unsettled.append((self._connection, len(futures) == len(messages)))
+            self._unsettled.append((connection, len(futures) == len(messages)))
             self._settled.clear()
-            await flights.put(_Flight([eid for eid, _ in entries], messages, futures,
-                                      self._connection))
+            await flights.put(_Flight([eid for eid, _ in entries], messages, futures))
 
     async def _out_settle(self, flights: asyncio.Queue[_Flight]) -> None:
         while True:
@@ -396,6 +446,23 @@ class Bridge(StatusMixin):
             self._unsettled.popleft()
             if not self._unsettled:
                 self._settled.set()
+
+    async def _fitting(self, messages: list[Outbound]) -> list[Outbound]:
+        """``messages`` but those larger than NATS takes (the server's ``max_payload``, headers
+        included), which are dead-lettered as ``payload_too_large``: sending one would fail
+        every time and hold up everything after it."""
+        limit = int(getattr(self._nc, "max_payload", 0) or 0)
+        if not limit:
+            return messages
+        fits: list[Outbound] = []
+        too_large: list[Outbound] = []
+        for m in messages:
+            size = len(m.payload) + sum(len(k) + len(v) + 4 for k, v in m.headers.items()) + 16
+            (fits if size <= limit else too_large).append(m)
+        if too_large:
+            text = f"larger than NATS takes (max_payload {limit} bytes, headers included)"
+            await self._dead_letter_out(too_large, "payload_too_large", text)
+        return fits
 
     async def _launch(self, messages: list[Outbound]) -> list[Awaitable[Any]]:
         """Publish ``messages`` in order; their acknowledgements' futures (none while NATS is
@@ -420,6 +487,9 @@ class Bridge(StatusMixin):
         were. While NATS stays unreachable with more than ``bridge_backlog`` messages waiting
         here, the oldest of them are given up (dead-lettered as ``export_failed``) to keep the
         backlog within the bound; the rest keep waiting."""
+        from nats.errors import NoRespondersError
+        from nats.js.errors import NoStreamResponseError
+
         pending = messages
         sent = 0
         delay = 0.05
@@ -427,11 +497,16 @@ class Bridge(StatusMixin):
             results = await asyncio.gather(*(asyncio.wait_for(f, _ACK_TIMEOUT) for f in futures),
                                            return_exceptions=True)
             failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+            if failed and isinstance(results[failed[0]], NoRespondersError | NoStreamResponseError):
+                with contextlib.suppress(Exception):  # the stream is gone: create it again
+                    await ensure_stream(self._js, self.keys, self.settings)
             done = len(futures) if not failed else failed[0]
             sent += done
             pending = pending[done:]
             if not pending:
                 return sent
+            if self._unsettled:  # nothing new goes out before these are sent again (_out_read)
+                self._unsettled[0] = (self._unsettled[0][0], False)
             excess = await self._backlog() - self.settings.bridge_backlog
             if excess > 0:
                 await self._give_up(pending[:excess], excess + self.settings.bridge_backlog)
@@ -452,11 +527,15 @@ class Bridge(StatusMixin):
     async def _give_up(self, messages: list[Outbound], waiting: int) -> None:
         text = (f"NATS stayed unreachable with {waiting} messages waiting to leave site "
                 f"{self.site!r} (SIDECAR_BRIDGE_BACKLOG={self.settings.bridge_backlog})")
+        await self._dead_letter_out(messages, "export_failed", text)
+
+    async def _dead_letter_out(self, messages: list[Outbound], reason: str, text: str) -> None:
+        """Give ``messages`` of this site up: dead letters, counted in ``export_failed``."""
         log.warning("bridge %s: %s; dead-lettering %d", self.name, text, len(messages))
         pipe = self.redis.pipeline(transaction=False)
         for m in messages:
             pipe.xadd(self.keys.deadletter, deadletter_entry(
-                "export_failed", text, stream="bridge", entry=m.msg_id,
+                reason, text, stream="bridge", entry=m.msg_id,
                 sender=m.headers.get("Sidecar-Sender", ""), topic=self.keys.topic_of(m.subject) or "",
                 raw=m.payload[:4096].decode(errors="replace")),
                 maxlen=self.settings.deadletter_maxlen, approximate=True)
@@ -561,35 +640,60 @@ class Bridge(StatusMixin):
 
     # ------------------------------------------------------------------ in: NATS to this site
     async def _in(self) -> None:
-        """Deliver other sites' messages from the site's durable consumer, in stream order. The
+        """Deliver other sites' messages from the site's durable consumer, in stream order,
+        starting over from the last sequence delivered here whenever a delivery went missing."""
+        while True:
+            try:
+                await self._consume()
+            except _Gap as gap:
+                log.info("bridge %s: %s; resuming after the last message delivered here",
+                         self.name, gap)
+
+    async def _consume(self) -> None:
+        """One subscription to the consumer, until a delivery goes missing (:class:`_Gap`). The
         server pushes up to four batches ahead (``max_ack_pending``); each delivery takes what
-        has arrived, up to a batch, so a lone message goes at once and a burst goes in batches."""
+        has arrived, up to a batch, so a lone message goes at once and a burst goes in batches.
+        While nothing arrives, the consumer is looked at every lease period: a consumer deleted
+        under this bridge would otherwise push nothing, forever."""
+        from nats.js.errors import NotFoundError
+
         arrived: asyncio.Queue[Any] = asyncio.Queue()
 
         async def take(msg: Any) -> None:
             arrived.put_nowait(msg)
 
-        subscription, expected = await self._consumer(take)
+        subscription, cursor = await self._consumer(take)
         self.consuming = True
         try:
             while True:
-                msgs = [await arrived.get()]
+                try:
+                    msgs = [await asyncio.wait_for(arrived.get(), self.settings.bridge_lease)]
+                except TimeoutError:
+                    try:
+                        await self._js.consumer_info(self.keys.stream_name,
+                                                     self.keys.durable(self.site))
+                    except NotFoundError:
+                        raise _Gap("the site's consumer was deleted") from None
+                    continue
                 while not arrived.empty() and len(msgs) < self.settings.bridge_batch:
                     msgs.append(arrived.get_nowait())
-                await self._deliver_batch(msgs, expected)
-                expected = 0
+                await self._deliver_batch(msgs, cursor)
         finally:
+            self.consuming = False
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
 
-    async def _deliver_batch(self, msgs: list[Any], expected: int) -> None:
-        first = msgs[0].metadata.sequence.stream
-        if expected and first > expected:
-            self.lost_to_retention += first - expected
-            log.warning("bridge %s: stream messages %d-%d were discarded before this site read "
-                        "them", self.name, expected, first - 1)
+    async def _deliver_batch(self, msgs: list[Any], cursor: _Cursor) -> None:
+        """Deliver the messages of ``msgs`` not delivered before, then acknowledge them all."""
+        fresh = [m for m in msgs if cursor.admit(m.metadata.sequence.consumer,
+                                                 m.metadata.sequence.stream)]
+        if cursor.discarded:
+            self.lost_to_retention += cursor.discarded
+            log.warning("bridge %s: %d stream messages were discarded before this site read them",
+                        self.name, cursor.discarded)
+            cursor.discarded = 0
         entries = []
-        for m in msgs:
+        for m in fresh:
             if origin_of(m.headers) == self.site:
                 continue
             found = await self._admit(m.subject, m.data, m.headers, m.metadata.sequence.stream)
@@ -600,38 +704,70 @@ class Bridge(StatusMixin):
             self.imported += len(entries)
         await msgs[-1].ack()  # acknowledges every message up to it (AckPolicy.ALL)
 
-    async def _consumer(self, callback: Any) -> tuple[Any, int]:
+    async def _consumer(self, callback: Any) -> tuple[Any, _Cursor]:
         """Subscribe ``callback`` to the site's durable consumer, (re)created right after the
-        last sequence delivered here; returns the subscription and the sequence expected first
-        (0: no expectation)."""
+        last sequence delivered here; returns the subscription and its cursor."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
         from nats.js.errors import NotFoundError
 
         stream, durable = self.keys.stream_name, self.keys.durable(self.site)
-        applied = int(await self.redis.get(self.keys.bridge_applied) or 0)
+        applied = await self._applied(await self._js.stream_info(stream))
         try:
             info = await self._js.consumer_info(stream, durable)
         except NotFoundError:
             info = None
-        if not applied and info is not None:  # this Redis lost its record: resume at the consumer's
+        if applied is None and info is not None:  # this Redis lost its record: the consumer's
             applied = int(info.ack_floor.stream_seq if info.ack_floor else 0)
         config = ConsumerConfig(ack_policy=AckPolicy.ALL, ack_wait=10,
                                 max_ack_pending=self.settings.bridge_batch * 4,
                                 filter_subjects=[self.keys.stream_subject(">"),
                                                  self.keys.plain_subject(">")])
-        if applied:  # start right after it at once, not after the last holder's deliveries time out
-            if info is not None:  # (a push consumer is bound to its last holder's inbox)
+        if applied is None:  # a new site starts with what is published from now on
+            config.deliver_policy = DeliverPolicy.NEW
+        else:
+            # A push consumer is bound to its last holder's inbox, and may have pushed past what
+            # was delivered here: start it again right after that, at once.
+            if not await self._holding():
+                raise _Deposed
+            if info is not None:
                 await self._js.delete_consumer(stream, durable)
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = applied + 1
-        elif info is None:  # a new site starts with what is published from now on
-            config.deliver_policy = DeliverPolicy.NEW
-        # else: nothing was ever acknowledged: bind the consumer where it stands (what its last
-        # holder had in hand comes again once the acknowledgement wait runs out)
         subscription = await self._js.subscribe(self.keys.stream_subject(">"), durable=durable,
                                                 stream=stream, cb=callback, manual_ack=True,
                                                 config=config, pending_msgs_limit=-1)
-        return subscription, applied + 1 if applied else 0
+        return subscription, _Cursor(0 if applied is None else applied + 1)
+
+    async def _applied(self, stream: Any) -> int | None:
+        """The last stream sequence delivered here (None: this site never read the stream), of
+        this incarnation of the stream: a stream deleted and created again numbers from 1
+        again, and the record of the old one would have every new message skipped as
+        delivered before."""
+        created = str(stream.created or "")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.bridge_applied)
+        pipe.get(self.keys.bridge_stream)
+        applied, known = await pipe.execute()
+        if known == created:
+            return int(applied or 0)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.keys.bridge_lease)
+            if await pipe.get(self.keys.bridge_lease) != self.token:
+                raise _Deposed
+            pipe.multi()
+            if known is not None:
+                pipe.set(self.keys.bridge_applied, 0)
+            pipe.set(self.keys.bridge_stream, created)
+            await pipe.execute()
+        if known is None:
+            return None if applied is None else int(applied)
+        log.warning("bridge %s: the stream %s was created again; reading it from its start",
+                    self.name, self.keys.stream_name)
+        return 0
+
+    async def _holding(self) -> bool:
+        """This bridge still holds the site's bridge lease."""
+        return bool(await self.redis.get(self.keys.bridge_lease) == self.token)
 
     async def _core(self) -> None:
         """Plain NATS clients' messages on ``<namespace>.>`` into the stream (one bridge of the

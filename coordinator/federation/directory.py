@@ -129,13 +129,15 @@ class Directory:
                 for site, (record, seen) in sorted(self._records.items())]
 
     async def leader(self) -> tuple[LeaderRecord | None, int]:
-        """The leader record and its revision (0: there is none)."""
+        """The leader record and its revision (0: there never was one). A deleted or purged
+        record reads as none, at the revision of its deletion (what a claim must name)."""
         from nats.js.errors import KeyNotFoundError
 
         try:
             entry = await self.kv.get(_LEADER)
-        except KeyNotFoundError:
-            return None, 0
+        except KeyNotFoundError as exc:  # (nats-py reports a deleted key as not found, too)
+            deleted = getattr(exc, "entry", None)
+            return None, int(getattr(deleted, "revision", 0) or 0)
         return LeaderRecord.decode(entry.value), int(entry.revision or 0)
 
     async def claim(self, record: LeaderRecord, revision: int) -> int | None:
@@ -158,6 +160,9 @@ class ClusterElection:
         self.member_ttl = member_ttl
         self._revision = -1
         self._moved_at = 0.0
+        self._term = 0
+        """The highest term this site has seen: a record deleted from the bucket (or written
+        with a lower term) never makes a term go back."""
         self.confirmed_at = 0.0
         """When this site last put the record as the leader's site (monotonic; 0: never)."""
 
@@ -176,12 +181,13 @@ class ClusterElection:
         now = time.monotonic()
         if revision != self._revision:
             self._revision, self._moved_at = revision, now
-        term = record.term if record else 0
+        term = self._term = max(self._term, record.term if record else 0)
         if record is not None and record.site == self.site:
             chosen = await candidate(record.id)
             if not chosen:  # our leader is gone and nobody here can follow: let it lapse
                 return LeaderRecord("", self.site, term)
-            proposal = record if chosen == record.id else LeaderRecord(chosen, self.site, term + 1)
+            proposal = (record if chosen == record.id and record.term == term
+                        else LeaderRecord(chosen, self.site, term + 1))
             return await self._claim(proposal, revision, now, record)
         if record is not None and now - self._moved_at < self.member_ttl:
             return record  # another site leads, and its record still moves
@@ -196,6 +202,9 @@ class ClusterElection:
         if won is None:  # another site changed it first: follow what it put
             record, revision = await self.directory.leader()
             self._revision, self._moved_at = revision, now
-            return record or LeaderRecord("", "", 0)
+            if record is not None:
+                self._term = max(self._term, record.term)
+            return record or LeaderRecord("", "", self._term)
         self._revision, self._moved_at, self.confirmed_at = won, now, now
+        self._term = max(self._term, proposal.term)
         return proposal

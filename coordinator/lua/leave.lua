@@ -12,7 +12,8 @@
 -- ARGV[1] peer id   ARGV[2] consumer group   ARGV[3] request entry id to ack, or ''
 -- ARGV[4] reason ('leave' | 'evicted' | 'expired')
 -- ARGV[5] for 'expired': the silence in ms that makes a member dead ('' otherwise); a member that
---         heartbeated more recently than that is left alone (the sweep's read may be stale)
+--         heartbeated more recently than that is left alone (the sweep's read may be stale), and
+--         so is a site's bridge member (role 'bridge'), however silent: only 'evicted' removes it
 -- ARGV[6] lease token of the router applying a leave request, or absent / '' (sweep, CLI evict)
 -- Returns {left(0|1), subscriptions removed, was leader (0|1)} | {-1, 0, 0} when applied by a
 --   router whose lease is gone (nothing written)
@@ -21,6 +22,11 @@ if ARGV[6] ~= nil and ARGV[6] ~= '' and redis.call('GET', KEYS[10]) ~= ARGV[6] t
   return {-1, 0, 0}
 end
 if ARGV[5] ~= nil and ARGV[5] ~= '' then
+  if redis.call('HGET', KEYS[2], 'role') == 'bridge' then
+    -- a site's bridge member outlives its bridges: what is published for other sites while
+    -- none runs waits in its inbox (up to its MAXLEN) for the next one
+    return {0, 0, 0}
+  end
   local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
