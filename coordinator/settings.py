@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from coordinator.errors import ConfigurationError
 from coordinator.topics import check_pattern
 
-__all__ = ["Settings", "default_site", "redact_url"]
+__all__ = ["RESERVED_SITE", "Settings", "default_site", "redact_url"]
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ENV_PREFIX = "SIDECAR_"
@@ -158,6 +158,9 @@ class Settings:
         if self.site is not None and (not _NAMESPACE_RE.match(self.site) or len(self.site) > 32):
             raise ConfigurationError(
                 f"site {self.site!r} must be 1-32 characters of letters, digits, '_' or '-'")
+        if self.site == RESERVED_SITE:
+            raise ConfigurationError(f"site {self.site!r} is reserved: it marks the messages of "
+                                     "plain NATS clients; choose another SIDECAR_SITE")
         try:
             self.export_patterns  # noqa: B018 - validates them
         except ValueError as exc:
@@ -311,10 +314,14 @@ class Settings:
         return f"Settings({inner})"
 
 
+RESERVED_SITE = "nats"
+"""The origin of plain NATS clients' messages: no site may take the name."""
+
+
 def default_site() -> str:
     """The host name as a site name (what a site name may hold, at most 32 characters)."""
     name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:32].strip("-")
-    return name or "site"
+    return name if name and name != RESERVED_SITE else "site"
 
 
 def _parse(name: str, annotation: Any, raw: str) -> Any:

@@ -119,7 +119,9 @@ class Duties:
         return [peer for peer, _ in became]
 
     def trim(self) -> dict[str, int]:
-        """Trim inboxes to ``inbox_max_age`` and delete those of long-gone peers.
+        """Trim inboxes to ``inbox_max_age`` (but a site's bridge's: what waits there to leave
+        the site is bounded by ``bridge_backlog``, with dead letters) and delete those of
+        long-gone peers.
 
         A peer is long gone when it is not a member, its inbox is empty with nothing pending, and
         its reader has taken nothing from it for ``inbox_max_age`` (an inbox never read is kept:
@@ -135,13 +137,24 @@ class Duties:
         trimmed = deleted = 0
         prefix = self.keys.responses_prefix
         scripts = scripts_for(self.client)
+        bridges = self._bridges(members)
         for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=500, _type="stream"):
             peer = str(key)[len(prefix):]
+            if peer in bridges:
+                continue  # what waits to leave the site: its bridge bounds it, with dead letters
             trimmed += int(self.client.xtrim(key, minid=f"{floor}-0", approximate=False))
             if peer not in members:
                 deleted += int(scripts.drop_inbox(keys=[key, self.keys.members, self.keys.publish_last],
                                                   args=[peer, PEER_GROUP, age_ms, floor]))
         return {"trimmed": trimmed, "deleted": deleted}
+
+    def _bridges(self, members: set[str]) -> set[str]:
+        """The members among ``members`` that are a site's NATS bridge."""
+        ordered = sorted(members)
+        pipe = self.client.pipeline(transaction=False)
+        for member in ordered:
+            pipe.hget(self.keys.member(member), "role")
+        return {m for m, role in zip(ordered, pipe.execute(), strict=True) if role == "bridge"}
 
 
 def _lag(info: Any) -> int | None:

@@ -591,6 +591,8 @@ class Bridge(StatusMixin):
                 raise
             except Exception as exc:  # NATS away: _tick fences this site's leader after the hold
                 log.debug("bridge %s: cluster round failed: %r", self.name, exc)
+                with contextlib.suppress(RedisError, OSError):  # and no other site is heard
+                    await self._mirror(directory.sites(self.site, silent_after=0))
             await asyncio.sleep(period)
 
     async def _fence_unconfirmed(self) -> None:

@@ -122,8 +122,9 @@ class Directory:
             await watcher.stop()
 
     def sites(self, own: str, silent_after: float) -> list[SiteView]:
-        """Every site's record; a site is reachable while its record keeps changing (within
-        ``silent_after`` seconds of this process's clock), this site while it reaches NATS."""
+        """Every site's record; another site is reachable while its record keeps changing
+        (within ``silent_after`` seconds of this process's clock), site ``own`` always (the
+        caller passes 0 when it cannot reach NATS: it hears no other site then)."""
         now = time.monotonic()
         return [SiteView(site, record, site == own or now - seen < silent_after)
                 for site, (record, seen) in sorted(self._records.items())]

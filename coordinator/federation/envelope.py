@@ -34,11 +34,12 @@ from coordinator.errors import BadRequest
 from coordinator.ids import MESSAGE_ID_RE, MessageIds
 from coordinator.keys import Keys
 from coordinator.protocol import PEER_ID_RE, check_headers
+from coordinator.settings import RESERVED_SITE
 
 __all__ = ["ORIGIN_NATS", "RESERVED_PREFIXES", "Inbound", "Outbound", "ReplyRoute", "answer_in",
            "answer_out", "inbound", "ingest", "origin_of", "outbound"]
 
-ORIGIN_NATS = "nats"
+ORIGIN_NATS = RESERVED_SITE
 """Site and sender of a message a plain NATS client published."""
 
 RESERVED_PREFIXES = ("sidecar-", "nats-")

@@ -3,7 +3,7 @@
 -- electorate wins: highest priority, then oldest ULID. Every change increments the term (the
 -- fencing token), announces cluster.leader on the system stream and records the event.
 --
--- With federation (coordinator.federation.election) the namespace's leader is chosen across sites
+-- With federation (coordinator.federation.directory) the namespace's leader is chosen across sites
 -- by a compare-and-set on the NATS key-value bucket, and the site's bridge drives this script in
 -- two more modes: 'candidate' says who this site would put forward, 'adopt' records the leader the
 -- bucket holds (announced like an election here) for a while, fenced by the bridge lease.

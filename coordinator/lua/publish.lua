@@ -32,8 +32,7 @@
 --   'fwd' (from another site, bridge only), stream sequence, message id, topic, data json,
 --     expiry (Redis ms) or '', headers json or '', original sender, origin site, '1' for a request
 --     (answered to the bridge) or '', then D and G as for 'msg'. A sequence at or below KEYS[10]
---     was delivered before and is skipped; KEYS[10] moves to the highest one delivered. Sequence
---     0 is a plain client's core NATS message, in no stream: always delivered.
+--     was delivered before and is skipped; KEYS[10] moves to the highest one delivered.
 -- Inbox entries carry no timestamp field: their entry id is the Redis time they were written
 -- (requeue.lua adds one when it moves an entry to another inbox).
 -- Returns {'ok', routed, delivered, refused...} where refused is a flat list of (message number
@@ -160,7 +159,7 @@ for n = 1, count do
     end
   else
     local fwd = ARGV[p] == 'fwd'
-    local seq, origin, site, request
+    local seq, original, origin, request  -- original sender, origin site
     if fwd then
       seq = tonumber(ARGV[p + 1])
       p = p + 1
@@ -168,7 +167,7 @@ for n = 1, count do
     local id, topic, data = ARGV[p + 1], ARGV[p + 2], ARGV[p + 3]
     local fence, ttl, headers, requester = ARGV[p + 4], ARGV[p + 5], ARGV[p + 6], ARGV[p + 7]
     if fwd then  -- expiry, headers, sender, site, request: no fence on another site's message
-      ttl, headers, origin, site, request = ARGV[p + 4], ARGV[p + 5], ARGV[p + 6], ARGV[p + 7], ARGV[p + 8]
+      ttl, headers, original, origin, request = ARGV[p + 4], ARGV[p + 5], ARGV[p + 6], ARGV[p + 7], ARGV[p + 8]
       fence, requester = '', ''
       p = p + 1
     end
@@ -184,7 +183,7 @@ for n = 1, count do
     local skip, code, text = false, nil, nil
     if fwd and not (bridge and seq) then
       code, text = 'bad_request', 'only a site\'s bridge forwards messages from other sites'
-    elseif fwd and seq > 0 then  -- 0: a plain client's core NATS message, in no stream
+    elseif fwd then
       applied = applied or tonumber(redis.call('GET', KEYS[10]) or '0')
       skip = seq <= applied or (applied_max ~= nil and seq <= applied_max)
       if not skip then applied_max = seq end
@@ -196,14 +195,14 @@ for n = 1, count do
     elseif code then
       refuse(n, code, text, id, topic, data)
     else
-      local fields = {'k', 'msg', 'i', id, 't', topic, 'd', data, 's', origin or sender}
+      local fields = {'k', 'msg', 'i', id, 't', topic, 'd', data, 's', original or sender}
       if headers ~= '' then
         fields[#fields + 1] = 'h'
         fields[#fields + 1] = headers
       end
       if fwd then
         fields[#fields + 1] = 'o'
-        fields[#fields + 1] = site
+        fields[#fields + 1] = origin
         if ttl ~= '' then
           fields[#fields + 1] = 'x'
           fields[#fields + 1] = ttl

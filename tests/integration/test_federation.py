@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from coordinator import ClusterSidecar, Keys, Settings
+from coordinator.federation.directory import parse_site
 from mixin import Message, NotLeader
 from ops.embedded import NatsServer, RedisServer
 from tests.faultproxy import FaultProxy
@@ -257,6 +258,13 @@ async def test_a_site_cut_off_from_nats_fences_its_leader_before_another_site_ta
             proxy.sever()  # site a is cut off from NATS
             await async_wait_for(lambda: pb.is_leader, timeout=20, what="site b taking over")
             assert not pa.is_leader and pb.leader_term > term
+            seen_from_a = redis.Redis.from_url(redis_server.url, decode_responses=True)
+            try:
+                await async_wait_for(
+                    lambda: not parse_site(seen_from_a.hget(Keys(namespace).sites, "b"))["reachable"],
+                    what="site a showing b unreachable")
+            finally:
+                seen_from_a.close()
             with pytest.raises(NotLeader):
                 await pa.cluster_publish("orders.x", 1, fenced=True)
             await pa.cluster_publish("local.x", "still routed")  # site a goes on locally

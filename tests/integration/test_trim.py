@@ -49,7 +49,7 @@ def test_trim_deletes_only_the_inboxes_of_long_gone_peers(client: redis.Redis,
     assert client.exists(member, busy, fresh) == 3
 
 
-def test_trim_keeps_inboxes_with_entries_or_pending_ones_and_trims_old_entries(
+def test_trim_keeps_inboxes_with_entries_or_pending_ones_and_trims_old_entries_but_exports(
         client: redis.Redis, settings: Settings) -> None:
     st = settings.replace(inbox_max_age=0.3)
     keys = Keys(st.namespace)
@@ -59,6 +59,9 @@ def test_trim_keeps_inboxes_with_entries_or_pending_ones_and_trims_old_entries(
     client.xreadgroup(PEER_GROUP, "c", {pending: ">"})  # read, never acknowledged
     unread = inbox(client, keys, "unread01")
     client.xadd(unread, {"k": "old"})
+    Membership(client, keys).register("bridge-x", role="bridge", eligible=False)
+    leaving = inbox(client, keys, "bridge-x", used=False)
+    client.xadd(leaving, {"k": "msg"})  # waits to leave the site: its bridge bounds it
     wait_for(lambda: min(c["idle"] for key in (pending, unread)
                          for c in client.xinfo_consumers(key, PEER_GROUP)) > 400,
              timeout=10, what="both readers idle past the age")
@@ -67,5 +70,6 @@ def test_trim_keeps_inboxes_with_entries_or_pending_ones_and_trims_old_entries(
     assert result["deleted"] == 0
     assert result["trimmed"] == 2  # the old entries of both
     assert [f["k"] for _, f in client.xrange(unread)] == ["new"]
+    assert client.xlen(leaving) == 1
     assert client.exists(pending) == 1  # emptied by the trim, but an entry is still pending
     assert client.xpending(pending, PEER_GROUP)["pending"] == 1

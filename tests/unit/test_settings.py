@@ -210,3 +210,9 @@ def test_malformed_url_error_does_not_leak_password() -> None:
     with pytest.raises(ConfigurationError) as info:
         Settings(redis_url="redis//user:s3cret@host:1/0")
     assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize("site", ["nats", "a b", "x" * 33])
+def test_bad_or_reserved_site(site: str) -> None:
+    with pytest.raises(ConfigurationError, match="site"):
+        Settings(site=site)
