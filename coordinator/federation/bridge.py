@@ -53,7 +53,13 @@ from coordinator.cluster.membership import (
 )
 from coordinator.errors import BadRequest
 from coordinator.federation.connect import connect_options, ensure_stream
-from coordinator.federation.directory import ClusterElection, Directory, LeaderRecord, SiteView
+from coordinator.federation.directory import (
+    ClusterElection,
+    Directory,
+    LeaderRecord,
+    SiteView,
+    parse_site,
+)
 from coordinator.federation.envelope import (
     Outbound,
     ReplyRoute,
@@ -347,7 +353,9 @@ class Bridge(StatusMixin):
                             "; ".join(repr(e) for e in failures.exceptions))
             except Exception as exc:  # NATS and Redis errors: start over
                 self.consuming = False
-                log.warning("bridge %s: %r; starting over", self.name, exc, exc_info=True)
+                log.warning("bridge %s: %r; starting over", self.name, exc,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
+            await self._unheard()
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
 
@@ -591,8 +599,7 @@ class Bridge(StatusMixin):
                 raise
             except Exception as exc:  # NATS away: _tick fences this site's leader after the hold
                 log.debug("bridge %s: cluster round failed: %r", self.name, exc)
-                with contextlib.suppress(RedisError, OSError):  # and no other site is heard
-                    await self._mirror(directory.sites(self.site, silent_after=0))
+                await self._unheard()
             await asyncio.sleep(period)
 
     async def _fence_unconfirmed(self) -> None:
@@ -631,6 +638,18 @@ class Bridge(StatusMixin):
                                 extra=(leader.id, leader.term, max(1, int(hold * 1000)), self.token))
         if str((await self.scripts.elect(keys=keys, args=args))[0]) == "fenced":
             raise _Deposed
+
+    async def _unheard(self) -> None:
+        """This bridge hears no other site (NATS is out of reach): the ``sites`` hash says so."""
+        with contextlib.suppress(RedisError, OSError):
+            views = await self.redis.hgetall(self.keys.sites)
+            pipe = self.redis.pipeline(transaction=False)
+            for name, text in views.items():
+                record = parse_site(text)
+                if name != self.site and record["reachable"]:
+                    pipe.hset(self.keys.sites, name, json.dumps({**json.loads(text),
+                                                                 "reachable": False}))
+            await pipe.execute()
 
     async def _mirror(self, views: list[SiteView]) -> None:
         pipe = self.redis.pipeline(transaction=True)

@@ -123,8 +123,8 @@ class Directory:
 
     def sites(self, own: str, silent_after: float) -> list[SiteView]:
         """Every site's record; another site is reachable while its record keeps changing
-        (within ``silent_after`` seconds of this process's clock), site ``own`` always (the
-        caller passes 0 when it cannot reach NATS: it hears no other site then)."""
+        (within ``silent_after`` seconds of this process's clock), site ``own`` always (its
+        bridge writes this view only while it reaches NATS)."""
         now = time.monotonic()
         return [SiteView(site, record, site == own or now - seen < silent_after)
                 for site, (record, seen) in sorted(self._records.items())]

@@ -321,13 +321,16 @@ class DirectBatch:
                 continue
             route = routes.get(f["t"])
             assert route is not None, "resolve every topic before building the call"
+            plain = route.plain
             if f.get("k") == "fwd":
                 messages += ("fwd", f["q"], f["i"], f["t"], f["d"], f.get("x", ""), f.get("h", ""),
                              f["s"], f["o"], f.get("rt", ""))
+                # the bridge's own subscriptions are for this site's messages, never another's
+                plain = tuple(p for p in plain if p != self.sender)
             else:
                 messages += ("msg", f["i"], f["t"], f["d"], f.get("f", ""), f.get("x", ""),
                              f.get("h", ""), at(self.sender) if "rt" in f else "")
-            messages += (len(route.plain), *(at(p) for p in route.plain), len(route.groups))
+            messages += (len(plain), *(at(p) for p in plain), len(route.groups))
             for queue, pattern, members in route.groups:
                 messages += (queue, pattern, len(members), *(at(p) for p in members))
         keys = self.keys

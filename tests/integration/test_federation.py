@@ -83,6 +83,9 @@ async def test_publish_on_one_site_reaches_wildcard_subscribers_on_the_other_onc
         await asyncio.sleep(0.3)  # anything extra (an echo, a repeat) would have arrived by now
         assert (len(star), len(rest), len(local)) == (50, 51, 51)
         assert await stream_messages(a.nats_url or "", Keys(a.namespace)) == 51  # nothing re-sent
+        with redis.Redis.from_url(b.redis_url or "", decode_responses=True) as rb:
+            leaving_b = rb.xrange(Keys(b.namespace).responses("bridge-b"))
+        assert not [f for _, f in leaving_b if f.get("o")]  # never handed to b's own bridge
     assert [m.id for m in rest] == ids  # same ids, in publish order
     assert [m.data["n"] for m in star] == list(range(50))
     assert {(m.sender, m.site) for m in rest} == {(pa.id, "a")}
