@@ -60,7 +60,9 @@ def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> T
             if expected is None:
                 return True
             header = self.headers.get("Authorization", "")
-            return header.startswith("Basic ") and hmac.compare_digest(header[6:], expected)
+            # compared as bytes: compare_digest refuses non-ASCII text (http.server gives latin-1)
+            return header.startswith("Basic ") and hmac.compare_digest(
+                header[6:].encode("latin-1", "replace"), expected.encode())
 
         def _send(self, status: int, body: str, kind: str) -> None:
             data = body.encode()

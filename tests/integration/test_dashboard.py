@@ -62,3 +62,20 @@ def test_credentials_are_required_when_set(settings: Settings) -> None:
         request = urllib.request.Request(base + "/api/status", headers={"Authorization": f"Basic {token}"})
         with urllib.request.urlopen(request, timeout=5) as resp:
             assert json.load(resp)["namespace"] == settings.namespace
+
+
+def test_a_malformed_authorization_header_gets_401_not_a_crash(settings: Settings) -> None:
+    import http.client
+
+    secured = settings.replace(dashboard_user="ops", dashboard_password="pa55word")
+    for base in serve(make_server(secured)):
+        host, port = base.removeprefix("http://").split(":")
+        for header in ("Basic \u00e9\u00e8\u00ea", "Bearer x", "Basic", "Basic !!!not base64"):
+            conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            conn.putrequest("GET", "/api/status")
+            conn.putheader("Authorization", header.encode("latin-1"))
+            conn.endheaders()
+            response = conn.getresponse()
+            assert response.status == 401, header
+            response.read()
+            conn.close()

@@ -316,3 +316,17 @@ def test_cached_decisions_stay_per_request_shape() -> None:
         assert not e.evaluate(CONDUCTOR, "publish", "conductor.x", {"zone": "b"}).allowed
         assert not e.evaluate(PLAYER, "publish", "conductor.x", {"zone": "a"}).allowed
         assert not e.evaluate(CONDUCTOR, "subscribe", "conductor.x", {"zone": "a"}).allowed
+
+
+def test_the_readme_policy_example_allows_what_it_means_to() -> None:
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    block = re.search(r"```yaml\n(name: conductors\n.*?)```", readme, re.S)
+    assert block is not None, "the README's policy example is gone"
+    engine = PolicyEngine([parse_policy(block.group(1))])
+    assert engine.evaluate(frozenset({"follower"}), "subscribe", "conductor.>").allowed
+    assert engine.evaluate(frozenset({"conductor"}), "publish", "conductor.set_tempo").allowed
+    assert not engine.evaluate(frozenset({"conductor"}), "publish", "conductor.secret").allowed
+    assert not engine.evaluate(frozenset({"follower"}), "publish", "conductor.set_tempo").allowed
