@@ -50,6 +50,7 @@ __all__ = [
     "HEADER_NAME_RE",
     "INTERNAL_SUBSCRIPTIONS",
     "KINDS",
+    "MAX_BATCH",
     "MAX_TTL_MS",
     "PEER_ID_RE",
     "PUBLISH_KINDS",
@@ -68,6 +69,10 @@ PUBLISH_KINDS = frozenset({"pub", "pubs", "rep"})
 
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
 """Longest time to live a message may ask for (a week)."""
+
+MAX_BATCH = 1000
+"""Most publishes one ``pubs`` entry (or one direct call) may carry; a router refuses a larger
+entry whole, before looking at any of it."""
 
 DELIVERY_DEAD_LETTERS = frozenset({"handler_failed", "expired"})
 """Reasons a subscriber may give for dead-lettering a message delivered to it (``dl``)."""

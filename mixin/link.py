@@ -181,9 +181,13 @@ class SidecarLink:
             await (self.outbox.send_now(entry) if urgent else self.write(entry))
             reply = await asyncio.wait_for(fut, wait)
         except TimeoutError:
-            raise SidecarTimeout(
-                f"no reply to {kind!r} from the sidecar within {wait}s; is a router running "
-                "(`celery -A workers worker` or ClusterSidecar.setup())?") from None
+            hint = ("is a router running (`celery -A workers worker` or ClusterSidecar.setup())?")
+            if self.settings.auth == "required":
+                hint += (" With SIDECAR_AUTH=required a request that fails authentication gets no "
+                         "answer: check SIDECAR_PEER_ID and SIDECAR_PEER_SECRET (`sidecar deadletter "
+                         "list` says why a request was refused)")
+            raise SidecarTimeout(f"no reply to {kind!r} from the sidecar within {wait}s; {hint}") \
+                from None
         finally:
             self._replies.pop(rid, None)
         if reply.get("ok") != "1":

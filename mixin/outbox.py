@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from coordinator.errors import SidecarError, SidecarUnavailable, UnknownPeer
 from coordinator.keys import Keys
 from coordinator.policy.auth import Signer
-from coordinator.protocol import dumps
+from coordinator.protocol import MAX_BATCH, dumps
 from coordinator.resp import AsyncResp, pack
 from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache
 from coordinator.scripts import scripts_for, source
@@ -42,8 +42,8 @@ from coordinator.scripts import scripts_for, source
 __all__ = ["MAX_FOLD", "TRANSIENT", "Outbox"]
 
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
-MAX_FOLD = 1000
-"""Most publishes folded into one ``pubs`` entry (or one direct call)."""
+MAX_FOLD = MAX_BATCH
+"""Most publishes folded into one ``pubs`` entry (or one direct call): what a router takes."""
 _STALE_TRIES = 20
 """Direct calls refused as stale in a row before a publish gives up (the routes keep changing)."""
 _DIRECT_KINDS = ("pub", "rep")

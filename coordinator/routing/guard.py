@@ -8,6 +8,7 @@ moves, which every identity, membership and policy change bumps.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,10 @@ __all__ = ["Guard", "Mark"]
 
 Mark = tuple[int, str]
 """(nonce, request entry id) of a sender's last accepted signed request."""
+
+_RELOAD_EVERY = 1.0
+"""Least seconds between two reloads of the identities for senders not among them (a new
+identity also bumps the routing version, which reloads them with everything else)."""
 
 
 
@@ -45,6 +50,8 @@ class Guard:
         self.labels: dict[str, Mapping[str, str]] = {}
         self.engine = PolicyEngine()
         self._policy_version = -1
+        self._missed_at = float("-inf")
+        """When an unknown sender last made the identities reload."""
 
     @property
     def active(self) -> bool:
@@ -55,7 +62,7 @@ class Guard:
         if not self.active:
             return
         if self.auth:
-            self.identities = Identities(self.client, self.keys).load()
+            self._load_identities()
         if self.enforce:
             version = self.store.version()
             if version != self._policy_version:
@@ -69,6 +76,9 @@ class Guard:
             self.labels.clear()
             for peer, (roles, labels) in zip(ordered, pipe.execute(), strict=True):
                 self.learn(peer, _json(roles, []), _json(labels, {}))
+
+    def _load_identities(self) -> None:
+        self.identities = Identities(self.client, self.keys).load()
 
     def learn(self, peer: str, roles: Any, labels: Any) -> None:
         """Record a member's roles and labels (identity roles win when authentication is on)."""
@@ -91,8 +101,11 @@ class Guard:
         if not self.auth:
             return None
         sender = fields.get("s", "")
-        if sender not in self.identities:  # maybe created since the last reload
-            self.identities = Identities(self.client, self.keys).load()
+        if sender not in self.identities and time.monotonic() - self._missed_at > _RELOAD_EVERY:
+            # maybe created since the last reload; reloaded for an unknown sender at most once a
+            # second, so a flood of entries from made-up senders costs no reload each
+            self._missed_at = time.monotonic()
+            self._load_identities()
         entry_ms = int(entry_id.partition("-")[0])
         last = (chain.get(sender) if chain else None) or self._mark(sender)
         # the very entry a mark was taken from is being processed again (its router died between

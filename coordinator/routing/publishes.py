@@ -23,7 +23,7 @@ from coordinator.errors import (
 )
 from coordinator.ids import MESSAGE_ID_RE
 from coordinator.keys import REQUEST_GROUP
-from coordinator.protocol import MAX_TTL_MS, SYSTEM_SENDER, check_headers
+from coordinator.protocol import MAX_BATCH, MAX_TTL_MS, SYSTEM_SENDER, check_headers
 from coordinator.resp import Entry
 from coordinator.routing.context import RouterContext
 from coordinator.routing.guard import Mark
@@ -220,11 +220,15 @@ class PublishPlanner:
             try:
                 items = json.loads(f.get("b") or "")
                 if not isinstance(items, list) or not all(
-                        isinstance(i, list) and len(i) == 6 for i in items):
+                        isinstance(i, list) and len(i) == 6 for i in items[:MAX_BATCH]):
                     raise ValueError
             except ValueError:
                 rejections.append(self.rejector.rejection(stream, eid, f, BadRequest(
                     "batch field 'b' must be a JSON list of [topic, payload, fence, id, headers, ttl]")))
+                continue
+            if len(items) > MAX_BATCH:
+                rejections.append(self.rejector.rejection(stream, eid, f, BadRequest(
+                    f"a batch carries at most {MAX_BATCH} publishes, this one {len(items)}")))
                 continue
             acks.append(eid)
             sender = f.get("s", "")

@@ -2,7 +2,8 @@
 
 A :class:`Rejection` says which request entry was refused and why. :class:`Rejector` writes each
 one with ``reply.lua``: a dead-letter entry with the reason, an error reply when the sender can be
-identified (it is a member, or it has an inbox), and the entry's acknowledgement, in one atomic
+identified (it is a member, or it has an inbox; with ``SIDECAR_AUTH=required``, only once its
+signature checked out), and the entry's acknowledgement, in one atomic
 step fenced by the router's lease, so a deposed router never dead-letters or answers a request its
 successor handles too. (Subscribers give up deliveries through the router too: ``dl`` requests,
 see coordinator.routing.control.) :class:`DeadLetters` lists them and sends them again.
@@ -15,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.errors import SidecarError
+from coordinator.errors import AuthenticationFailed, SidecarError
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.protocol import dumps
 from coordinator.routing.view import RoutingView
@@ -77,7 +78,9 @@ class Rejector:
         """The rejection of entry ``eid`` (or of message ``part`` of a batch entry)."""
         sender = f.get("s")
         reply_to = None
-        if sender and stream != self.keys.system and (
+        if isinstance(exc, AuthenticationFailed) and self.settings.auth == "required":
+            pass  # anyone can claim a sender: answering would let them flood its inbox
+        elif sender and stream != self.keys.system and (
                 sender in self.view.members or self.client.exists(self.keys.responses(sender))):
             reply_to = sender
         if part is not None and part != eid:  # one message of a batch entry the script acks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import redis
 
 from coordinator import ClusterSidecar, Keys, Settings
-from coordinator.errors import AuthenticationFailed, PolicyRejected
+from coordinator.errors import AuthenticationFailed, PolicyRejected, SidecarTimeout
 from coordinator.policy.auth import FRESHNESS_MS, TAG_HEX, Identities, Identity, Signer, canonical, verify
 from coordinator.policy.store import PolicyStore
 from coordinator.routing.guard import Guard, Mark
@@ -318,22 +319,25 @@ async def test_signed_peers_talk_and_unsigned_ones_are_refused(
         await async_wait_for(lambda: float(client.zscore(keys.members, a.id) or 0) > joined,
                              what="a heartbeat stamped by the router")
 
-        # an identity nobody runs yet (a running peer would consume the replies of its own inbox)
+        # an identity nobody runs yet; a request that fails authentication is dead-lettered and
+        # gets no answer (anyone may claim any sender: answers would flood the claimed inbox)
         spare = ids.add("c", ["conductor"])["SIDECAR_PEER_ID"]
-        for label, kwargs, expected in [
-            ("no secret", {"id": spare}, "unsigned request"),
-            ("wrong secret", {"id": spare, "secret": b_creds["SIDECAR_PEER_SECRET"]}, "bad signature"),
-            ("no identity", {"secret": "made-up"}, "no identity"),
-        ]:
-            intruder = P(namespace=st.namespace, settings=st, **kwargs)
-            with pytest.raises(AuthenticationFailed, match=expected):
+        quick = st.replace(request_timeout=1.0)
+        for label, kwargs in [("no secret", {"id": spare}),
+                              ("wrong secret", {"id": spare, "secret": b_creds["SIDECAR_PEER_SECRET"]}),
+                              ("no identity", {"secret": "made-up"})]:
+            intruder = P(namespace=st.namespace, settings=quick, **kwargs)
+            with pytest.raises(SidecarTimeout, match="SIDECAR_PEER_SECRET"):
                 await intruder.setup()
             assert intruder._link is None, label  # nothing left running
+        assert client.xlen(keys.responses(spare)) == 0
 
         await b.cluster_publish("tempo.set", {"bpm": 130})  # good traffic is unaffected
         await async_wait_for(lambda: len(got) == 2, what="the second publish")
     dead = [f for _, f in client.xrange(keys.deadletter)]
     assert [f["reason"] for f in dead] == ["unauthenticated"] * 3
+    assert ["unsigned request" in dead[0]["message"], "bad signature" in dead[1]["message"],
+            "no identity" in dead[2]["message"]] == [True] * 3
     for f in dead:
         for secret in (a_creds["SIDECAR_PEER_SECRET"], b_creds["SIDECAR_PEER_SECRET"]):
             assert secret not in json.dumps(f)
@@ -402,3 +406,48 @@ async def test_a_router_taking_over_refuses_replays_of_what_its_predecessor_rout
     dead = {f["entry"]: f for _, f in client.xrange(keys.deadletter)}
     assert dead[replay]["reason"] == "unauthenticated"
     assert "replayed" in dead[replay]["message"]
+
+
+async def test_made_up_senders_and_an_oversized_batch_neither_flood_nor_stall_anyone(
+        sidecar: ClusterSidecar, client: redis.Redis, keys: Keys, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from coordinator.protocol import MAX_BATCH
+
+    loads = []
+    real_load = Identities.load
+
+    def counted(self: Identities) -> dict[str, Identity]:
+        loads.append(1)
+        return real_load(self)
+
+    monkeypatch.setattr(Identities, "load", counted)
+    PolicyStore(client, keys).set("open", OPEN_POLICY)
+    st = auth_settings(settings)
+    ids = Identities(client, keys)
+    alice, _ = signed_peer(ids, st, "alice", "player")
+    bob, bob_creds = signed_peer(ids, st, "bob", "player")
+    async with alice, bob:
+        got: list[Any] = []
+        await alice.cluster_subscribe("chat.>", lambda m: got.append(m.data))
+        await bob.cluster_publish("chat.x", -1)
+        await async_wait_for(lambda: got == [-1], what="bob's first publish")
+        loads.clear()
+        pipe = client.pipeline(transaction=False)
+        for n in range(1000):  # unsigned, half claiming to be alice, half made-up senders
+            sender = alice.id if n % 2 else f"01FAKE{n:020d}"
+            pipe.xadd(keys.requests(0), {"k": "pub", "s": sender, "t": "chat.x", "d": "1"})
+        # bob's own credentials, signing one batch past the limit
+        items = [["chat.x", str(n), None, None, None, None] for n in range(MAX_BATCH + 1)]
+        pipe.xadd(keys.requests(0), Signer(bob_creds["SIDECAR_PEER_SECRET"]).sign(
+            {"k": "pubs", "s": bob.id, "b": json.dumps(items)}))
+        pipe.execute()
+        for n in range(20):
+            await bob.cluster_publish("chat.x", n)
+        await async_wait_for(lambda: len(got) == 21, timeout=20, what="bob's twenty after the attack")
+        await async_wait_for(lambda: client.xlen(keys.deadletter) >= 1001, what="every refusal")
+    assert got == [-1, *range(20)]  # in order, and nothing of the attack
+    assert loads and len(loads) < 100  # not one identity reload per made-up sender
+    replies = [f for _, f in client.xrange(keys.responses(alice.id)) if f.get("k") == "reply"]
+    assert not [f for f in replies if f.get("ok") == "0"]  # no error answers flooding alice
+    reasons = Counter(f["reason"] for _, f in client.xrange(keys.deadletter))
+    assert reasons == {"unauthenticated": 1000, "bad_request": 1}
