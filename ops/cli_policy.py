@@ -117,13 +117,29 @@ def peer() -> None:
 @peer.command()
 @click.argument("name")
 @click.option("--role", "roles", multiple=True, required=True, help="Role (repeatable).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Label policies may require (repeatable).")
+@click.option("--priority", type=int, default=0, show_default=True,
+              help="Leader priority: the highest live eligible member leads.")
+@click.option("--no-leader", is_flag=True, help="Never elect this peer leader.")
 @click.option("--redis-acl", is_flag=True, help="Also create a Redis ACL user for the peer.")
 @click.pass_context
-def add(ctx: click.Context, name: str, roles: tuple[str, ...], redis_acl: bool) -> None:
-    """Create identity NAME and print the environment the peer needs (keep it secret)."""
+def add(ctx: click.Context, name: str, roles: tuple[str, ...], labels: tuple[str, ...], priority: int,
+        no_leader: bool, redis_acl: bool) -> None:
+    """Create identity NAME and print the environment the peer needs (keep it secret).
+
+    In authenticated mode the peer's roles, labels, leader priority and eligibility are these,
+    whatever it claims when it registers."""
     obj = ctx.obj
+    pairs = {}
+    for label in labels:
+        key, sep, value = label.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{label!r} is not KEY=VALUE", param_hint="--label")
+        pairs[key] = value
     try:
-        out = Identities(obj.client(), obj.keys).add(name, list(roles),
+        out = Identities(obj.client(), obj.keys).add(name, list(roles), labels=pairs,
+                                                     priority=priority, eligible=not no_leader,
                                                      redis_acl=redis_acl)
     except SidecarError as exc:
         raise click.ClickException(str(exc)) from None

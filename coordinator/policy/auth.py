@@ -22,7 +22,7 @@ import json
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -77,15 +77,28 @@ class Signer:
 
 @dataclass(frozen=True)
 class Identity:
-    """A peer identity: who it is, which roles it holds, and its signing secret."""
+    """A peer identity: who it is, what it may claim (roles, labels, leader priority and
+    eligibility: in authenticated mode these come from here, never from the peer), and its
+    signing secret."""
 
     peer_id: str
     name: str
     roles: tuple[str, ...]
     secret: str
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    priority: int = 0
+    eligible: bool = True
 
     def __repr__(self) -> str:
-        return f"Identity(peer_id={self.peer_id!r}, name={self.name!r}, roles={self.roles!r})"
+        return (f"Identity(peer_id={self.peer_id!r}, name={self.name!r}, roles={self.roles!r}, "
+                f"labels={dict(self.labels)!r}, priority={self.priority}, eligible={self.eligible})")
+
+    def member_info(self, claimed: Mapping[str, Any]) -> dict[str, Any]:
+        """``claimed`` (what a register request says of the peer) with everything that decides
+        what the peer may do (role, roles, labels, leader priority and eligibility) taken from
+        this identity instead."""
+        return {**claimed, "role": self.roles[0] if self.roles else "peer", "roles": list(self.roles),
+                "labels": dict(self.labels), "priority": self.priority, "eligible": self.eligible}
 
     @functools.cached_property
     def mac(self) -> Any:
@@ -125,11 +138,13 @@ class Identities:
         self.client = client
         self.keys = keys
 
-    def add(self, name: str, roles: list[str], *, redis_acl: bool = False) -> dict[str, str]:
+    def add(self, name: str, roles: list[str], *, labels: Mapping[str, str] | None = None,
+            priority: int = 0, eligible: bool = True, redis_acl: bool = False) -> dict[str, str]:
         """Create an identity; returns what the peer needs (id, secret, and ACL credentials)."""
         peer_id = str(ULID())
         secret = secrets.token_urlsafe(32)
-        record = {"name": name, "roles": roles, "secret": secret, "created": int(time.time())}
+        record = {"name": name, "roles": roles, "secret": secret, "created": int(time.time()),
+                  "labels": dict(labels or {}), "priority": int(priority), "eligible": bool(eligible)}
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self.keys.identities, peer_id, dumps(record))
         pipe.incr(self.keys.routing_version)
@@ -164,8 +179,11 @@ class Identities:
         for peer_id, raw in self.client.hgetall(self.keys.identities).items():
             try:
                 rec = json.loads(raw)
-                out[str(peer_id)] = Identity(str(peer_id), str(rec["name"]),
-                                             tuple(rec.get("roles") or ()), str(rec["secret"]))
-            except (ValueError, KeyError, TypeError):
+                labels = rec.get("labels") or {}
+                out[str(peer_id)] = Identity(
+                    str(peer_id), str(rec["name"]), tuple(rec.get("roles") or ()), str(rec["secret"]),
+                    labels={str(k): str(v) for k, v in labels.items()},
+                    priority=int(rec.get("priority") or 0), eligible=bool(rec.get("eligible", True)))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue
         return out

@@ -142,6 +142,7 @@ class ControlHandler:
             info = json.loads(f.get("m") or "{}")
             if not isinstance(info, dict):
                 raise ValueError("member info must be a JSON object")
+            info = self.guard.member_info(sender, info)
             keys, args = register_call(self.keys, sender, info, token=self.token, stream=stream,
                                        entry_id=eid, request_id=f.get("r", ""),
                                        inbox_maxlen=self.settings.inbox_maxlen, lease_key=lease)

@@ -80,13 +80,20 @@ class Guard:
     def _load_identities(self) -> None:
         self.identities = Identities(self.client, self.keys).load()
 
+    def member_info(self, peer: str, claimed: dict[str, Any]) -> dict[str, Any]:
+        """What a register request of ``peer`` records: with authentication on, its identity's
+        roles, labels, leader priority and eligibility replace whatever the peer claimed."""
+        ident = self.identities.get(peer) if self.auth else None
+        return ident.member_info(claimed) if ident is not None else claimed
+
     def learn(self, peer: str, roles: Any, labels: Any) -> None:
-        """Record a member's roles and labels (identity roles win when authentication is on)."""
+        """Record a member's roles and labels (the identity's when authentication is on)."""
         ident = self.identities.get(peer)
         if self.auth and ident is not None:
             self.roles[peer] = frozenset(ident.roles)
-        else:
-            self.roles[peer] = frozenset(str(r) for r in roles) if isinstance(roles, list) else frozenset()
+            self.labels[peer] = dict(ident.labels)
+            return
+        self.roles[peer] = frozenset(str(r) for r in roles) if isinstance(roles, list) else frozenset()
         self.labels[peer] = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
 
     def authenticate(self, fields: Mapping[str, str], entry_id: str,

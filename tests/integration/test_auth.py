@@ -451,3 +451,37 @@ async def test_made_up_senders_and_an_oversized_batch_neither_flood_nor_stall_an
     assert not [f for f in replies if f.get("ok") == "0"]  # no error answers flooding alice
     reasons = Counter(f["reason"] for _, f in client.xrange(keys.deadletter))
     assert reasons == {"unauthenticated": 1000, "bad_request": 1}
+
+
+async def test_labels_priority_and_eligibility_come_from_the_identity_not_the_peer(
+        sidecar: ClusterSidecar, client: redis.Redis, keys: Keys, settings: Settings) -> None:
+    PolicyStore(client, keys).set("vault", {"statements": [
+        {"id": "listen", "effect": "allow", "role_ids": "*", "action": "subscribe", "resource": ">"},
+        {"id": "trusted", "effect": "allow", "role_ids": "*", "action": "publish",
+         "resource": "vault.>", "condition": {"labels": {"zone": "trusted"}}}]})
+    st = auth_settings(settings)
+    ids = Identities(client, keys)
+    alice_creds = ids.add("alice", ["player"], labels={"zone": "trusted"}, priority=5)
+    bob_creds = ids.add("bob", ["player"])
+    carol_creds = ids.add("carol", ["player"], priority=100, eligible=False)
+    alice = P(namespace=st.namespace, id=alice_creds["SIDECAR_PEER_ID"], settings=st,
+              secret=alice_creds["SIDECAR_PEER_SECRET"])
+    bob = P(namespace=st.namespace, id=bob_creds["SIDECAR_PEER_ID"], settings=st,  # claims it all
+            secret=bob_creds["SIDECAR_PEER_SECRET"], labels={"zone": "trusted"}, priority=10**9)
+    carol = P(namespace=st.namespace, id=carol_creds["SIDECAR_PEER_ID"], settings=st,
+              secret=carol_creds["SIDECAR_PEER_SECRET"], leader_eligible=True)
+    async with alice, bob, carol:
+        got: list[Any] = []
+        await alice.cluster_subscribe("vault.>", lambda m: got.append(m.data))
+        await bob.cluster_publish("vault.x", "from bob")
+        await alice.cluster_publish("vault.x", "from alice")
+        await async_wait_for(lambda: got, what="alice's publish")
+        await async_wait_for(lambda: client.xlen(keys.deadletter) >= 1, what="bob's publish refused")
+        await async_wait_for(lambda: alice.leader_id, what="a leader")
+        assert got == ["from alice"]
+        assert alice.is_leader and bob.leader_id == alice.id == carol.leader_id
+        record = client.hgetall(keys.member(bob.id))
+        assert json.loads(record["labels"]) == {}
+        assert client.zscore(keys.electorate, bob.id) == 0
+        assert client.zscore(keys.electorate, carol.id) is None  # never a candidate
+    assert [f["reason"] for _, f in client.xrange(keys.deadletter)] == ["policy_rejected"]

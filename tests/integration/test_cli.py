@@ -119,3 +119,19 @@ def test_tail_prints_json_lines(settings: Settings, sidecar: ClusterSidecar, cli
     assert tail.returncode == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [(m["topic"], m["data"]) for m in lines] == [("x.one", 1), ("x.two", "two")]
+
+
+def test_peer_add_records_labels_priority_and_eligibility(settings: Settings, client: redis.Redis) -> None:
+    from coordinator.keys import Keys
+    from coordinator.policy.auth import Identities
+
+    out = run(settings, "peer", "add", "edge", "--role", "player", "--label", "zone=eu",
+              "--label", "tier=gold", "--priority", "7", "--no-leader")
+    peer_id = next(line.split("=", 1)[1] for line in out.splitlines()
+                   if line.startswith("SIDECAR_PEER_ID="))
+    ident = Identities(client, Keys(settings.namespace)).load()[peer_id]
+    assert (dict(ident.labels), ident.priority, ident.eligible) == ({"zone": "eu", "tier": "gold"}, 7,
+                                                                     False)
+    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace}
+    bad = CliRunner().invoke(cli, ["peer", "add", "x", "--role", "r", "--label", "novalue"], env=env)
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
