@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from bench.children import Channel, Role, pace, run_stages
+from bench.services import BENCH_PEER_KEY
 from coordinator.keys import Keys
 from coordinator.policy.auth import Identities
 from coordinator.policy.store import PolicyStore
@@ -151,7 +152,8 @@ def secure_identities(url: str, namespace: str, count: int) -> list[tuple[str, s
         store = PolicyStore(client, keys)
         if store.get("bench") is None:
             store.set("bench", BENCH_POLICY, by="bench")
-        made = [Identities(client, keys).add(f"bench{k}", ["bench"]) for k in range(count)]
+        made = [Identities(client, keys, BENCH_PEER_KEY).add(f"bench{k}", ["bench"])
+                for k in range(count)]
     finally:
         client.close()
     return [(m["SIDECAR_PEER_ID"], m["SIDECAR_PEER_SECRET"]) for m in made]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,12 @@ from bench.celery_default import ready_key
 from coordinator.keys import Keys
 from ops.embedded import RedisServer
 
-__all__ = ["SCENARIO_ENV", "WORKER_APPS", "Services"]
+__all__ = ["BENCH_PEER_KEY", "SCENARIO_ENV", "WORKER_APPS", "Services"]
 
-SCENARIO_ENV = {"secure": {"SIDECAR_AUTH": "required", "SIDECAR_ENFORCE_POLICY": "1"},
+BENCH_PEER_KEY = secrets.token_urlsafe(32)
+"""The peer key of this run's secure scenario (its identities' secrets derive from it)."""
+SCENARIO_ENV = {"secure": {"SIDECAR_AUTH": "required", "SIDECAR_ENFORCE_POLICY": "1",
+                           "SIDECAR_PEER_KEY": BENCH_PEER_KEY},
                 "routed": {"SIDECAR_DATA_PATH": "routed"}}
 """Settings a scenario's worker runs with beyond the defaults."""
 WORKER_APPS = {"celery_default": "bench.celery_default"}

@@ -66,6 +66,8 @@ REQUEST_GROUP = "routers"
 """Consumer group the routers read request partitions with."""
 PEER_GROUP = "peer"
 """Consumer group a peer reads its own response stream with."""
+PEER_REQUESTS = "sidecar.requests.peer."
+"""Prefix (after the namespace's) of each peer's own request stream (see Keys.peer_requests)."""
 
 
 class Keys:
@@ -82,6 +84,12 @@ class Keys:
         """Request stream of ``partition`` (partition 0 keeps the plain name)."""
         base = self._p + "sidecar.requests"
         return base if partition == 0 else f"{base}.{partition}"
+
+    def peer_requests(self, peer_id: str) -> str:
+        """Request stream of ``peer_id`` alone, with ``SIDECAR_AUTH=required``: its Redis user may
+        append there and to no other request stream, so nothing it sends can touch another
+        peer's requests. The router of ``partition_of(peer_id)`` reads it."""
+        return f"{self._p}{PEER_REQUESTS}{peer_id}"
 
     def responses(self, peer_id: str) -> str:
         """Response stream (inbox) of ``peer_id``."""
@@ -285,11 +293,25 @@ class Keys:
         """Where answers for the requests of ``site``'s peers travel (core NATS, not the stream)."""
         return f"_SIDECAR.{self.namespace}.reply.{site}"
 
-    def partition_of_stream(self, stream: str) -> int:
-        """The partition a request stream (or the system stream: partition 0) belongs to."""
+    def partition_of_stream(self, stream: str, partitions: int) -> int:
+        """The partition a request stream (a partition's, a peer's own, or the system stream:
+        partition 0) belongs to, of ``partitions``."""
         if stream in (self._p + "sidecar.requests", self._p + "sidecar.system"):
             return 0
+        peer = self.peer_of_stream(stream)
+        if peer is not None:
+            return self.partition_of(peer, partitions)
         return int(stream.rsplit(".", 1)[-1])
+
+    def peer_of_stream(self, stream: str) -> str | None:
+        """The peer whose own request stream ``stream`` is (None: not a peer's own)."""
+        prefix = self._p + PEER_REQUESTS
+        return stream[len(prefix):] if stream.startswith(prefix) else None
+
+    def is_request_stream(self, stream: str, partitions: int) -> bool:
+        """``stream`` is a partition's request stream or a peer's own."""
+        return (self.peer_of_stream(stream) is not None
+                or stream in (self.requests(p) for p in range(partitions)))
 
     @staticmethod
     def partition_of(sender: str, partitions: int) -> int:

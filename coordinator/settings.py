@@ -140,6 +140,9 @@ class Settings:
 
     peer_secret: str | None = _secret()
     """This peer's signing secret (peer processes only)."""
+    peer_key: str | None = _secret()
+    """The key every peer secret is derived from (workers and the CLI, with
+    ``SIDECAR_AUTH=required``): Redis holds no secret, only who each peer is."""
     dashboard_user: str | None = None
     """Basic-auth user for Flower and the dashboard when they listen beyond loopback."""
     dashboard_password: str | None = _secret()

@@ -60,7 +60,8 @@ class SidecarLink:
         self.peer_id = peer_id
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.stream = self.keys.requests(Keys.partition_of(peer_id, settings.partitions))
+        self.stream = (self.keys.peer_requests(peer_id) if settings.auth == "required"
+                       else self.keys.requests(Keys.partition_of(peer_id, settings.partitions)))
         self.inbox = self.keys.responses(peer_id)
         self.log = logger or logging.getLogger("sidecar.link")
         self.redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,

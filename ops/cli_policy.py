@@ -130,7 +130,6 @@ def add(ctx: click.Context, name: str, roles: tuple[str, ...], labels: tuple[str
 
     In authenticated mode the peer's roles, labels, leader priority and eligibility are these,
     whatever it claims when it registers."""
-    obj = ctx.obj
     pairs = {}
     for label in labels:
         key, sep, value = label.partition("=")
@@ -138,10 +137,49 @@ def add(ctx: click.Context, name: str, roles: tuple[str, ...], labels: tuple[str
             raise click.BadParameter(f"{label!r} is not KEY=VALUE", param_hint="--label")
         pairs[key] = value
     try:
-        out = Identities(obj.client(), obj.keys).add(name, list(roles), labels=pairs,
-                                                     priority=priority, eligible=not no_leader,
-                                                     redis_acl=redis_acl)
+        out = _identities(ctx).add(name, list(roles), labels=pairs, priority=priority,
+                                   eligible=not no_leader, redis_acl=redis_acl)
     except SidecarError as exc:
         raise click.ClickException(str(exc)) from None
+    _print_env(out)
+
+
+@peer.command()
+@click.argument("peer_ref", metavar="PEER")
+@click.option("--redis-acl", is_flag=True, help="Also give the peer's Redis user a new password.")
+@click.pass_context
+def rotate(ctx: click.Context, peer_ref: str, redis_acl: bool) -> None:
+    """Give PEER (id or name) a new secret and print it; the old one stops working as soon as
+    the routers next look at the identities (within a lease renewal)."""
+    try:
+        out = _identities(ctx).rotate(peer_ref, redis_acl=redis_acl)
+    except SidecarError as exc:
+        raise click.ClickException(str(exc)) from None
+    _print_env(out)
+
+
+@peer.command()
+@click.argument("peer_ref", metavar="PEER")
+@click.pass_context
+def revoke(ctx: click.Context, peer_ref: str) -> None:
+    """Delete PEER's identity (id or name) and Redis user, and evict it: nothing it sends is
+    routed from the routers' next look at the identities on."""
+    from coordinator.cluster.duties import Duties
+
+    obj = ctx.obj
+    try:
+        peer_id = _identities(ctx).revoke(peer_ref)
+        evicted = Duties(obj.client(), obj.settings).evict(peer_id)
+    except SidecarError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{peer_id} revoked" + (" and evicted" if evicted else ""))
+
+
+def _identities(ctx: click.Context) -> Identities:
+    obj = ctx.obj
+    return Identities(obj.client(), obj.keys, obj.settings.peer_key)
+
+
+def _print_env(out: dict[str, str]) -> None:
     for key, value in out.items():
         sys.stdout.write(f"{key}={value}\n")

@@ -59,11 +59,17 @@ async def async_wait_for(condition: Callable[[], Any | Awaitable[Any]], timeout:
         await asyncio.sleep(interval)
 
 
+TEST_PEER_KEY = "peer-key-of-the-test-suite-0123456789abcdef"
+"""The key the suite's peer secrets derive from (SIDECAR_PEER_KEY of its workers and CLI runs)."""
+
+
 def sidecar_env(redis_url: str, namespace: str, **extra: Any) -> dict[str, str]:
-    """Environment for a sidecar process: ``extra`` keys become ``SIDECAR_<KEY>``."""
+    """Environment for a sidecar process: ``extra`` keys become ``SIDECAR_<KEY>`` (with the
+    suite's peer key unless given)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     env["SIDECAR_REDIS_URL"] = redis_url
     env["SIDECAR_NAMESPACE"] = namespace
+    env["SIDECAR_PEER_KEY"] = TEST_PEER_KEY
     env["PYTHONUNBUFFERED"] = "1"
     for key, value in extra.items():
         env[f"SIDECAR_{key.upper()}"] = str(value)

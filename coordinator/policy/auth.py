@@ -15,6 +15,8 @@ users (``sidecar peer add --redis-acl``) a peer cannot read them, nor any stream
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -28,7 +30,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 from ulid import ULID
 
-from coordinator.errors import AuthenticationFailed
+from coordinator.errors import AuthenticationFailed, ConfigurationError, UnknownPeer
 from coordinator.keys import Keys
 from coordinator.protocol import dumps
 
@@ -131,19 +133,47 @@ def verify(identity: Identity | None, fields: Mapping[str, str], entry_ms: int,
     return nonce
 
 
-class Identities:
-    """The identity store on a sync client."""
+def derive_secret(peer_key: str, namespace: str, peer_id: str, generation: int) -> str:
+    """The signing secret of ``peer_id`` in its ``generation`` (rotating moves it on), derived
+    from the sidecar's ``peer_key``: no secret is ever stored, only who each peer is."""
+    message = f"sidecar-peer-secret\0{namespace}\0{peer_id}\0{generation}".encode()
+    digest = hmac.new(peer_key.encode(), message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
-    def __init__(self, client: Any, keys: Keys) -> None:
+
+class Identities:
+    """The identity store on a sync client. Records hold who a peer is (name, roles, labels,
+    leader priority and eligibility, and the generation of its secret); the secret itself is
+    derived from ``peer_key`` (``SIDECAR_PEER_KEY``), which the workers and the CLI hold and
+    Redis never sees, so reading Redis yields nothing to sign with."""
+
+    def __init__(self, client: Any, keys: Keys, peer_key: str | None) -> None:
         self.client = client
         self.keys = keys
+        self._peer_key = peer_key
+
+    def __repr__(self) -> str:
+        return f"Identities(namespace={self.keys.namespace!r})"
+
+    def require_key(self) -> str:
+        """The peer key; raises ConfigurationError, with the fix, when it is not set."""
+        if not self._peer_key:
+            raise ConfigurationError(
+                "SIDECAR_PEER_KEY is not set: with SIDECAR_AUTH=required every peer secret is "
+                "derived from it (workers and the CLI need it, peers do not); make one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        return self._peer_key
+
+    def secret(self, peer_id: str, generation: int) -> str:
+        """The signing secret of ``peer_id`` in ``generation``."""
+        return derive_secret(self.require_key(), self.keys.namespace, peer_id, generation)
 
     def add(self, name: str, roles: list[str], *, labels: Mapping[str, str] | None = None,
             priority: int = 0, eligible: bool = True, redis_acl: bool = False) -> dict[str, str]:
         """Create an identity; returns what the peer needs (id, secret, and ACL credentials)."""
         peer_id = str(ULID())
-        secret = secrets.token_urlsafe(32)
-        record = {"name": name, "roles": roles, "secret": secret, "created": int(time.time()),
+        secret = self.secret(peer_id, 1)
+        record = {"name": name, "roles": roles, "generation": 1, "created": int(time.time()),
                   "labels": dict(labels or {}), "priority": int(priority), "eligible": bool(eligible)}
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self.keys.identities, peer_id, dumps(record))
@@ -156,13 +186,59 @@ class Identities:
             out["SIDECAR_REDIS_PASSWORD"] = password
         return out
 
+    def find(self, ref: str) -> str:
+        """The peer id of identity ``ref`` (its id, or its name when only one has it)."""
+        records = self.client.hgetall(self.keys.identities)
+        if ref in records:
+            return ref
+        named = [peer for peer, raw in records.items() if _record(raw).get("name") == ref]
+        if len(named) != 1:
+            raise UnknownPeer(f"no identity {ref!r}" if not named else
+                              f"{len(named)} identities are named {ref!r}; give the peer id")
+        return str(named[0])
+
+    def rotate(self, ref: str, *, redis_acl: bool = False) -> dict[str, str]:
+        """Give identity ``ref`` a new secret (and, with ``redis_acl``, a new Redis password);
+        the old one fails from the routers' next look at the identities on."""
+        peer_id = self.find(ref)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.watch(self.keys.identities)
+            record = _record(pipe.hget(self.keys.identities, peer_id))
+            record["generation"] = int(record.get("generation") or 1) + 1
+            pipe.multi()
+            pipe.hset(self.keys.identities, peer_id, dumps(record))
+            pipe.incr(self.keys.routing_version)
+            pipe.execute()
+        out = {"SIDECAR_PEER_ID": peer_id,
+               "SIDECAR_PEER_SECRET": self.secret(peer_id, record["generation"])}
+        if redis_acl:
+            user, password = self.create_acl_user(peer_id)
+            out["SIDECAR_REDIS_USER"] = user
+            out["SIDECAR_REDIS_PASSWORD"] = password
+        return out
+
+    def revoke(self, ref: str) -> str:
+        """Delete identity ``ref`` and its Redis user (Redis closes that user's connections);
+        returns its peer id. The caller evicts the member."""
+        peer_id = self.find(ref)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hdel(self.keys.identities, peer_id)
+        pipe.hdel(self.keys.nonces, peer_id)
+        pipe.incr(self.keys.routing_version)
+        pipe.execute()
+        with contextlib.suppress(ResponseError):  # it had none
+            self.client.acl_deluser(f"sidecar-peer-{peer_id}")
+        return peer_id
+
     def create_acl_user(self, peer_id: str) -> tuple[str, str]:
-        """A Redis user that may write requests and read only its own inbox."""
+        """A Redis user that reaches two keys, both its own: its request stream (it appends
+        there; whatever else it does there touches its own requests only) and its inbox (it
+        reads, acknowledges and deletes there). Rules Redis 6.2 understands."""
         user = f"sidecar-peer-{peer_id}"
         password = secrets.token_urlsafe(32)
         commands = ["-@all", "+xadd", "+xreadgroup", "+xack", "+xdel", "+xgroup|create", "+ping",
                     "+client|setname", "+hello", "+auth", "+select"]
-        keys = [f"%W~{self.keys.requests(0)}*", f"~{self.keys.responses(peer_id)}"]
+        keys = [f"~{self.keys.peer_requests(peer_id)}", f"~{self.keys.responses(peer_id)}"]
         try:  # Redis 7.2+ has CLIENT SETINFO, which clients send on connect
             self.client.acl_setuser(user, enabled=True, reset_keys=True, reset_channels=True,
                                     reset_passwords=True, passwords=[f"+{password}"], keys=keys,
@@ -174,16 +250,28 @@ class Identities:
         return user, password
 
     def load(self) -> dict[str, Identity]:
-        """Every identity by peer id."""
+        """Every identity by peer id, with its secret derived."""
+        key = self.require_key()
         out = {}
         for peer_id, raw in self.client.hgetall(self.keys.identities).items():
             try:
-                rec = json.loads(raw)
+                rec = _record(raw)
                 labels = rec.get("labels") or {}
+                secret = derive_secret(key, self.keys.namespace, str(peer_id),
+                                       int(rec.get("generation") or 1))
                 out[str(peer_id)] = Identity(
-                    str(peer_id), str(rec["name"]), tuple(rec.get("roles") or ()), str(rec["secret"]),
+                    str(peer_id), str(rec["name"]), tuple(rec.get("roles") or ()), secret,
                     labels={str(k): str(v) for k, v in labels.items()},
                     priority=int(rec.get("priority") or 0), eligible=bool(rec.get("eligible", True)))
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
         return out
+
+
+def _record(raw: str | None) -> dict[str, Any]:
+    """An identity record ({} when unreadable)."""
+    try:
+        record = json.loads(raw or "")
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}

@@ -69,7 +69,7 @@ class ControlHandler:
         """Apply one non-publish request entry; a refused one comes back as a Rejection for the
         router to write (nothing of it is written here)."""
         stream, eid, f = entry
-        lease = self.keys.router_lease(self.keys.partition_of_stream(stream))
+        lease = self.keys.router_lease(self.keys.partition_of_stream(stream, self.settings.partitions))
         try:
             self._apply(stream, eid, f, lease)
         except SidecarError as exc:

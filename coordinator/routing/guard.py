@@ -41,6 +41,9 @@ class Guard:
         self.auth = settings.auth == "required"
         self.enforce = settings.enforce_policy
         self.store = PolicyStore(client, keys, inbox_maxlen=settings.inbox_maxlen)
+        self._identities = Identities(client, keys, settings.peer_key)
+        if self.auth:
+            self._identities.require_key()  # at once, not on the first request
         self.identities: dict[str, Identity] = {}
         self.marks: dict[str, Mark] = {}
         """Per sender, the (nonce, entry id) of its last accepted signed request, as last read from
@@ -78,7 +81,7 @@ class Guard:
                 self.learn(peer, _json(roles, []), _json(labels, {}))
 
     def _load_identities(self) -> None:
-        self.identities = Identities(self.client, self.keys).load()
+        self.identities = self._identities.load()
 
     def member_info(self, peer: str, claimed: dict[str, Any]) -> dict[str, Any]:
         """What a register request of ``peer`` records: with authentication on, its identity's

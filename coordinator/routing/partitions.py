@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
@@ -37,6 +38,8 @@ class Partitions:
         self.leases: dict[int, Lease] = {}
         self._held: tuple[int, ...] = ()
         self._held_streams: list[str] = []
+        self._peers: dict[int, list[str]] = {}
+        """Partition -> the peers' own request streams it covers (SIDECAR_AUTH=required)."""
 
     @property
     def held(self) -> list[int]:
@@ -44,12 +47,15 @@ class Partitions:
         return sorted(self.leases)
 
     def streams_of(self, partition: int) -> list[str]:
-        """The streams a partition covers (partition 0 includes the system stream)."""
+        """The streams a partition covers: its own, the system stream (partition 0), and the
+        own request streams of the peers that map to it (SIDECAR_AUTH=required)."""
         stream = self.keys.requests(partition)
-        return [stream, self.keys.system] if partition == 0 else [stream]
+        own = [stream, self.keys.system] if partition == 0 else [stream]
+        return own + self._peers.get(partition, [])
 
     def streams(self) -> list[str]:
-        """The streams of the partitions held now (cached until the holding changes)."""
+        """The streams of the partitions held now (cached until the holding or the peers
+        change)."""
         held = tuple(sorted(self.leases))
         if held != self._held:
             self._held = held
@@ -57,7 +63,24 @@ class Partitions:
         return self._held_streams
 
     def holds_stream(self, stream: str) -> bool:
-        return self.keys.partition_of_stream(stream) in self.leases
+        return self.keys.partition_of_stream(stream, self.settings.partitions) in self.leases
+
+    def learn_peers(self, peers: Iterable[str]) -> list[str]:
+        """Cover the own request streams of ``peers`` (the identities, SIDECAR_AUTH=required) from
+        now on; returns the streams new to this router (their groups exist once this returns,
+        taking whatever was written there before)."""
+        known = {s for streams in self._peers.values() for s in streams}
+        by_partition: dict[int, list[str]] = {}
+        for peer in sorted(peers):
+            by_partition.setdefault(self.keys.partition_of(peer, self.settings.partitions),
+                                    []).append(self.keys.peer_requests(peer))
+        fresh = [s for streams in by_partition.values() for s in streams if s not in known]
+        for stream in fresh:
+            self._ensure_group(stream)
+        if by_partition != self._peers:
+            self._peers = by_partition
+            self._held = ()  # streams() builds its list again
+        return fresh
 
     def renew(self) -> None:
         """Renew every held lease, dropping the ones another router has taken."""
@@ -68,7 +91,7 @@ class Partitions:
 
     def drop_stream(self, stream: str) -> None:
         """A fenced script said our lease on ``stream``'s partition is gone: stop routing it."""
-        p = self.keys.partition_of_stream(stream)
+        p = self.keys.partition_of_stream(stream, self.settings.partitions)
         if self.leases.pop(p, None) is not None:
             log.warning("router %s was fenced off partition %d", self.name, p)
 
@@ -114,11 +137,14 @@ class Partitions:
     def ensure_groups(self, partition: int) -> None:
         """Create the routers' consumer group on the partition's streams if Redis lost it."""
         for stream in self.streams_of(partition):
-            try:
-                self.client.xgroup_create(stream, REQUEST_GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            self._ensure_group(stream)
+
+    def _ensure_group(self, stream: str) -> None:
+        try:
+            self.client.xgroup_create(stream, REQUEST_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
     def trim(self) -> None:
         """Drop routed entries from held request streams (keep anything still pending).

@@ -94,8 +94,9 @@ class PublishPlanner:
         info = self._streams.get(stream)
         if info is None:
             trusted = stream == self.keys.system
-            partition = self.keys.partition_of_stream(stream)
-            tag = "s" if trusted else str(partition)
+            partition = self.keys.partition_of_stream(stream, self.settings.partitions)
+            peer = self.keys.peer_of_stream(stream)  # entry ids of two streams may be equal
+            tag = "s" if trusted else str(partition) if peer is None else peer
             info = self._streams[stream] = (self.keys.router_lease(partition), tag, trusted)
         return info
 

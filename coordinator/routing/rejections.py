@@ -171,7 +171,7 @@ class DeadLetters:
             except ValueError:
                 raise ValueError(f"dead letter {entry_id} keeps no request to replay") from None
             target = fields.get("stream", "")
-            if target not in (self.keys.requests(p) for p in range(self.settings.partitions)):
+            if not self.keys.is_request_stream(target, self.settings.partitions):
                 raise ValueError(f"dead letter {entry_id} came from {target!r}, not a request stream")
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(target, {str(k): str(v) for k, v in entry.items()},

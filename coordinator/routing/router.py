@@ -132,6 +132,8 @@ class Router:
         self._flushed: dict[str, int] = {}
         self._block_ms = settings.router_block_ms
         self._last_trim = 0.0
+        self._identities_at: str | None = None
+        """The routing version the identities were last followed at (see _follow_identities)."""
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -293,6 +295,8 @@ class Router:
     # ------------------------------------------------------------------ partitions
     def _maintain(self) -> None:
         """Renew held leases, take or give partitions toward a fair share, and tidy up."""
+        if self.settings.auth == "required":
+            self._follow_identities()
         self.parts.renew()
         for p in self.parts.rebalance():
             self._take_over(p)
@@ -303,6 +307,17 @@ class Router:
         if time.monotonic() - self._last_trim > 5.0:
             self._last_trim = time.monotonic()
             self.parts.trim()
+
+    def _follow_identities(self) -> None:
+        """Read each identity's own request stream, and check requests against the identities
+        as they are now: a peer added, rotated or revoked counts from the next lease renewal on
+        (its change moves the routing version), even while only control requests flow."""
+        version = self.client.get(self.keys.routing_version)
+        if version == self._identities_at:
+            return
+        self._identities_at = version
+        self.parts.learn_peers(self.client.hkeys(self.keys.identities))
+        self.view.invalidate()
 
     def _take_over(self, partition: int) -> None:
         """Start owning ``partition``: route what the last owner left pending, then new entries."""

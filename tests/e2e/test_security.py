@@ -22,7 +22,7 @@ from coordinator.policy.auth import FRESHNESS_MS, TAG_HEX, Identities, Signer, c
 from coordinator.settings import Settings
 from ops.embedded import RedisServer
 from tests.e2e.helpers import Recorder, sidecar_cli, start_worker
-from tests.support import Peer, Processes, async_wait_for, request_entry, sidecar_env, wait_for
+from tests.support import TEST_PEER_KEY, Peer, Processes, async_wait_for, request_entry, sidecar_env, wait_for
 
 DASHBOARD_PASSWORD = "dashboard-pa55word-never-logged"
 
@@ -47,7 +47,7 @@ async def test_forged_tampered_replayed_and_unsigned_requests_are_refused(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     keys = Keys(namespace)
-    ids = Identities(client, keys)
+    ids = Identities(client, keys, TEST_PEER_KEY)
     a_creds, b_creds = ids.add("a", ["conductor"]), ids.add("b", ["conductor"])
     a_secret, b_secret = a_creds["SIDECAR_PEER_SECRET"], b_creds["SIDECAR_PEER_SECRET"]
     env = sidecar_env(redis_url, namespace, auth="required", dashboard_user="admin",
@@ -66,7 +66,7 @@ async def test_forged_tampered_replayed_and_unsigned_requests_are_refused(
         while not captured and len(sent) < 20:
             sent.append({"n": len(sent)})
             mid = await b.cluster_publish("chat.hello", sent[-1])
-            captured = request_entry(client, keys.requests(0), mid)
+            captured = request_entry(client, keys.peer_requests(b.id), mid)
         assert captured.get("sig"), "could not capture a signed entry"
         await got.wait_for_data(sent[-1])
 
@@ -198,14 +198,86 @@ async def test_redis_acl_confines_each_peer_to_its_own_inbox(
             probe_id = spy.xadd(keys.responses(a_id), {"k": "probe"})
             own = spy.xreadgroup("probe", "probe", {keys.responses(a_id): ">"}, count=100)
             assert own and [e[0] for e in own[0][1]] == [probe_id], "a could not read its own inbox"
-            # ... and writing requests works (unsigned, so the router dead-letters it)
-            eid = spy.xadd(keys.requests(0), {"k": "pub", "s": a_id, "t": "to-b.probe", "d": "1"})
+            # ... and writing requests works, to its own request stream alone (unsigned, so the
+            # router dead-letters it); the shared streams and b's are out of its reach
+            eid = spy.xadd(keys.peer_requests(a_id), {"k": "pub", "s": a_id, "t": "to-b.probe", "d": "1"})
             await async_wait_for(lambda: eid in dead_letters(admin, keys), what="the probe refused")
             assert dead_letters(admin, keys)[eid]["reason"] == "unauthenticated"
+            for stream in (keys.requests(0), keys.peer_requests(b_id)):
+                with pytest.raises(NoPermissionError):
+                    spy.xadd(stream, {"k": "pub", "s": a_id, "t": "to-b.probe", "d": "1"})
             assert got.data == ["for b only"]
     finally:
         spy.close()
         admin.close()
+
+
+async def test_a_peer_holding_its_own_credentials_cannot_touch_anyone_elses_requests(
+        procs: Processes, fresh_redis: RedisServer, namespace: str) -> None:
+    """Bob attacks with his own ACL user and secret: ids, trims, deletes, acks and groups on every
+    request stream, then a flood of his own. Alice's publishes arrive, in order, throughout."""
+    keys = Keys(namespace)
+    admin = redis.Redis.from_url(fresh_redis.url, decode_responses=True)
+    env = sidecar_env(fresh_redis.url, namespace, auth="required")
+    creds = {name: acl_env(sidecar_cli(env, "peer", "add", name, "--role", "player", "--redis-acl"))
+             for name in ("alice", "bob", "carol")}
+    start_worker(procs, env, admin, "w1")
+
+    def url_of(c: dict[str, str]) -> str:
+        return (f"redis://{c['SIDECAR_REDIS_USER']}:{c['SIDECAR_REDIS_PASSWORD']}"
+                f"@127.0.0.1:{fresh_redis.port}/0")
+
+    st = Settings(namespace=namespace, auth="required", request_timeout=10.0)
+    alice, carol = (Peer(namespace=namespace, id=creds[n]["SIDECAR_PEER_ID"],
+                         settings=st.replace(redis_url=url_of(creds[n])),
+                         secret=creds[n]["SIDECAR_PEER_SECRET"]) for n in ("alice", "carol"))
+    bob_id = creds["bob"]["SIDECAR_PEER_ID"]
+    bob = redis.Redis.from_url(url_of(creds["bob"]), decode_responses=True)
+    try:
+        async with alice, carol:
+            got = Recorder()
+            await carol.cluster_subscribe("chat.>", got)
+            sent = 0
+
+            async def alice_says(count: int) -> None:
+                nonlocal sent
+                for _ in range(count):
+                    await alice.cluster_publish("chat.x", sent)
+                    sent += 1
+                await got.wait_for_data(sent - 1)
+
+            await alice_says(5)
+            future = f"{int(time.time() * 1000) + 600_000}-0"
+            others = (keys.requests(0), keys.system, keys.peer_requests(alice.id))
+            for stream in others:  # ids, trims, deletes, acks, groups: none reaches them
+                for attack in (lambda s: bob.xadd(s, {"k": "pub"}, id=future),
+                               lambda s: bob.xadd(s, {"k": "pub"}, maxlen=0),
+                               lambda s: bob.xdel(s, "1-0"),
+                               lambda s: bob.xack(s, "routers", "1-0"),
+                               lambda s: bob.xgroup_create(s, "routers", id="$"),
+                               lambda s: bob.xtrim(s, maxlen=0)):
+                    with pytest.raises(NoPermissionError):
+                        attack(stream)
+            # his own stream he can wreck, for himself alone: a far-future id, then the largest
+            own = keys.peer_requests(bob_id)
+            bob.xadd(own, {"k": "pub", "s": bob_id, "t": "chat.x", "d": "1"}, id=future)
+            bob.xadd(own, {"k": "pub", "s": bob_id, "t": "chat.x", "d": "1"},
+                     id="18446744073709551615-18446744073709551615")
+            await alice_says(5)
+            # and flood it: alice's next publishes pass while his flood is still being refused
+            admin.delete(own)
+            pipe = bob.pipeline(transaction=False)
+            for n in range(20_000):
+                pipe.xadd(own, {"k": "pub", "s": bob_id, "t": "chat.x", "d": str(n)})
+            pipe.execute()
+            await alice_says(20)
+            unread = admin.xinfo_groups(own)[0]
+            assert int(unread.get("lag") or 0) + int(unread.get("pending") or 0) > 0, \
+                "alice's publishes waited for bob's whole flood"
+    finally:
+        bob.close()
+        admin.close()
+    assert got.data == list(range(sent))  # every one of alice's, once, in order
 
 
 # ---------------------------------------------------------------------------------------- JSON only

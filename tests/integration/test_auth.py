@@ -18,7 +18,7 @@ from coordinator.policy.auth import FRESHNESS_MS, TAG_HEX, Identities, Identity,
 from coordinator.policy.store import PolicyStore
 from coordinator.routing.guard import Guard, Mark
 from mixin import Message
-from tests.support import P, async_wait_for, request_entry
+from tests.support import TEST_PEER_KEY, P, async_wait_for, request_entry
 
 SECRET = "s3cret-of-peer-a-0123456789abcdef"
 OTHER = "s3cret-of-peer-b-fedcba9876543210"
@@ -194,7 +194,7 @@ def test_no_secret_in_any_repr() -> None:
 
 
 def test_identities_add_and_load(client: redis.Redis, keys: Keys) -> None:
-    store = Identities(client, keys)
+    store = Identities(client, keys, TEST_PEER_KEY)
     before = int(client.get(keys.routing_version) or 0)
     out = store.add("conductor-1", ["conductor", "admin"])
     assert set(out) == {"SIDECAR_PEER_ID", "SIDECAR_PEER_SECRET"}
@@ -215,11 +215,12 @@ def test_identities_add_and_load(client: redis.Redis, keys: Keys) -> None:
 
 def test_guard_authenticates_against_identities_in_redis(client: redis.Redis, keys: Keys,
                                                          namespace: str, redis_url: str) -> None:
-    settings = Settings(redis_url=redis_url, namespace=namespace, auth="required")
+    settings = Settings(redis_url=redis_url, namespace=namespace, auth="required",
+                        peer_key=TEST_PEER_KEY)
     guard = Guard(client, keys, settings)
     guard.refresh(set())
     # created after the guard loaded its identities: it reloads on an unknown sender
-    creds = Identities(client, keys).add("late", ["player"])
+    creds = Identities(client, keys, TEST_PEER_KEY).add("late", ["player"])
     peer, signer = creds["SIDECAR_PEER_ID"], Signer(creds["SIDECAR_PEER_SECRET"])
     ids = iter(range(1, 1_000))
 
@@ -277,7 +278,7 @@ def test_guard_authenticates_against_identities_in_redis(client: redis.Redis, ke
 
 
 def auth_settings(settings: Settings, **extra: Any) -> Settings:
-    return settings.replace(auth="required", router_lease=0.6, heartbeat_interval=0.3,
+    return settings.replace(auth="required", peer_key=TEST_PEER_KEY, router_lease=0.6, heartbeat_interval=0.3,
                             member_ttl=1.5, request_timeout=3.0, **extra)
 
 
@@ -306,7 +307,7 @@ async def test_signed_peers_talk_and_unsigned_ones_are_refused(
         sidecar: ClusterSidecar, client: redis.Redis, keys: Keys, settings: Settings) -> None:
     PolicyStore(client, keys).set("open", OPEN_POLICY)
     st = auth_settings(settings)
-    ids = Identities(client, keys)
+    ids = Identities(client, keys, TEST_PEER_KEY)
     (a, a_creds), (b, b_creds) = signed_peer(ids, st, "a", "conductor"), signed_peer(ids, st, "b", "player")
     async with a, b:
         got: list[Message] = []
@@ -334,10 +335,10 @@ async def test_signed_peers_talk_and_unsigned_ones_are_refused(
 
         await b.cluster_publish("tempo.set", {"bpm": 130})  # good traffic is unaffected
         await async_wait_for(lambda: len(got) == 2, what="the second publish")
+    # (a peer with no identity has no request stream the router reads: nothing of it is routed)
     dead = [f for _, f in client.xrange(keys.deadletter)]
-    assert [f["reason"] for f in dead] == ["unauthenticated"] * 3
-    assert ["unsigned request" in dead[0]["message"], "bad signature" in dead[1]["message"],
-            "no identity" in dead[2]["message"]] == [True] * 3
+    assert [f["reason"] for f in dead] == ["unauthenticated"] * 2
+    assert ["unsigned request" in dead[0]["message"], "bad signature" in dead[1]["message"]] == [True] * 2
     for f in dead:
         for secret in (a_creds["SIDECAR_PEER_SECRET"], b_creds["SIDECAR_PEER_SECRET"]):
             assert secret not in json.dumps(f)
@@ -349,7 +350,7 @@ async def test_identity_roles_win_over_the_role_a_peer_claims(
         {"id": "conductors-talk", "effect": "allow", "role_ids": "conductor", "action": "*",
          "resource": "conductor.>"}]})
     st = auth_settings(settings)
-    ids = Identities(client, keys)
+    ids = Identities(client, keys, TEST_PEER_KEY)
     real, liar_creds = ids.add("real", ["conductor"]), ids.add("liar", ["player"])
     conductor = P(namespace=st.namespace, id=real["SIDECAR_PEER_ID"], settings=st,
                   secret=real["SIDECAR_PEER_SECRET"], role="player")
@@ -373,7 +374,7 @@ async def test_a_router_taking_over_refuses_replays_of_what_its_predecessor_rout
         client: redis.Redis, keys: Keys, settings: Settings) -> None:
     PolicyStore(client, keys).set("open", OPEN_POLICY)
     st = auth_settings(settings)
-    ids = Identities(client, keys)
+    ids = Identities(client, keys, TEST_PEER_KEY)
     (a, _), (b, _) = signed_peer(ids, st, "a", "player"), signed_peer(ids, st, "b", "player")
     first = ClusterSidecar(settings=st, name="first")
     await first.setup()
@@ -385,7 +386,7 @@ async def test_a_router_taking_over_refuses_replays_of_what_its_predecessor_rout
             captured: dict[str, str] = {}
             while not captured:  # the router's periodic trim may remove an entry before we read it
                 mid = await b.cluster_publish("chat.hello", len(got))
-                captured = request_entry(client, keys.requests(0), mid)
+                captured = request_entry(client, keys.peer_requests(b.id), mid)
             await async_wait_for(lambda: captured["d"] in map(str, got), what="the captured publish")
             assert client.hget(keys.nonces, b.id) is not None  # stored with the fan-out
 
@@ -423,7 +424,7 @@ async def test_made_up_senders_and_an_oversized_batch_neither_flood_nor_stall_an
     monkeypatch.setattr(Identities, "load", counted)
     PolicyStore(client, keys).set("open", OPEN_POLICY)
     st = auth_settings(settings)
-    ids = Identities(client, keys)
+    ids = Identities(client, keys, TEST_PEER_KEY)
     alice, _ = signed_peer(ids, st, "alice", "player")
     bob, bob_creds = signed_peer(ids, st, "bob", "player")
     async with alice, bob:
@@ -436,9 +437,9 @@ async def test_made_up_senders_and_an_oversized_batch_neither_flood_nor_stall_an
         for n in range(1000):  # unsigned, half claiming to be alice, half made-up senders
             sender = alice.id if n % 2 else f"01FAKE{n:020d}"
             pipe.xadd(keys.requests(0), {"k": "pub", "s": sender, "t": "chat.x", "d": "1"})
-        # bob's own credentials, signing one batch past the limit
+        # bob's own credentials, signing one batch past the limit, on his own request stream
         items = [["chat.x", str(n), None, None, None, None] for n in range(MAX_BATCH + 1)]
-        pipe.xadd(keys.requests(0), Signer(bob_creds["SIDECAR_PEER_SECRET"]).sign(
+        pipe.xadd(keys.peer_requests(bob.id), Signer(bob_creds["SIDECAR_PEER_SECRET"]).sign(
             {"k": "pubs", "s": bob.id, "b": json.dumps(items)}))
         pipe.execute()
         for n in range(20):
@@ -460,7 +461,7 @@ async def test_labels_priority_and_eligibility_come_from_the_identity_not_the_pe
         {"id": "trusted", "effect": "allow", "role_ids": "*", "action": "publish",
          "resource": "vault.>", "condition": {"labels": {"zone": "trusted"}}}]})
     st = auth_settings(settings)
-    ids = Identities(client, keys)
+    ids = Identities(client, keys, TEST_PEER_KEY)
     alice_creds = ids.add("alice", ["player"], labels={"zone": "trusted"}, priority=5)
     bob_creds = ids.add("bob", ["player"])
     carol_creds = ids.add("carol", ["player"], priority=100, eligible=False)
@@ -485,3 +486,74 @@ async def test_labels_priority_and_eligibility_come_from_the_identity_not_the_pe
         assert client.zscore(keys.electorate, bob.id) == 0
         assert client.zscore(keys.electorate, carol.id) is None  # never a candidate
     assert [f["reason"] for _, f in client.xrange(keys.deadletter)] == ["policy_rejected"]
+
+
+def redis_text(client: redis.Redis) -> str:
+    """Every value in ``client``'s Redis, as text (what anyone who can read it would see)."""
+    out = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        if kind == "string":
+            out.append(str(client.get(key)))
+        elif kind == "hash":
+            out.append(json.dumps(client.hgetall(key)))
+        elif kind == "stream":
+            out.append(json.dumps(client.xrange(key)))
+        elif kind == "zset":
+            out.append(json.dumps(client.zrange(key, 0, -1)))
+        elif kind == "set":
+            out.append(json.dumps(sorted(client.smembers(key))))
+        elif kind == "list":
+            out.append(json.dumps(client.lrange(key, 0, -1)))
+    return "\n".join(out)
+
+
+async def test_no_secret_at_rest_and_rotate_and_revoke_take_effect_at_once(
+        sidecar: ClusterSidecar, client: redis.Redis, keys: Keys, settings: Settings) -> None:
+    from click.testing import CliRunner
+
+    from ops.cli import cli
+
+    PolicyStore(client, keys).set("open", OPEN_POLICY)
+    st = auth_settings(settings)
+    env = {"SIDECAR_REDIS_URL": st.redis_url or "", "SIDECAR_NAMESPACE": st.namespace,
+           "SIDECAR_PEER_KEY": TEST_PEER_KEY}
+
+    def sidecar_cli(*args: str) -> str:
+        result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    ids = Identities(client, keys, TEST_PEER_KEY)
+    (alice, alice_creds), (bob, bob_creds) = (signed_peer(ids, st, n, "player") for n in ("alice", "bob"))
+    async with alice, bob:
+        got: list[Any] = []
+        await bob.cluster_subscribe("chat.>", lambda m: got.append(m.data))
+        await alice.cluster_publish("chat.x", "before")
+        await async_wait_for(lambda: got == ["before"], what="alice's first publish")
+        # what anyone reading Redis sees holds neither secret, nor the key they derive from
+        seen = redis_text(client)
+        for secret in (alice_creds["SIDECAR_PEER_SECRET"], bob_creds["SIDECAR_PEER_SECRET"], TEST_PEER_KEY):
+            assert secret not in seen
+
+        rotated = dict(line.split("=", 1) for line in sidecar_cli("peer", "rotate", "alice").split())
+        assert rotated["SIDECAR_PEER_ID"] == alice.id
+        assert rotated["SIDECAR_PEER_SECRET"] != alice_creds["SIDECAR_PEER_SECRET"]
+        # alice still signs with her old secret: refused from the router's next look on
+        await async_wait_for(lambda: any(f.get("sender") == alice.id and "bad signature" in f["message"]
+                                         for _, f in client.xrange(keys.deadletter)),
+                             what="alice's old secret refused")
+        await alice.cluster_publish("chat.x", "old secret")
+        await alice.teardown()  # (the inbox is the id's: one process reads it at a time)
+        renewed = P(namespace=st.namespace, settings=st, id=alice.id,
+                    secret=rotated["SIDECAR_PEER_SECRET"])
+        async with renewed:
+            await renewed.cluster_publish("chat.x", "new secret")
+            await async_wait_for(lambda: "new secret" in got, what="the new secret's publish")
+
+        out = sidecar_cli("peer", "revoke", bob.id)
+        assert out.strip() == f"{bob.id} revoked and evicted"
+        assert client.hget(keys.identities, bob.id) is None
+        assert client.zscore(keys.members, bob.id) is None
+    assert "old secret" not in got
+    assert got[:1] == ["before"] and got.count("new secret") == 1

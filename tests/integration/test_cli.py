@@ -17,7 +17,7 @@ from coordinator.settings import Settings
 from coordinator.sidecar import ClusterSidecar
 from mixin import Message
 from ops.cli import cli
-from tests.support import VENV_BIN, Peer, wait_for
+from tests.support import TEST_PEER_KEY, VENV_BIN, Peer, wait_for
 
 
 @pytest.fixture
@@ -31,7 +31,8 @@ def sidecar(settings: Settings) -> Iterator[ClusterSidecar]:
 
 
 def run(settings: Settings, *args: str) -> str:
-    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace}
+    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace,
+           "SIDECAR_PEER_KEY": TEST_PEER_KEY}
     result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
@@ -81,7 +82,8 @@ def test_publish_reaches_a_subscriber(settings: Settings, sidecar: ClusterSideca
 
 
 def test_publish_refuses_bad_json_and_wildcards(settings: Settings, sidecar: ClusterSidecar) -> None:
-    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace}
+    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace,
+           "SIDECAR_PEER_KEY": TEST_PEER_KEY}
     bad = CliRunner().invoke(cli, ["publish", "a.b", "{nope"], env=env)
     assert bad.exit_code != 0 and "must be JSON" in bad.output
     wildcard = CliRunner().invoke(cli, ["publish", "a.*", "1"], env=env)
@@ -94,7 +96,8 @@ def test_doctor_reports_redis_and_timings(settings: Settings) -> None:
     assert levels["redis_version"] == "ok"
     assert levels["maxmemory_policy"] == "ok"
     assert data["timings"]["member_ttl_s"] == settings.member_ttl
-    assert "***" not in json.dumps(data["settings"]) or data["settings"]["peer_secret"] == "***"
+    assert data["settings"]["peer_key"] == "***"  # set by run(), and never printed
+    assert TEST_PEER_KEY not in json.dumps(data)
 
 
 def test_read_command_without_redis_is_a_usage_error() -> None:
@@ -129,9 +132,10 @@ def test_peer_add_records_labels_priority_and_eligibility(settings: Settings, cl
               "--label", "tier=gold", "--priority", "7", "--no-leader")
     peer_id = next(line.split("=", 1)[1] for line in out.splitlines()
                    if line.startswith("SIDECAR_PEER_ID="))
-    ident = Identities(client, Keys(settings.namespace)).load()[peer_id]
+    ident = Identities(client, Keys(settings.namespace), TEST_PEER_KEY).load()[peer_id]
     assert (dict(ident.labels), ident.priority, ident.eligible) == ({"zone": "eu", "tier": "gold"}, 7,
                                                                      False)
-    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace}
+    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace,
+           "SIDECAR_PEER_KEY": TEST_PEER_KEY}
     bad = CliRunner().invoke(cli, ["peer", "add", "x", "--role", "r", "--label", "novalue"], env=env)
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output

@@ -21,7 +21,7 @@ from coordinator.sidecar import ClusterSidecar
 from mixin import Message
 from ops.embedded import RedisServer
 from tests.faultproxy import FaultProxy
-from tests.support import Peer, async_wait_for
+from tests.support import TEST_PEER_KEY, Peer, async_wait_for
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
 @pytest.fixture(params=["direct", "routed", "signed"])
 def mode(request: pytest.FixtureRequest, settings: Settings) -> Settings:
     if request.param == "signed":
-        return settings.replace(auth="required")
+        return settings.replace(auth="required", peer_key=TEST_PEER_KEY)
     return settings.replace(data_path=request.param)
 
 
@@ -54,7 +54,7 @@ def peer(st: Settings, client: redis.Redis, name: str) -> Peer:
     """A peer of ``st``; in signed mode with an identity of its own."""
     if st.auth != "required":
         return Peer(settings=st)
-    creds = Identities(client, Keys(st.namespace)).add(name, ["peer"])
+    creds = Identities(client, Keys(st.namespace), TEST_PEER_KEY).add(name, ["peer"])
     return Peer(namespace=st.namespace, id=creds["SIDECAR_PEER_ID"], settings=st,
                 secret=creds["SIDECAR_PEER_SECRET"])
 

@@ -40,7 +40,7 @@ def every_key(k: Keys) -> list[str]:
     out = []
     for name, attr in vars(Keys).items():
         if name.startswith("_") or name in ("celery_prefix", "responses_prefix", "partition_of",
-                                            "partition_of_stream",
+                                            "partition_of_stream", "peer_of_stream", "is_request_stream",
                                             "subject", "namespace", "topic_of", "stream_name",
                                             "stream_subject", "durable", "reply_subject", "bucket",
                                             "plain_subject"):
