@@ -228,7 +228,8 @@ def evict(obj: Context, peer_id: str, timeout: float) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def doctor(obj: Context, as_json: bool) -> None:
-    """Check Redis (version, eviction policy) and show the timings the sidecar would run with."""
+    """Check Redis (version, eviction policy; in hardened mode its users and the peer key) and
+    show the timings the sidecar would run with."""
     from ops.doctor import diagnose, timing_figures
 
     checks = diagnose(obj.client(), obj.settings)
@@ -240,6 +241,44 @@ def doctor(obj: Context, as_json: bool) -> None:
     _emit(data, as_json, text)
     if any(c.level == "fail" for c in checks):
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--user", default="sidecar", show_default=True, help="The sidecar's own Redis user.")
+@click.option("--keep-default", is_flag=True, help="Leave Redis's default user as it is.")
+@pass_ctx
+def harden(obj: Context, user: str, keep_default: bool) -> None:
+    """Give the sidecar a Redis user of its own and turn the open default user off.
+
+    Prints the SIDECAR_REDIS_URL the workers, beat and the CLI use from now on (keep it secret);
+    peers get theirs from `sidecar peer add --redis-acl`."""
+    import secrets
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    client = obj.client()
+    password = secrets.token_urlsafe(32)
+    try:
+        client.acl_setuser(user, enabled=True, reset_passwords=True, passwords=[f"+{password}"],
+                           keys=["~*"], channels=["&*"], commands=["+@all"])
+    except redis.ResponseError as exc:
+        raise click.ClickException(f"cannot create Redis user {user!r} ({exc}); run this as an "
+                                   "administrator of that Redis") from None
+    parts = urlsplit(obj.require_redis())
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}" + (
+        f":{parts.port}" if parts.port else "")
+    url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    with redis.Redis.from_url(url, decode_responses=True) as own:
+        own.ping()  # the new user works before the old door closes
+        if not keep_default:
+            own.acl_setuser("default", enabled=False)
+        try:
+            own.acl_save()
+        except redis.ResponseError:
+            click.echo("note: this Redis has no aclfile, so these users last until it restarts; "
+                       "add them to its configuration", err=True)
+    click.echo(f"SIDECAR_REDIS_URL={url}")
+    if not keep_default:
+        click.echo("the default user is off: clients need a user and password now", err=True)
 
 
 @cli.command()

@@ -7,9 +7,11 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
+from coordinator.keys import Keys
+from coordinator.policy.auth import PEER_COMMANDS, Identities, acl_user
 from coordinator.settings import Settings
 
-__all__ = ["Check", "diagnose", "timing_figures"]
+__all__ = ["Check", "diagnose", "hardened", "timing_figures"]
 
 MIN_REDIS = (6, 2)
 
@@ -71,4 +73,54 @@ def diagnose(client: Any, settings: Settings) -> list[Check]:
         checks.append(Check("auth", "warn", "request signing is off (SIDECAR_AUTH=required hardens it)"))
     else:
         checks.append(Check("auth", "ok", "requests must be signed"))
+        checks += hardened(client, settings)
     return checks
+
+
+def hardened(client: Any, settings: Settings) -> list[Check]:
+    """What hardened mode needs beyond signing: the peer key, a locked default user, and each
+    peer's Redis user holding no more than its own two keys and the commands it needs."""
+    checks = [Check("peer_key", "ok", "SIDECAR_PEER_KEY is set") if settings.peer_key else
+              Check("peer_key", "fail", "SIDECAR_PEER_KEY is not set: peer secrets derive from it; "
+                    "set it for the workers and the CLI")]
+    try:
+        default = client.acl_getuser("default") or {}
+        users = [str(u) for u in client.acl_users()]
+    except ResponseError as exc:
+        return [*checks, Check("redis_users", "warn", f"cannot read Redis's users here ({exc}); "
+                               "check them as an administrator")]
+    flags = set(default.get("flags") or ())
+    if "on" in flags and "nopass" in flags:
+        checks.append(Check("default_user", "fail",
+                            "Redis's default user is on without a password: anyone reaching Redis "
+                            "reads and writes everything (queues Celery tasks, speaks as the "
+                            "sidecar); run `sidecar harden`"))
+    else:
+        checks.append(Check("default_user", "ok", "the default user is off or needs a password"))
+    keys = Keys(settings.namespace)
+    identities = set(client.hkeys(keys.identities))
+    store = Identities(client, keys, settings.peer_key)
+    for peer_id in sorted(identities):
+        user = acl_user(peer_id)
+        if user not in users:
+            checks.append(Check(f"peer_user {peer_id}", "warn",
+                                "no Redis user of its own; make one with `sidecar peer rotate "
+                                f"{peer_id} --redis-acl`"))
+            continue
+        extra = _beyond(client.acl_getuser(user) or {}, store.acl_keys(peer_id))
+        checks.append(Check(f"peer_user {peer_id}", "fail" if extra else "ok",
+                            f"{user} has more than it needs ({'; '.join(extra)}); reset it with "
+                            f"`sidecar peer rotate {peer_id} --redis-acl`" if extra else
+                            "its own request stream and inbox, nothing else"))
+    return checks
+
+
+def _beyond(user: dict[str, Any], keys: list[str]) -> list[str]:
+    """What a peer's Redis user holds beyond ``keys`` and :data:`PEER_COMMANDS`."""
+    allowed = {f"+{c}" for c in PEER_COMMANDS} | {"+client|setinfo"}
+    extra = [f"key pattern {k}" for k in user.get("keys") or () if k not in keys]
+    extra += [f"pattern {k}" for k in user.get("channels") or ()]
+    extra += [f"command {c}" for c in user.get("commands") or () if c.startswith("+") and c not in allowed]
+    extra += [f"category {c}" for c in user.get("categories") or () if c.startswith("+")]
+    extra += [f"selector {s}" for s in user.get("selectors") or ()]
+    return extra

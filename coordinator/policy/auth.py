@@ -34,7 +34,8 @@ from coordinator.errors import AuthenticationFailed, ConfigurationError, Unknown
 from coordinator.keys import Keys
 from coordinator.protocol import dumps
 
-__all__ = ["FRESHNESS_MS", "TAG_HEX", "Identities", "Identity", "Signer", "canonical", "tag", "verify"]
+__all__ = ["FRESHNESS_MS", "PEER_COMMANDS", "TAG_HEX", "Identities", "Identity", "Signer", "acl_user",
+           "canonical", "derive_secret", "tag", "verify"]
 
 FRESHNESS_MS = 30_000
 TAG_HEX = 32
@@ -133,6 +134,16 @@ def verify(identity: Identity | None, fields: Mapping[str, str], entry_ms: int,
     return nonce
 
 
+PEER_COMMANDS = ("xadd", "xreadgroup", "xack", "xdel", "xgroup|create", "ping", "client|setname",
+                 "hello", "auth", "select")
+"""Every command a peer's Redis user may run (and ``client|setinfo`` where Redis has it)."""
+
+
+def acl_user(peer_id: str) -> str:
+    """The name of ``peer_id``'s Redis user."""
+    return f"sidecar-peer-{peer_id}"
+
+
 def derive_secret(peer_key: str, namespace: str, peer_id: str, generation: int) -> str:
     """The signing secret of ``peer_id`` in its ``generation`` (rotating moves it on), derived
     from the sidecar's ``peer_key``: no secret is ever stored, only who each peer is."""
@@ -227,27 +238,29 @@ class Identities:
         pipe.incr(self.keys.routing_version)
         pipe.execute()
         with contextlib.suppress(ResponseError):  # it had none
-            self.client.acl_deluser(f"sidecar-peer-{peer_id}")
+            self.client.acl_deluser(acl_user(peer_id))
         return peer_id
 
     def create_acl_user(self, peer_id: str) -> tuple[str, str]:
         """A Redis user that reaches two keys, both its own: its request stream (it appends
         there; whatever else it does there touches its own requests only) and its inbox (it
         reads, acknowledges and deletes there). Rules Redis 6.2 understands."""
-        user = f"sidecar-peer-{peer_id}"
+        user = acl_user(peer_id)
         password = secrets.token_urlsafe(32)
-        commands = ["-@all", "+xadd", "+xreadgroup", "+xack", "+xdel", "+xgroup|create", "+ping",
-                    "+client|setname", "+hello", "+auth", "+select"]
-        keys = [f"~{self.keys.peer_requests(peer_id)}", f"~{self.keys.responses(peer_id)}"]
+        commands = ["-@all", *(f"+{c}" for c in PEER_COMMANDS)]
         try:  # Redis 7.2+ has CLIENT SETINFO, which clients send on connect
             self.client.acl_setuser(user, enabled=True, reset_keys=True, reset_channels=True,
-                                    reset_passwords=True, passwords=[f"+{password}"], keys=keys,
-                                    commands=[*commands, "+client|setinfo"])
+                                    reset_passwords=True, passwords=[f"+{password}"],
+                                    keys=self.acl_keys(peer_id), commands=[*commands, "+client|setinfo"])
         except ResponseError:
             self.client.acl_setuser(user, enabled=True, reset_keys=True, reset_channels=True,
-                                    reset_passwords=True, passwords=[f"+{password}"], keys=keys,
-                                    commands=commands)
+                                    reset_passwords=True, passwords=[f"+{password}"],
+                                    keys=self.acl_keys(peer_id), commands=commands)
         return user, password
+
+    def acl_keys(self, peer_id: str) -> list[str]:
+        """The key patterns of ``peer_id``'s Redis user: its own request stream and inbox."""
+        return [f"~{self.keys.peer_requests(peer_id)}", f"~{self.keys.responses(peer_id)}"]
 
     def load(self) -> dict[str, Identity]:
         """Every identity by peer id, with its secret derived."""

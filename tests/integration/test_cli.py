@@ -8,6 +8,7 @@ import os
 import subprocess
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -139,3 +140,41 @@ def test_peer_add_records_labels_priority_and_eligibility(settings: Settings, cl
            "SIDECAR_PEER_KEY": TEST_PEER_KEY}
     bad = CliRunner().invoke(cli, ["peer", "add", "x", "--role", "r", "--label", "novalue"], env=env)
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+
+
+def test_doctor_in_hardened_mode_and_harden(fresh_redis: Any, namespace: str) -> None:
+    from coordinator.policy.auth import acl_user
+
+    def sidecar(url: str, *args: str) -> Any:
+        env = {"SIDECAR_REDIS_URL": url, "SIDECAR_NAMESPACE": namespace, "SIDECAR_AUTH": "required",
+               "SIDECAR_PEER_KEY": TEST_PEER_KEY}
+        return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+    def levels(url: str) -> tuple[int, dict[str, tuple[str, str]]]:
+        result = sidecar(url, "doctor", "--json")
+        data = json.loads(result.stdout)
+        return result.exit_code, {c["name"]: (c["level"], c["detail"]) for c in data["checks"]}
+
+    url = fresh_redis.url
+    added = dict(line.split("=", 1) for line in sidecar(url, "peer", "add", "alice", "--role", "p",
+                                                         "--redis-acl").stdout.split())
+    peer = added["SIDECAR_PEER_ID"]
+    code, found = levels(url)
+    assert code == 1 and found["default_user"][0] == "fail" and "sidecar harden" in found["default_user"][1]
+    assert found["peer_key"][0] == "ok" and found[f"peer_user {peer}"][0] == "ok"
+    admin = redis.Redis.from_url(url, decode_responses=True)
+    admin.acl_setuser(acl_user(peer), keys=["~*"], commands=["+get"])  # an administrator's slip
+    admin.close()
+    code, found = levels(url)
+    level, detail = found[f"peer_user {peer}"]
+    assert level == "fail" and "key pattern ~*" in detail and "command +get" in detail
+
+    hardened = sidecar(url, "harden")
+    assert hardened.exit_code == 0, hardened.output
+    own_url = hardened.stdout.strip().removeprefix("SIDECAR_REDIS_URL=")
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(url).ping()  # the open door is shut
+    assert sidecar(own_url, "peer", "rotate", "alice", "--redis-acl").exit_code == 0
+    code, found = levels(own_url)
+    assert code == 0, found
+    assert found["default_user"][0] == "ok" and found[f"peer_user {peer}"][0] == "ok"
