@@ -343,6 +343,23 @@ class SidecarMixin(Lifecycle):
     async def on_leader_change(self, leader_id: str | None, term: int) -> None:
         """Hook: the leader changed. Override it; the default does nothing."""
 
+    async def on_subscription_dropped(self, pattern: str, queue: str | None, reason: str) -> None:
+        """Hook: the sidecar dropped a subscription the policies no longer allow (its handlers
+        are forgotten already). Override it; the default does nothing (the drop is logged)."""
+
+    async def _subscription_dropped(self, notice: dict[str, Any]) -> None:
+        pattern, queue = str(notice.get("pattern") or ""), notice.get("queue") or None
+        key = (pattern, str(queue or ""))
+        if key not in self._handlers:
+            return
+        self._forget(key)
+        reason = str(notice.get("reason") or "")
+        logging.getLogger("sidecar.peer").warning("subscription %r%s dropped by the sidecar: %s",
+                                                  pattern, f" (queue {queue})" if queue else "", reason)
+        hook = self.on_subscription_dropped(pattern, queue and str(queue), reason)
+        if inspect.isawaitable(hook):
+            await hook
+
     def _on_connected(self, up: bool) -> None:
         self.sidecar_connected = up
 
@@ -433,6 +450,8 @@ class SidecarMixin(Lifecycle):
                 self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
             elif topic == "cluster.policy":
                 await self._apply_policy(data)
+            elif topic == "cluster.subscription.dropped" and isinstance(data, dict):
+                await self._subscription_dropped(data)
         failures: list[Failure] = []
         for key in keys:
             pattern = key[0]

@@ -9,8 +9,10 @@ members and subscriptions go to the :class:`RoutingView`, which is their only ow
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from enum import Enum
 
 from coordinator.cluster.handoff import hand_off
@@ -21,9 +23,9 @@ from coordinator.cluster.membership import (
     register_call,
     subscribe_call,
 )
-from coordinator.errors import BadRequest, SidecarError, UnknownPeer
+from coordinator.errors import BadRequest, PolicyRejected, SidecarError, UnknownPeer
 from coordinator.keys import REQUEST_GROUP
-from coordinator.protocol import DELIVERY_DEAD_LETTERS, KINDS, PEER_ID_RE, SYSTEM_SENDER
+from coordinator.protocol import DELIVERY_DEAD_LETTERS, KINDS, PEER_ID_RE, SYSTEM_SENDER, dumps
 from coordinator.resp import Entry
 from coordinator.routing.context import RouterContext
 from coordinator.routing.rejections import Rejection
@@ -31,6 +33,8 @@ from coordinator.scripts import scripts_for
 from coordinator.topics import check_pattern, check_queue
 
 __all__ = ["APPLIED", "DEPOSED", "ControlHandler", "Done"]
+
+log = logging.getLogger("sidecar.router")
 
 
 class Done(Enum):
@@ -101,6 +105,35 @@ class ControlHandler:
             self._dead_letter(stream, eid, f, lease)
         else:
             self._leave(stream, eid, f, lease)
+
+    def drop_disallowed(self, subscriptions: Iterable[tuple[str, str, str]]) -> int:
+        """Remove the ``(peer, pattern, queue)`` subscriptions the policies in force no longer
+        allow, telling each peer (``cluster.subscription.dropped`` in its inbox), fenced by
+        partition 0's lease; returns how many went."""
+        lease = (self.keys.router_lease(0), self.token)
+        dropped = 0
+        for peer, pattern, queue in subscriptions:
+            try:
+                self.guard.authorize(peer, "subscribe", pattern)
+                continue
+            except PolicyRejected as exc:
+                reason = str(exc)
+            keys, args = subscribe_call(self.keys, peer, pattern, queue, add=False, fence=lease,
+                                        inbox_maxlen=self.settings.inbox_maxlen)
+            status = str(self.scripts.subscribe(keys=keys, args=args)[0])
+            if status == "lost":
+                break  # partition 0 went to another router: it checks them
+            if status != "ok":
+                continue
+            dropped += 1
+            notice = {"pattern": pattern, "queue": queue or None, "reason": reason}
+            self.client.xadd(self.keys.responses(peer), {
+                "k": "msg", "i": _notice_id(self.guard.policy_version, peer, pattern, queue),
+                "t": "cluster.subscription.dropped", "d": dumps(notice), "s": SYSTEM_SENDER},
+                maxlen=self.settings.inbox_maxlen, approximate=True)
+            log.warning("subscription %r%s of %s dropped: %s", pattern,
+                        f" (queue {queue})" if queue else "", peer, reason)
+        return dropped
 
     def _reply(self, stream: str, eid: str, sender: str, fields: dict[str, str], lease: str) -> None:
         """Answer ``sender`` and ack the entry, fenced (reply.lua)."""
@@ -228,3 +261,10 @@ def _is_json(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _notice_id(version: int, peer: str, pattern: str, queue: str) -> str:
+    """The message id of a dropped-subscription notice: the same for the same drop, so a
+    router that repeats it (deposed midway) repeats the id too, and the peer drops the copy."""
+    digest = hashlib.sha256(f"{version}\0{peer}\0{pattern}\0{queue}".encode()).hexdigest()
+    return f"dropped-{version}-{digest[:24]}"

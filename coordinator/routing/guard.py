@@ -60,6 +60,11 @@ class Guard:
     def active(self) -> bool:
         return self.auth or self.enforce
 
+    @property
+    def policy_version(self) -> int:
+        """The version of the policies enforced now (-1: none loaded)."""
+        return self._policy_version
+
     def refresh(self, members: set[str]) -> None:
         """Reload identities, roles and (when its version moved) the policy engine."""
         if not self.active:

@@ -132,8 +132,10 @@ class Router:
         self._flushed: dict[str, int] = {}
         self._block_ms = settings.router_block_ms
         self._last_trim = 0.0
-        self._identities_at: str | None = None
-        """The routing version the identities were last followed at (see _follow_identities)."""
+        self._subscriptions_checked = -1
+        """The policy version every subscription was last checked against (see refresh)."""
+        self._followed: str | None = None
+        """The routing version identities and policies were last followed at (_follow_version)."""
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -295,8 +297,8 @@ class Router:
     # ------------------------------------------------------------------ partitions
     def _maintain(self) -> None:
         """Renew held leases, take or give partitions toward a fair share, and tidy up."""
-        if self.settings.auth == "required":
-            self._follow_identities()
+        if self.guard.active:
+            self._follow_version()
         self.parts.renew()
         for p in self.parts.rebalance():
             self._take_over(p)
@@ -308,16 +310,18 @@ class Router:
             self._last_trim = time.monotonic()
             self.parts.trim()
 
-    def _follow_identities(self) -> None:
-        """Read each identity's own request stream, and check requests against the identities
-        as they are now: a peer added, rotated or revoked counts from the next lease renewal on
-        (its change moves the routing version), even while only control requests flow."""
+    def _follow_version(self) -> None:
+        """Check requests against the identities and policies as they are now, even while only
+        control requests flow: a peer added, rotated or revoked, or a policy changed (each moves
+        the routing version), counts from the next lease renewal on; read each identity's own
+        request stream; drop the subscriptions a tightened policy no longer allows."""
         version = self.client.get(self.keys.routing_version)
-        if version == self._identities_at:
+        if version == self._followed:
             return
-        self._identities_at = version
-        self.parts.learn_peers(self.client.hkeys(self.keys.identities))
-        self.view.invalidate()
+        self._followed = version
+        if self.settings.auth == "required":
+            self.parts.learn_peers(self.client.hkeys(self.keys.identities))
+        self.refresh()
 
     def _take_over(self, partition: int) -> None:
         """Start owning ``partition``: route what the last owner left pending, then new entries."""
@@ -402,6 +406,11 @@ class Router:
         """Reload the routing view, and what the guard derives from it."""
         self.view.refresh(self.client)
         self.guard.refresh(set(self.view.members))
+        if (self.guard.enforce and self.guard.policy_version != self._subscriptions_checked
+                and 0 in self.parts.leases):  # partition 0's router checks for everyone
+            self._subscriptions_checked = self.guard.policy_version
+            if self.control.drop_disallowed(self.view.subscriptions):
+                self.view.invalidate()
 
     def process(self, entries: list[Entry], *, defer_last: bool = False) -> None:
         """Route ``entries`` in order: runs of publishes in one script call, control one by one.

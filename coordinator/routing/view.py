@@ -45,6 +45,8 @@ class RoutingView:
         """Queue groups by pattern: (group key ``"<queue> <pattern>"``, pattern) entries."""
         self.group_members: dict[str, list[str]] = {}
         """Group key -> its member peers, sorted (live or not: targets filter)."""
+        self.subscriptions: tuple[tuple[str, str, str], ...] = ()
+        """Every subscription as loaded: (peer, pattern, queue group or '')."""
         self._turn: dict[str, int] = {}
         self._targets: dict[str, tuple[str, ...]] = {}
         self._topic_groups: dict[str, tuple[str, ...]] = {}
@@ -69,6 +71,7 @@ class RoutingView:
         version, fields, members, leader = pipe.execute()
         index, groups = SubscriptionIndex(), SubscriptionIndex()
         group_members: dict[str, list[str]] = {}
+        subscriptions = []
         for field in fields:
             peer, _, rest = str(field).partition(" ")
             pattern, _, queue = rest.partition(" ")
@@ -83,6 +86,9 @@ class RoutingView:
                     index.add(peer, pattern)
             except ValueError:  # not written by subscribe.lua (it stores checked patterns only)
                 log.warning("ignoring malformed subscription %r", field)
+                continue
+            subscriptions.append((peer, pattern, queue))
+        self.subscriptions = tuple(subscriptions)
         self.index = index
         self.groups = groups
         self.group_members = {k: sorted(v) for k, v in group_members.items()}

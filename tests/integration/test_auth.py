@@ -557,3 +557,33 @@ async def test_no_secret_at_rest_and_rotate_and_revoke_take_effect_at_once(
         assert client.zscore(keys.members, bob.id) is None
     assert "old secret" not in got
     assert got[:1] == ["before"] and got.count("new secret") == 1
+
+
+async def test_a_tightened_policy_drops_the_live_subscriptions_it_no_longer_allows(
+        sidecar: ClusterSidecar, client: redis.Redis, keys: Keys, settings: Settings) -> None:
+    store = PolicyStore(client, keys, inbox_maxlen=settings.inbox_maxlen)
+    store.set("open", OPEN_POLICY)
+    st = auth_settings(settings)
+    ids = Identities(client, keys, TEST_PEER_KEY)
+    (alice, _), (bob, _) = signed_peer(ids, st, "alice", "player"), signed_peer(ids, st, "bob", "player")
+    dropped: list[tuple[str, str | None, str]] = []
+    bob.on_subscription_dropped = lambda p, q, r: dropped.append((p, q, r))  # type: ignore[method-assign]
+    async with alice, bob:
+        got: list[Any] = []
+        await bob.cluster_subscribe("vault.>", lambda m: got.append(m.data))
+        await bob.cluster_subscribe("chat.>", lambda m: got.append(m.data))
+        await alice.cluster_publish("vault.x", "vault before")
+        await async_wait_for(lambda: got == ["vault before"], what="the vault publish")
+        store.set("open", {"statements": [
+            {"id": "pub", "effect": "allow", "role_ids": "*", "action": "publish", "resource": ">"},
+            {"id": "chat", "effect": "allow", "role_ids": "*", "action": "subscribe",
+             "resource": "chat.>"}]})
+        await async_wait_for(lambda: dropped, what="bob told of the dropped subscription")
+        assert client.hexists(keys.subs, f"{bob.id} vault.>") is False
+        assert bob.cluster_subscriptions == 1
+        await alice.cluster_publish("vault.x", "vault after")
+        await alice.cluster_publish("chat.x", "chat after")
+        await async_wait_for(lambda: "chat after" in got, what="the chat publish")
+    assert got == ["vault before", "chat after"]
+    assert [(p, q) for p, q, _ in dropped] == [("vault.>", None)]
+    assert "no statement allows" in dropped[0][2]
