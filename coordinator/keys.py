@@ -184,6 +184,11 @@ class Keys:
         return self._p + "beat.lease"
 
     @property
+    def throttled(self) -> str:
+        """Peers held back by their rate now (hash: peer id -> seconds until read again)."""
+        return self._p + "throttled"
+
+    @property
     def bridge_lease(self) -> str:
         """Token of the site's active NATS bridge."""
         return self._p + "bridge.lease"

@@ -140,6 +140,14 @@ class Settings:
 
     peer_secret: str | None = _secret()
     """This peer's signing secret (peer processes only)."""
+    peer_rate: float = 0.0
+    """Messages a second the router reads from each peer's own request stream, at most, with
+    ``SIDECAR_AUTH=required`` (0: no limit); a peer over it waits, nothing is refused."""
+    peer_burst: int = 2000
+    """Messages a peer may send at once before ``peer_rate`` holds it back."""
+    peer_backlog: int = 100_000
+    """Entries a peer's own request stream keeps at most; past it the router's trim drops the
+    oldest, and counts them (``sidecar status``: dropped_requests)."""
     peer_key: str | None = _secret()
     """The key every peer secret is derived from (workers and the CLI, with
     ``SIDECAR_AUTH=required``): Redis holds no secret, only who each peer is."""
@@ -168,13 +176,15 @@ class Settings:
             self.export_patterns  # noqa: B018 - validates them
         except ValueError as exc:
             raise ConfigurationError(f"nats_export: {exc}") from None
+        if self.peer_rate < 0:
+            raise ConfigurationError(f"peer_rate must be >= 0 (0: no limit), got {self.peer_rate!r}")
         for name in ("nats_stream_max_age", "nats_duplicate_window"):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("partitions", "batch_size", "nats_stream_max_bytes", "nats_stream_replicas",
                      "bridge_batch", "bridge_backlog", "inbox_maxlen", "deadletter_maxlen",
                      "max_payload_bytes", "max_header_bytes", "publish_buffer", "handler_max_deliveries",
-                     "slow_consumer_lag"):
+                     "slow_consumer_lag", "peer_burst", "peer_backlog"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.member_ttl < 2 * self.heartbeat_interval:

@@ -92,7 +92,9 @@ def status(obj: Context, as_json: bool) -> None:
     """Cluster size, leader and term, subscriptions, routers, counters and the data path."""
     report = cluster_report(obj.client(), obj.keys)
     report["members"] = members_report(obj.client(), obj.keys)
-    lines = [f"{k}: {v}" for k, v in report.items() if k not in ("members", "sites")]
+    lines = [f"{k}: {v}" for k, v in report.items() if k not in ("members", "sites", "throttled")]
+    lines += [f"throttled {peer}: read again in {wait}s (over SIDECAR_PEER_RATE)"
+              for peer, wait in report["throttled"].items()]
     lines += [f"site {name}: {s['members']} members, leader {s['leader'] or 'none'}, "
               + ("reachable" if s["reachable"] else "NOT REACHABLE")
               for name, s in report["sites"].items()]

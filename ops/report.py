@@ -55,7 +55,8 @@ def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
     pipe.get(keys.policy_version)
     pipe.hvals(keys.inbox_drops)
     pipe.hget(keys.dataplane, "mode")
-    size, leader, subs, stats, routers, dead, policy, drops, mode = pipe.execute()
+    pipe.hgetall(keys.throttled)
+    size, leader, subs, stats, routers, dead, policy, drops, mode, throttled = pipe.execute()
     return {
         "namespace": keys.namespace,
         "cluster_size": int(size),
@@ -70,6 +71,8 @@ def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
         "policy_version": int(policy or 0),
         "inbox_drops": sum(int(d or 0) for d in drops),
         "data_path": mode or "routed",
+        "dropped_requests": int(stats.get("dropped_requests", 0)),
+        "throttled": {str(peer): float(wait) for peer, wait in sorted(throttled.items())},
         "sites": {name: {"members": len(site["members"]), "leader": site["leader"],
                          "reachable": site["reachable"]}
                   for name, site in sites_report(client, keys).items()},

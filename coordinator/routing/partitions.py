@@ -146,13 +146,17 @@ class Partitions:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def trim(self) -> None:
-        """Drop routed entries from held request streams (keep anything still pending).
+    def trim(self) -> int:
+        """Drop routed entries from held request streams (keep anything still pending), then
+        cap each peer's own stream at ``peer_backlog`` entries; returns how many unrouted
+        requests that cap dropped.
 
         Not fenced, and safe unfenced: the floor is the group's lowest pending entry (or, with
         none pending, its last delivered id), and everything below it was acknowledged, whoever
-        routes the stream now.
+        routes the stream now. The cap drops what a peer sent beyond its backlog: its own
+        requests only, so a flood costs Redis a bounded amount of memory.
         """
+        dropped = 0
         for stream in self.streams():
             try:
                 groups = self.client.xinfo_groups(stream)
@@ -165,4 +169,10 @@ class Partitions:
                 if int(g.get("pending") or 0):
                     summary = self.client.xpending(stream, REQUEST_GROUP)
                     floor = str(summary.get("min") or floor)
-                self.client.xtrim(stream, minid=floor, approximate=True)
+                # (exactly on a peer's own stream: the cap below counts what is left as unrouted)
+                self.client.xtrim(stream, minid=floor,
+                                  approximate=self.keys.peer_of_stream(stream) is None)
+            if self.keys.peer_of_stream(stream) is not None:
+                dropped += int(self.client.xtrim(stream, maxlen=self.settings.peer_backlog,
+                                                 approximate=False))
+        return dropped

@@ -58,6 +58,7 @@ from coordinator.routing.guard import Guard, Mark
 from coordinator.routing.partitions import Partitions
 from coordinator.routing.publishes import FanOut, PublishPlanner, outcome
 from coordinator.routing.rejections import Rejection, Rejector
+from coordinator.routing.throttle import Throttle
 from coordinator.routing.view import RoutingView
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
@@ -121,6 +122,8 @@ class Router:
         self.control = ControlHandler(ctx, refresh=self.refresh)
         self.inflight = InFlight()
         self.coalescer = ReadCoalescer(settings.router_linger, settings.batch_size)
+        self.throttle = Throttle(settings.peer_rate if settings.auth == "required" else 0.0,
+                                 settings.peer_burst)
         self.stats = {"routed": 0, "delivered": 0, "rejected": 0, "batches": 0, "takeovers": 0}
         url = settings.redis_url
         self.fast = RespConnection(url) if url and resp.supports(url) else None
@@ -129,9 +132,11 @@ class Router:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_maintenance = 0.0
+        self._next_renewal = 0.0
         self._flushed: dict[str, int] = {}
         self._block_ms = settings.router_block_ms
         self._last_trim = 0.0
+        self._shown_throttled: set[str] = set()
         self._subscriptions_checked = -1
         """The policy version every subscription was last checked against (see refresh)."""
         self._followed: str | None = None
@@ -229,7 +234,10 @@ class Router:
             if wait > 0 and self._stop.wait(wait):
                 return 0
         fanout = self.inflight.fanout
-        answer, reply = self._read({s: ">" for s in self.parts.streams()}, block)
+        streams, rest = self._readable(time.monotonic())
+        if rest:  # wake up when the first peer held back may be read again
+            block = max(1, min(block, int(rest * 1000) + 1))
+        answer, reply = self._read({s: ">" for s in streams}, block)
         if fanout is not None:
             self.inflight.drop()
             if not self._guarded(lambda: self._finish(fanout, answer)):
@@ -237,9 +245,35 @@ class Router:
         if isinstance(reply, Exception):
             raise reply
         self.coalescer.observe(time.monotonic(), len(reply))
+        if self.throttle.on:
+            self._spend(reply)
         if reply:
             self.process(reply, defer_last=True)
         return len(reply)
+
+    def _readable(self, now: float) -> tuple[list[str], float]:
+        """The held streams to read now (peers over their rate wait), and the seconds until the
+        first one waiting may be read again (0: none waits)."""
+        streams = self.parts.streams()
+        if not self.throttle.on:
+            return streams, 0.0
+        ready, waits = [], []
+        for stream in streams:
+            wait = self.throttle.resting(stream, now)
+            if wait:
+                waits.append(wait)
+            else:
+                ready.append(stream)
+        return ready, min(waits, default=0.0)
+
+    def _spend(self, entries: list[Entry]) -> None:
+        """Count what was read from each peer's own stream against its rate (a folded entry
+        by an upper bound of its publishes, so nobody gets more by folding)."""
+        now = time.monotonic()
+        for stream, _, fields in entries:
+            if self.keys.peer_of_stream(stream) is not None:
+                folded = fields.get("b")
+                self.throttle.spend(stream, max(1, folded.count("[") - 1) if folded else 1, now)
 
     def _guarded(self, action: Callable[[], None]) -> bool:
         """Run ``action``; False (and settle later) if it stopped the batch."""
@@ -300,6 +334,7 @@ class Router:
         if self.guard.active:
             self._follow_version()
         self.parts.renew()
+        self._next_renewal = time.monotonic() + self.settings.lease_renew_interval
         for p in self.parts.rebalance():
             self._take_over(p)
         for stream in self.parts.streams():  # entries a deposed router read while no new ones arrive
@@ -308,7 +343,10 @@ class Router:
         self._flush_stats()
         if time.monotonic() - self._last_trim > 5.0:
             self._last_trim = time.monotonic()
-            self.parts.trim()
+            dropped = self.parts.trim()
+            if dropped:
+                self.client.hincrby(self.keys.stats, "dropped_requests", dropped)
+                log.warning("router %s dropped %d requests past SIDECAR_PEER_BACKLOG", self.name, dropped)
 
     def _follow_version(self) -> None:
         """Check requests against the identities and policies as they are now, even while only
@@ -400,6 +438,25 @@ class Router:
                 pipe.hincrby(self.keys.stats, key, delta)
             pipe.execute()
             self._flushed.update({k: self.stats[k] for k in counts})
+        if self.throttle.on:
+            self._show_throttled()
+
+    def _show_throttled(self) -> None:
+        """Record which peers of this router's partitions are held back now, and for how long
+        (``sidecar status`` shows them)."""
+        now = time.monotonic()
+        held = {peer: round(wait, 3) for stream in self.parts.streams()
+                if (peer := self.keys.peer_of_stream(stream)) is not None
+                and (wait := self.throttle.resting(stream, now))}
+        gone = self._shown_throttled - set(held)
+        if held or gone:
+            pipe = self.client.pipeline(transaction=False)
+            if gone:
+                pipe.hdel(self.keys.throttled, *gone)
+            if held:
+                pipe.hset(self.keys.throttled, mapping=held)
+            pipe.execute()
+        self._shown_throttled = set(held)
 
     # ------------------------------------------------------------------ routing
     def refresh(self) -> None:
@@ -427,6 +484,7 @@ class Router:
                 if run and entry[0] != run[0][0]:  # a run never mixes streams (trust, partition, ack)
                     self._publish(run)
                     run = []
+                    self._keep_leases()
                 if entry[2].get("k") in PUBLISH_KINDS:
                     run.append(entry)
                     continue
@@ -438,6 +496,14 @@ class Router:
                 self._publish(run, defer=defer_last)
         except StopBatch:  # entries of other streams in this batch may be left pending
             self.unsettled = True
+
+    def _keep_leases(self) -> None:
+        """Between runs of a long batch (one read takes a batch from every stream held): renew
+        the leases when due, so no amount of work read at once outlasts them."""
+        now = time.monotonic()
+        if now >= self._next_renewal:
+            self.parts.renew()
+            self._next_renewal = now + self.settings.lease_renew_interval
 
     def _control(self, entry: Entry) -> None:
         done = self.control.apply(entry)

@@ -587,3 +587,42 @@ async def test_a_tightened_policy_drops_the_live_subscriptions_it_no_longer_allo
     assert got == ["vault before", "chat after"]
     assert [(p, q) for p, q, _ in dropped] == [("vault.>", None)]
     assert "no statement allows" in dropped[0][2]
+
+
+async def test_a_peer_over_its_rate_waits_its_flood_is_capped_and_others_flow(
+        client: redis.Redis, keys: Keys, settings: Settings) -> None:
+    from click.testing import CliRunner
+
+    from ops.cli import cli
+
+    st = auth_settings(settings, peer_rate=500.0, peer_burst=100, peer_backlog=1000)
+    PolicyStore(client, keys).set("open", OPEN_POLICY)
+    ids = Identities(client, keys, TEST_PEER_KEY)
+    (alice, _), (carol, _) = signed_peer(ids, st, "alice", "player"), signed_peer(ids, st, "carol", "player")
+    bob = ids.add("bob", ["player"])["SIDECAR_PEER_ID"]
+    sc = ClusterSidecar(settings=st)
+    await sc.setup()
+    try:
+        async with alice, carol:
+            got: list[Any] = []
+            await carol.cluster_subscribe("chat.>", lambda m: got.append(m.data))
+            pipe = client.pipeline(transaction=False)
+            for n in range(20_000):  # bob floods his own stream (unsigned: refused, but read)
+                pipe.xadd(keys.peer_requests(bob), {"k": "pub", "s": bob, "t": "chat.x", "d": str(n)})
+            pipe.execute()
+            for n in range(20):
+                await alice.cluster_publish("chat.x", n)
+            await async_wait_for(lambda: len(got) == 20, timeout=20, what="alice's twenty")
+
+            def status() -> dict[str, Any]:
+                env = {"SIDECAR_REDIS_URL": st.redis_url or "", "SIDECAR_NAMESPACE": st.namespace}
+                return dict(json.loads(CliRunner().invoke(cli, ["status", "--json"], env=env).output))
+
+            await async_wait_for(lambda: bob in status()["throttled"], what="bob shown throttled")
+            await async_wait_for(lambda: status()["dropped_requests"] > 0, timeout=20,
+                                 what="bob's flood capped")
+            assert client.xlen(keys.peer_requests(bob)) <= 1000 + st.batch_size
+            assert alice.id not in status()["throttled"]
+    finally:
+        await sc.teardown()
+    assert got == list(range(20))
