@@ -437,8 +437,9 @@ async def test_made_up_senders_and_an_oversized_batch_neither_flood_nor_stall_an
         for n in range(1000):  # unsigned, half claiming to be alice, half made-up senders
             sender = alice.id if n % 2 else f"01FAKE{n:020d}"
             pipe.xadd(keys.requests(0), {"k": "pub", "s": sender, "t": "chat.x", "d": "1"})
-        # bob's own credentials, signing one batch past the limit, on his own request stream
-        items = [["chat.x", str(n), None, None, None, None] for n in range(MAX_BATCH + 1)]
+        # bob's own credentials, signing a batch of 200,000 publishes, on his own request stream
+        items = [["chat.x", str(n), None, None, None, None] for n in range(200_000)]
+        assert len(items) > MAX_BATCH
         pipe.xadd(keys.peer_requests(bob.id), Signer(bob_creds["SIDECAR_PEER_SECRET"]).sign(
             {"k": "pubs", "s": bob.id, "b": json.dumps(items)}))
         pipe.execute()
