@@ -46,6 +46,7 @@ from typing import Any
 from coordinator.errors import InvalidHeaders
 
 __all__ = [
+    "BRIDGE_ROLE",
     "DELIVERY_DEAD_LETTERS",
     "HEADER_NAME_RE",
     "INTERNAL_SUBSCRIPTIONS",
@@ -69,6 +70,10 @@ PUBLISH_KINDS = frozenset({"pub", "pubs", "rep"})
 
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
 """Longest time to live a message may ask for (a week)."""
+
+BRIDGE_ROLE = "bridge"
+"""Member role of a site's NATS bridge: never swept, trimmed or re-checked against policies like
+a peer (leave.lua, the trim duty and the router know it by this role)."""
 
 MAX_BATCH = 1000
 """Most publishes one ``pubs`` entry (or one direct call) may carry; a router refuses a larger

@@ -19,7 +19,14 @@ from coordinator.errors import SidecarError
 from coordinator.keys import Keys
 from coordinator.settings import Settings
 from coordinator.topics import check_publish_topic
-from ops.report import cluster_report, members_report, recent_events, sites_report
+from ops.report import (
+    cluster_report,
+    inbox_report,
+    members_report,
+    recent_events,
+    sites_report,
+    subscriptions_report,
+)
 
 __all__ = ["cli", "main"]
 
@@ -137,6 +144,46 @@ def leader(obj: Context, as_json: bool) -> None:
     text = f"leader {data['leader_id'] or 'none'} term {data['term']}\n" + "\n".join(
         " ".join(f"{k}={v}" for k, v in e.items()) for e in data["events"])
     _emit(data, as_json, text)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def subscriptions(obj: Context, as_json: bool) -> None:
+    """Every subscription: pattern, queue group and peer."""
+    rows = subscriptions_report(obj.client(), obj.keys)
+    text = "\n".join(f"{r['pattern']:<32} {('queue ' + r['queue']) if r['queue'] else '':<20} {r['peer']}"
+                     for r in rows) or "(no subscriptions)"
+    _emit(rows, as_json, text)
+
+
+@cli.command()
+@click.argument("peer_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def inbox(obj: Context, peer_id: str, as_json: bool) -> None:
+    """PEER_ID's inbox: entries held, pending (read, not acknowledged), lag (not read yet), the
+    oldest entry's age, and what a full inbox dropped or refused."""
+    report = inbox_report(obj.client(), obj.keys, peer_id)
+    if report is None:
+        raise click.ClickException(f"no inbox and no member {peer_id!r} in namespace "
+                                   f"{obj.settings.namespace!r}; `sidecar peers` lists the members")
+    text = (f"{peer_id}{'' if report['member'] else ' (not a member)'}: {report['length']} held, "
+            f"{report['pending']} pending, lag {report['lag'] if report['lag'] is not None else '?'}, "
+            f"oldest {report['oldest_s'] if report['oldest_s'] is not None else '-'}s, "
+            f"dropped {report['drops']}")
+    _emit(report, as_json, text)
+
+
+@cli.command()
+@click.option("--count", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def events(obj: Context, count: int, as_json: bool) -> None:
+    """The latest membership and leadership events, oldest first."""
+    rows = recent_events(obj.client(), obj.keys, count)
+    text = "\n".join(" ".join(f"{k}={v}" for k, v in e.items()) for e in rows) or "(no events)"
+    _emit(rows, as_json, text)
 
 
 @cli.command()
@@ -326,5 +373,14 @@ _register_groups()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="sidecar")
+    """Console-script entry point: Redis out of reach is one line with the fix, not a traceback."""
+    try:
+        cli(prog_name="sidecar")
+    except redis.ConnectionError as exc:
+        click.echo(f"Error: cannot reach Redis ({exc}); is it running, and is SIDECAR_REDIS_URL "
+                   "(or --redis-url) right?", err=True)
+        sys.exit(1)
+    except redis.AuthenticationError as exc:
+        click.echo(f"Error: Redis refused the credentials ({exc}); check the user and password in "
+                   "SIDECAR_REDIS_URL", err=True)
+        sys.exit(1)

@@ -7,6 +7,7 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
+from coordinator.errors import ConfigurationError
 from coordinator.keys import Keys
 from coordinator.policy.auth import PEER_COMMANDS, Identities, acl_user
 from coordinator.settings import Settings
@@ -100,6 +101,10 @@ def hardened(client: Any, settings: Settings) -> list[Check]:
     keys = Keys(settings.namespace)
     identities = set(client.hkeys(keys.identities))
     store = Identities(client, keys, settings.peer_key)
+    try:
+        store.require_acl_selectors()
+    except ConfigurationError as exc:
+        return [*checks, Check("redis_acl", "fail", f"{exc}: hardened mode needs it")]
     for peer_id in sorted(identities):
         user = acl_user(peer_id)
         if user not in users:
@@ -107,7 +112,8 @@ def hardened(client: Any, settings: Settings) -> list[Check]:
                                 "no Redis user of its own; make one with `sidecar peer rotate "
                                 f"{peer_id} --redis-acl`"))
             continue
-        extra = _beyond(client.acl_getuser(user) or {}, store.acl_keys(peer_id))
+        extra = _beyond(client.acl_getuser(user) or {}, store.acl_keys(peer_id),
+                        store.acl_selector(peer_id))
         checks.append(Check(f"peer_user {peer_id}", "fail" if extra else "ok",
                             f"{user} has more than it needs ({'; '.join(extra)}); reset it with "
                             f"`sidecar peer rotate {peer_id} --redis-acl`" if extra else
@@ -115,12 +121,18 @@ def hardened(client: Any, settings: Settings) -> list[Check]:
     return checks
 
 
-def _beyond(user: dict[str, Any], keys: list[str]) -> list[str]:
-    """What a peer's Redis user holds beyond ``keys`` and :data:`PEER_COMMANDS`."""
+def _beyond(user: dict[str, Any], keys: list[str], selector: str) -> list[str]:
+    """What a peer's Redis user holds beyond ``keys``, :data:`PEER_COMMANDS` and ``selector``
+    (as ``Identities.create_acl_user`` makes it)."""
     allowed = {f"+{c}" for c in PEER_COMMANDS} | {"+client|setinfo"}
     extra = [f"key pattern {k}" for k in user.get("keys") or () if k not in keys]
-    extra += [f"pattern {k}" for k in user.get("channels") or ()]
+    extra += [f"channel pattern {k}" for k in user.get("channels") or ()]
     extra += [f"command {c}" for c in user.get("commands") or () if c.startswith("+") and c not in allowed]
     extra += [f"category {c}" for c in user.get("categories") or () if c.startswith("+")]
-    extra += [f"selector {s}" for s in user.get("selectors") or ()]
+    key, _, command = selector.strip("()").partition(" ")
+    for found in user.get("selectors") or ():
+        fields = dict(zip(found[::2], found[1::2], strict=False)) if isinstance(found, list) else found
+        if (fields.get("keys"), fields.get("commands"), fields.get("channels") or "") != (
+                key, f"-@all {command}", ""):
+            extra.append(f"selector {fields}")
     return extra

@@ -8,9 +8,10 @@ from typing import Any
 
 from coordinator.clock import redis_ms
 from coordinator.federation.directory import parse_site
-from coordinator.keys import Keys
+from coordinator.keys import PEER_GROUP, Keys
 
-__all__ = ["cluster_report", "members_report", "recent_events", "sites_report"]
+__all__ = ["cluster_report", "inbox_report", "members_report", "recent_events", "sites_report",
+           "subscriptions_report"]
 
 
 def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
@@ -90,3 +91,39 @@ def recent_events(client: Any, keys: Keys, count: int = 20) -> list[dict[str, st
     """The latest membership and leadership events, newest last."""
     entries = client.xrevrange(keys.events, count=count)
     return [{"id": eid, **fields} for eid, fields in reversed(entries)]
+
+
+def subscriptions_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
+    """Every subscription: pattern, queue group (None: a plain one) and peer, sorted."""
+    rows = []
+    for field in client.hkeys(keys.subs):
+        peer, _, rest = str(field).partition(" ")
+        pattern, _, queue = rest.partition(" ")
+        rows.append({"pattern": pattern, "queue": queue or None, "peer": peer})
+    return sorted(rows, key=lambda r: (r["pattern"], r["queue"] or "", r["peer"]))
+
+
+def inbox_report(client: Any, keys: Keys, peer: str) -> dict[str, Any] | None:
+    """``peer``'s inbox: entries held, read but not acknowledged (pending), not read yet (lag),
+    the oldest entry's age, and what a full inbox dropped or refused (None: no such inbox)."""
+    inbox = keys.responses(peer)
+    pipe = client.pipeline(transaction=False)
+    pipe.exists(inbox)
+    pipe.zscore(keys.members, peer)
+    pipe.hget(keys.inbox_drops, peer)
+    exists, seen, drops = pipe.execute()
+    if not exists and seen is None:
+        return None
+    length, pending, lag, oldest_s = 0, 0, None, None
+    if exists:
+        now = redis_ms(client)
+        length = int(client.xlen(inbox))
+        for group in client.xinfo_groups(inbox):
+            if group.get("name") == PEER_GROUP:
+                pending = int(group.get("pending") or 0)
+                lag = None if group.get("lag") is None else int(group["lag"])
+        first = client.xrange(inbox, count=1)
+        if first:
+            oldest_s = round(max(0, now - int(str(first[0][0]).partition("-")[0])) / 1000, 3)
+    return {"peer": peer, "member": seen is not None, "length": length, "pending": pending,
+            "lag": lag, "oldest_s": oldest_s, "drops": int(drops or 0)}

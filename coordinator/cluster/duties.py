@@ -14,7 +14,7 @@ from coordinator.cluster.election import Election
 from coordinator.cluster.membership import Membership
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.policy.store import PolicyStore
-from coordinator.protocol import SYSTEM_SENDER, dumps
+from coordinator.protocol import BRIDGE_ROLE, SYSTEM_SENDER, dumps
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings
 
@@ -154,7 +154,7 @@ class Duties:
         pipe = self.client.pipeline(transaction=False)
         for member in ordered:
             pipe.hget(self.keys.member(member), "role")
-        return {m for m, role in zip(ordered, pipe.execute(), strict=True) if role == "bridge"}
+        return {m for m, role in zip(ordered, pipe.execute(), strict=True) if role == BRIDGE_ROLE}
 
 
 def _lag(info: Any) -> int | None:

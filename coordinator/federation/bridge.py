@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError, WatchError
 
 from coordinator.cluster.membership import (
     elect_call,
@@ -73,7 +73,7 @@ from coordinator.federation.envelope import (
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.leases import LeaseToken
 from coordinator.policy.store import policy_ack_call
-from coordinator.protocol import SYSTEM_SENDER
+from coordinator.protocol import BRIDGE_ROLE, SYSTEM_SENDER
 from coordinator.resp import AsyncResp, supports
 from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache
 from coordinator.routing.rejections import deadletter_entry
@@ -85,8 +85,6 @@ __all__ = ["BRIDGE_ROLE", "Bridge", "bridge_id"]
 
 log = logging.getLogger("sidecar.bridge")
 
-BRIDGE_ROLE = "bridge"
-"""Member role of a site's bridge."""
 _CONSUMER = "bridge"
 """Inbox consumer name every bridge of a site shares: one is active at a time, and a successor
 reads what its predecessor left pending under the same name."""
@@ -197,6 +195,8 @@ class Bridge(StatusMixin):
         self._leading: LeaderRecord | None = None
         """The namespace's leader while it is on this site (see _fence_unconfirmed)."""
         self._confirmed_at = 0.0
+        self._term_seen = 0
+        """The highest cluster leader term this bridge has seen."""
         self._tally = [0, 0]
         """Routed and delivered since the last round, added to the site's counters by _tick (as
         peers add theirs with their heartbeats: one command less per delivery)."""
@@ -575,7 +575,9 @@ class Bridge(StatusMixin):
         """Announce this site, keep the namespace's one leader, mirror the sites; every round."""
         directory = Directory(self._js, self.keys, replicas=self.settings.nats_stream_replicas)
         await directory.open()
-        election = ClusterElection(directory, self.site, self.settings.member_ttl)
+        # terms never go back, across this bridge's restarts and takeovers too
+        self._term_seen = max(self._term_seen, int(await self.redis.hget(self.keys.leader, "term") or 0))
+        election = ClusterElection(directory, self.site, self.settings.member_ttl, term=self._term_seen)
         period = self.settings.bridge_lease / 3
         following = asyncio.create_task(directory.follow(), name="bridge directory")
         try:
@@ -591,6 +593,7 @@ class Bridge(StatusMixin):
             try:
                 await directory.announce(self.site, await self._site_record())
                 leader = await election.step(self._candidate)
+                self._term_seen = election.term
                 self._leading = leader if leader.id and leader.site == self.site else None
                 self._confirmed_at = election.confirmed_at
                 await self._adopt(leader, election.hold)
@@ -723,6 +726,9 @@ class Bridge(StatusMixin):
         if entries:
             await self._deliver(entries)
             self.imported += len(entries)
+        last = fresh[-1].metadata.sequence.stream if fresh else 0
+        if last and (not entries or entries[-1].get("q") != str(last)):
+            await self._passed(last)  # the last of them was this site's own, or refused
         await msgs[-1].ack()  # acknowledges every message up to it (AckPolicy.ALL)
 
     async def _consumer(self, callback: Any) -> tuple[Any, _Cursor]:
@@ -770,7 +776,7 @@ class Bridge(StatusMixin):
         pipe.get(self.keys.bridge_stream)
         applied, known = await pipe.execute()
         if known == created:
-            return int(applied or 0)
+            return None if applied is None else int(applied)
         async with self.redis.pipeline(transaction=True) as pipe:
             await pipe.watch(self.keys.bridge_lease)
             if await pipe.get(self.keys.bridge_lease) != self.token:
@@ -785,6 +791,21 @@ class Bridge(StatusMixin):
         log.warning("bridge %s: the stream %s was created again; reading it from its start",
                     self.name, self.keys.stream_name)
         return 0
+
+    async def _passed(self, seq: int) -> None:
+        """Record stream sequence ``seq`` as done here though nothing of it was delivered (this
+        site's own message, or refused), so a restart does not read past it again; fenced by the
+        bridge lease, and never moved back."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.keys.bridge_lease, self.keys.bridge_applied)
+            if await pipe.get(self.keys.bridge_lease) != self.token:
+                raise _Deposed
+            if int(await pipe.get(self.keys.bridge_applied) or 0) >= seq:
+                return
+            pipe.multi()
+            pipe.set(self.keys.bridge_applied, seq)
+            with contextlib.suppress(WatchError):  # moved meanwhile: the next batch records it
+                await pipe.execute()
 
     async def _holding(self) -> bool:
         """This bridge still holds the site's bridge lease."""

@@ -155,17 +155,22 @@ class Directory:
 class ClusterElection:
     """One site's part in choosing the namespace's leader (see the module docstring)."""
 
-    def __init__(self, directory: Directory, site: str, member_ttl: float) -> None:
+    def __init__(self, directory: Directory, site: str, member_ttl: float, *, term: int = 0) -> None:
         self.directory = directory
         self.site = site
         self.member_ttl = member_ttl
         self._revision = -1
         self._moved_at = 0.0
-        self._term = 0
+        self._term = term
         """The highest term this site has seen: a record deleted from the bucket (or written
         with a lower term) never makes a term go back."""
         self.confirmed_at = 0.0
         """When this site last put the record as the leader's site (monotonic; 0: never)."""
+
+    @property
+    def term(self) -> int:
+        """The highest term this site has seen (pass it to the next election of this site)."""
+        return self._term
 
     @property
     def hold(self) -> float:

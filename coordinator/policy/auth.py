@@ -9,8 +9,10 @@ stale) and that the nonce grew (so a copy written again at once is a replay). Th
 accepted from each sender is stored in Redis with the work it allowed (see coordinator.routing.guard), so a
 router taking a partition over refuses replays of what its predecessor accepted.
 
-Identities live in Redis (``identities`` hash) where routers can read them; with per-peer Redis ACL
-users (``sidecar peer add --redis-acl``) a peer cannot read them, nor any stream but its own inbox.
+Identities live in Redis (``identities`` hash) where routers can read them; they hold no secret
+(each is derived from ``SIDECAR_PEER_KEY``). A peer's Redis user (``sidecar peer add --redis-acl``,
+Redis 7.0 or newer) may append to its own request stream and read, acknowledge and delete in its
+own inbox, and nothing else: not even append to that inbox.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from coordinator.errors import AuthenticationFailed, ConfigurationError, Unknown
 from coordinator.keys import Keys
 from coordinator.protocol import dumps
 
-__all__ = ["FRESHNESS_MS", "PEER_COMMANDS", "TAG_HEX", "Identities", "Identity", "Signer", "acl_user",
-           "canonical", "derive_secret", "tag", "verify"]
+__all__ = ["ACL_MIN_REDIS", "FRESHNESS_MS", "PEER_COMMANDS", "TAG_HEX", "Identities", "Identity",
+           "Signer", "acl_user", "canonical", "derive_secret", "tag", "verify"]
 
 FRESHNESS_MS = 30_000
 TAG_HEX = 32
@@ -134,9 +136,12 @@ def verify(identity: Identity | None, fields: Mapping[str, str], entry_ms: int,
     return nonce
 
 
-PEER_COMMANDS = ("xadd", "xreadgroup", "xack", "xdel", "xgroup|create", "ping", "client|setname",
-                 "hello", "auth", "select")
-"""Every command a peer's Redis user may run (and ``client|setinfo`` where Redis has it)."""
+PEER_COMMANDS = ("xreadgroup", "xack", "xdel", "xgroup|create", "ping", "client|setname", "hello",
+                 "auth", "select")
+"""The commands a peer's Redis user may run on its inbox, or on no key (and ``client|setinfo``
+where Redis has it); on its own request stream it may run XADD alone (an ACL selector)."""
+ACL_MIN_REDIS = (7, 0)
+"""Redis that has ACL selectors: a command allowed on one key and not on another."""
 
 
 def acl_user(peer_id: str) -> str:
@@ -184,17 +189,15 @@ class Identities:
         """Create an identity; returns what the peer needs (id, secret, and ACL credentials)."""
         peer_id = str(ULID())
         secret = self.secret(peer_id, 1)
+        out = {"SIDECAR_PEER_ID": peer_id, "SIDECAR_PEER_SECRET": secret}
+        if redis_acl:  # first: a Redis that cannot express the rules leaves no identity behind
+            out["SIDECAR_REDIS_USER"], out["SIDECAR_REDIS_PASSWORD"] = self.create_acl_user(peer_id)
         record = {"name": name, "roles": roles, "generation": 1, "created": int(time.time()),
                   "labels": dict(labels or {}), "priority": int(priority), "eligible": bool(eligible)}
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self.keys.identities, peer_id, dumps(record))
         pipe.incr(self.keys.routing_version)
         pipe.execute()
-        out = {"SIDECAR_PEER_ID": peer_id, "SIDECAR_PEER_SECRET": secret}
-        if redis_acl:
-            user, password = self.create_acl_user(peer_id)
-            out["SIDECAR_REDIS_USER"] = user
-            out["SIDECAR_REDIS_PASSWORD"] = password
         return out
 
     def find(self, ref: str) -> str:
@@ -242,25 +245,37 @@ class Identities:
         return peer_id
 
     def create_acl_user(self, peer_id: str) -> tuple[str, str]:
-        """A Redis user that reaches two keys, both its own: its request stream (it appends
-        there; whatever else it does there touches its own requests only) and its inbox (it
-        reads, acknowledges and deletes there). Rules Redis 6.2 understands."""
+        """A Redis user that reaches two keys, both its own: its request stream, where it may
+        only append (whatever ids or trimming it asks for there touch its own requests alone),
+        and its inbox, where it reads, acknowledges and deletes (never appends: an entry of its
+        own there, say the largest possible id, would stop every delivery to it, and the fan-out
+        it rides along with). Needs Redis 7.0 (ACL selectors)."""
+        self.require_acl_selectors()
         user = acl_user(peer_id)
         password = secrets.token_urlsafe(32)
-        commands = ["-@all", *(f"+{c}" for c in PEER_COMMANDS)]
+        rules = ["reset", "on", f">{password}", *self.acl_keys(peer_id), "resetchannels", "-@all",
+                 *(f"+{c}" for c in PEER_COMMANDS), self.acl_selector(peer_id)]
         try:  # Redis 7.2+ has CLIENT SETINFO, which clients send on connect
-            self.client.acl_setuser(user, enabled=True, reset_keys=True, reset_channels=True,
-                                    reset_passwords=True, passwords=[f"+{password}"],
-                                    keys=self.acl_keys(peer_id), commands=[*commands, "+client|setinfo"])
+            self.client.execute_command("ACL", "SETUSER", user, *rules, "+client|setinfo")
         except ResponseError:
-            self.client.acl_setuser(user, enabled=True, reset_keys=True, reset_channels=True,
-                                    reset_passwords=True, passwords=[f"+{password}"],
-                                    keys=self.acl_keys(peer_id), commands=commands)
+            self.client.execute_command("ACL", "SETUSER", user, *rules)
         return user, password
 
+    def require_acl_selectors(self) -> None:
+        """Raise ConfigurationError, with the fix, on a Redis without ACL selectors."""
+        version = str(self.client.info("server").get("redis_version", "0"))
+        if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < ACL_MIN_REDIS:
+            raise ConfigurationError(
+                f"a peer's Redis user needs Redis 7.0 or newer (ACL selectors: XADD allowed on its "
+                f"request stream, not on its inbox); this Redis is {version}")
+
     def acl_keys(self, peer_id: str) -> list[str]:
-        """The key patterns of ``peer_id``'s Redis user: its own request stream and inbox."""
-        return [f"~{self.keys.peer_requests(peer_id)}", f"~{self.keys.responses(peer_id)}"]
+        """The key pattern of ``peer_id``'s Redis user outside its selector: its inbox."""
+        return [f"~{self.keys.responses(peer_id)}"]
+
+    def acl_selector(self, peer_id: str) -> str:
+        """The selector of ``peer_id``'s Redis user: XADD on its own request stream, alone."""
+        return f"(~{self.keys.peer_requests(peer_id)} +xadd)"
 
     def load(self) -> dict[str, Identity]:
         """Every identity by peer id, with its secret derived."""

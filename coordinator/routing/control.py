@@ -25,7 +25,14 @@ from coordinator.cluster.membership import (
 )
 from coordinator.errors import BadRequest, PolicyRejected, SidecarError, UnknownPeer
 from coordinator.keys import REQUEST_GROUP
-from coordinator.protocol import DELIVERY_DEAD_LETTERS, KINDS, PEER_ID_RE, SYSTEM_SENDER, dumps
+from coordinator.protocol import (
+    BRIDGE_ROLE,
+    DELIVERY_DEAD_LETTERS,
+    KINDS,
+    PEER_ID_RE,
+    SYSTEM_SENDER,
+    dumps,
+)
 from coordinator.resp import Entry
 from coordinator.routing.context import RouterContext
 from coordinator.routing.rejections import Rejection
@@ -118,6 +125,8 @@ class ControlHandler:
                 continue
             except PolicyRejected as exc:
                 reason = str(exc)
+            if self.client.hget(self.keys.member(peer), "role") == BRIDGE_ROLE:
+                continue  # a site's bridge subscribes for other sites, under its own lease
             keys, args = subscribe_call(self.keys, peer, pattern, queue, add=False, fence=lease,
                                         inbox_maxlen=self.settings.inbox_maxlen)
             status = str(self.scripts.subscribe(keys=keys, args=args)[0])

@@ -36,7 +36,8 @@ class Partitions:
         self.name = name
         self.token = token
         self.leases: dict[int, Lease] = {}
-        self._held: tuple[int, ...] = ()
+        self._held: tuple[int, ...] | None = None
+        """The partitions _held_streams was built for (None: build it again)."""
         self._held_streams: list[str] = []
         self._peers: dict[int, list[str]] = {}
         """Partition -> the peers' own request streams it covers (SIDECAR_AUTH=required)."""
@@ -65,10 +66,10 @@ class Partitions:
     def holds_stream(self, stream: str) -> bool:
         return self.keys.partition_of_stream(stream, self.settings.partitions) in self.leases
 
-    def learn_peers(self, peers: Iterable[str]) -> list[str]:
+    def learn_peers(self, peers: Iterable[str]) -> None:
         """Cover the own request streams of ``peers`` (the identities, SIDECAR_AUTH=required) from
-        now on; returns the streams new to this router (their groups exist once this returns,
-        taking whatever was written there before)."""
+        now on (the groups of streams new to this router exist once this returns, taking
+        whatever was written there before)."""
         known = {s for streams in self._peers.values() for s in streams}
         by_partition: dict[int, list[str]] = {}
         for peer in sorted(peers):
@@ -79,8 +80,7 @@ class Partitions:
             self._ensure_group(stream)
         if by_partition != self._peers:
             self._peers = by_partition
-            self._held = ()  # streams() builds its list again
-        return fresh
+            self._held = None  # streams() builds its list again
 
     def renew(self) -> None:
         """Renew every held lease, dropping the ones another router has taken."""

@@ -465,9 +465,10 @@ class Router:
         self.guard.refresh(set(self.view.members))
         if (self.guard.enforce and self.guard.policy_version != self._subscriptions_checked
                 and 0 in self.parts.leases):  # partition 0's router checks for everyone
-            self._subscriptions_checked = self.guard.policy_version
+            version = self.guard.policy_version
             if self.control.drop_disallowed(self.view.subscriptions):
                 self.view.invalidate()
+            self._subscriptions_checked = version  # (only once every one was checked)
 
     def process(self, entries: list[Entry], *, defer_last: bool = False) -> None:
         """Route ``entries`` in order: runs of publishes in one script call, control one by one.

@@ -193,9 +193,12 @@ async def test_redis_acl_confines_each_peer_to_its_own_inbox(
                 spy.xadd(keys.system, {"k": "pub", "s": "sidecar", "t": "cluster.leader", "d": "{}"})
 
             # a reading its own inbox works (a private group, so a's own reader loses nothing). The
-            # peer deletes what it handled, so put a probe entry there first (its own key: allowed).
+            # peer deletes what it handled, so the administrator puts a probe entry there: a may
+            # not append to its own inbox (the largest possible id would stop every delivery to it)
             spy.xgroup_create(keys.responses(a_id), "probe", id="$")
-            probe_id = spy.xadd(keys.responses(a_id), {"k": "probe"})
+            with pytest.raises(NoPermissionError):
+                spy.xadd(keys.responses(a_id), {"k": "probe"}, id="18446744073709551615-18446744073709551615")
+            probe_id = admin.xadd(keys.responses(a_id), {"k": "probe"})
             own = spy.xreadgroup("probe", "probe", {keys.responses(a_id): ">"}, count=100)
             assert own and [e[0] for e in own[0][1]] == [probe_id], "a could not read its own inbox"
             # ... and writing requests works, to its own request stream alone (unsigned, so the
@@ -258,6 +261,8 @@ async def test_a_peer_holding_its_own_credentials_cannot_touch_anyone_elses_requ
                                lambda s: bob.xtrim(s, maxlen=0)):
                     with pytest.raises(NoPermissionError):
                         attack(stream)
+            with pytest.raises(NoPermissionError):  # his inbox he may read, never append to
+                bob.xadd(keys.responses(bob_id), {"k": "msg"}, id="18446744073709551615-18446744073709551615")
             # his own stream he can wreck, for himself alone: a far-future id, then the largest
             own = keys.peer_requests(bob_id)
             bob.xadd(own, {"k": "pub", "s": bob_id, "t": "chat.x", "d": "1"}, id=future)

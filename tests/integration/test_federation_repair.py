@@ -158,3 +158,72 @@ def test_the_sweep_leaves_a_silent_bridge_member_and_its_subscriptions(
     assert "bridge-x" in membership.members()
     assert client.hget(keys.subs, "bridge-x orders.>") == "1"
     assert membership.leave("bridge-x", "evicted")  # an operator can still remove it
+
+
+async def test_a_new_site_never_replays_what_came_before_it_even_after_a_restart(
+        redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
+        namespace: str) -> None:
+    a = site(redis_server.url, nats_server.url, namespace, "a", router_lease=1.5)
+    b = site(second_redis.url, nats_server.url, namespace, "b", router_lease=1.5)
+    keys = Keys(namespace)
+    async with running_sites(a), AsyncExitStack() as stack:
+        (pa,) = await peers(stack, a)
+        for n in range(5):
+            await pa.cluster_publish("h.x", f"before {n}")
+    got: list[Any] = []
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        async with running_sites(a, b), AsyncExitStack() as stack:
+            pa, pb = await peers(stack, a, b)
+            await pb.cluster_subscribe("h.>", lambda m: got.append(m.data))
+            await js.delete_consumer(keys.stream_name, keys.durable("b"))  # b's bridge starts over
+            await async_wait_for(lambda: _exists(js, keys.stream_name, keys.durable("b")), timeout=20,
+                                 what="b's consumer made again")
+            await pa.cluster_publish("h.x", "after")
+            await async_wait_for(lambda: got, what="the publish after b joined")
+            await asyncio.sleep(0.5)  # a replay of the history would have come by now
+    finally:
+        await nc.close()
+    assert got == ["after"]
+
+
+async def _exists(js: Any, stream: str, durable: str) -> bool:
+    from nats.js.errors import NotFoundError
+
+    try:
+        await js.consumer_info(stream, durable)
+    except NotFoundError:
+        return False
+    return True
+
+
+async def test_a_tightened_policy_leaves_the_bridge_exporting(
+        redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
+        namespace: str) -> None:
+    from coordinator.policy.store import PolicyStore
+
+    a = site(redis_server.url, nats_server.url, namespace, "a", enforce_policy=True)
+    b = site(second_redis.url, nats_server.url, namespace, "b")
+    keys = Keys(namespace)
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    store = PolicyStore(client, keys)
+    store.set("all", {"statements": [{"id": "all", "effect": "allow", "role_ids": "*", "action": "*",
+                                      "resource": ">"}]})
+    got: list[Any] = []
+    try:
+        async with running_sites(a, b), AsyncExitStack() as stack:
+            pa, pb = await peers(stack, a, b)
+            player = await stack.enter_async_context(Peer(settings=a, role="player"))
+            await player.cluster_subscribe("z.>", lambda m: None)
+            await pb.cluster_subscribe("x.>", lambda m: got.append(m.data))
+            store.set("all", {"statements": [{"id": "peers", "effect": "allow", "role_ids": "peer",
+                                              "action": "*", "resource": ">"}]})  # not role bridge
+            await async_wait_for(lambda: not client.hexists(keys.subs, f"{player.id} z.>"),
+                                 timeout=15, what="the router checking every subscription")
+            await pa.cluster_publish("x.y", "after the change")
+            await async_wait_for(lambda: got, timeout=15, what="the export after the change")
+            assert client.hexists(keys.subs, "bridge-a >")
+    finally:
+        client.close()
+    assert got == ["after the change"]
