@@ -313,7 +313,10 @@ def harden(obj: Context, user: str, keep_default: bool) -> None:
         raise click.ClickException(f"cannot create Redis user {user!r} ({exc}); run this as an "
                                    "administrator of that Redis") from None
     parts = urlsplit(obj.require_redis())
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}" + (
+    if not parts.hostname:
+        raise click.ClickException("sidecar harden needs a redis:// or rediss:// URL with a host")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # IPv6
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (
         f":{parts.port}" if parts.port else "")
     url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     with redis.Redis.from_url(url, decode_responses=True) as own:

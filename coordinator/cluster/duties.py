@@ -120,8 +120,8 @@ class Duties:
 
     def trim(self) -> dict[str, int]:
         """Trim inboxes to ``inbox_max_age`` (but a site's bridge's: what waits there to leave
-        the site is bounded by ``bridge_backlog``, with dead letters) and delete those of
-        long-gone peers.
+        the site is bounded by ``bridge_backlog`` with dead letters while a bridge runs, and by
+        the inbox MAXLEN while none does) and delete those of long-gone peers.
 
         A peer is long gone when it is not a member, its inbox is empty with nothing pending, and
         its reader has taken nothing from it for ``inbox_max_age`` (an inbox never read is kept:
