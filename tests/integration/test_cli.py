@@ -178,3 +178,37 @@ def test_doctor_in_hardened_mode_and_harden(fresh_redis: Any, namespace: str) ->
     code, found = levels(own_url)
     assert code == 0, found
     assert found["default_user"][0] == "ok" and found[f"peer_user {peer}"][0] == "ok"
+
+
+def test_subscriptions_inbox_and_events(settings: Settings, sidecar: ClusterSidecar) -> None:
+    async def scenario() -> str:
+        async with Peer(namespace=settings.namespace, settings=settings) as peer:
+            await peer.cluster_subscribe("a.>", lambda m: None)
+            await peer.cluster_subscribe("jobs.*", lambda m: None, queue="workers")
+            subs = json.loads(run(settings, "subscriptions", "--json"))
+            assert {(s["pattern"], s["queue"], s["peer"]) for s in subs} >= {
+                ("a.>", None, peer.id), ("jobs.*", "workers", peer.id)}
+            text = run(settings, "subscriptions")
+            assert "jobs.*" in text and "queue workers" in text
+            report = json.loads(run(settings, "inbox", peer.id, "--json"))
+            assert report["member"] is True and report["drops"] == 0
+            assert set(report) == {"peer", "member", "length", "pending", "lag", "oldest_s", "drops"}
+            return peer.id
+
+    peer_id = asyncio.run(scenario())
+    events = json.loads(run(settings, "events", "--json", "--count", "10"))
+    assert [e["event"] for e in events if e.get("peer") == peer_id] == ["joined", "left"]
+    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace}
+    unknown = CliRunner().invoke(cli, ["inbox", "01NOSUCHPEER"], env=env)
+    assert unknown.exit_code == 1 and "`sidecar peers` lists the members" in unknown.output
+
+
+def test_redis_out_of_reach_is_one_line_with_the_fix() -> None:
+    from ops.embedded import free_port
+
+    env = {**os.environ, "SIDECAR_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    done = subprocess.run([str(VENV_BIN / "sidecar"), "status"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1
+    assert "cannot reach Redis" in done.stderr and "SIDECAR_REDIS_URL" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
