@@ -1,8 +1,9 @@
 """``sidecar dashboard``: a small read-only web page of the cluster (stdlib HTTP server).
 
 Serves ``/`` (an HTML page that refreshes itself), ``/api/status`` (cluster report with members)
-and ``/api/policy`` (rollout status) as JSON. It listens on loopback unless credentials are set;
-with credentials every request needs HTTP basic auth.
+and ``/api/policy`` (rollout status) as JSON, and ``/metrics`` for Prometheus
+(:mod:`ops.metrics`). It listens on loopback unless credentials are set; with credentials every
+request needs HTTP basic auth.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import redis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.errors import ConfigurationError
 from coordinator.keys import Keys
 from coordinator.policy.store import PolicyStore
 from coordinator.settings import Settings
+from ops.metrics import registry
 from ops.report import cluster_report, members_report, recent_events
 
 __all__ = ["make_server"]
@@ -49,6 +52,7 @@ def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> T
                                  "SIDECAR_DASHBOARD_USER and SIDECAR_DASHBOARD_PASSWORD")
     client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     keys = Keys(settings.namespace)
+    metrics = registry(client, keys)
     expected = (base64.b64encode(f"{user}:{password}".encode()).decode()
                 if user and password else None)
 
@@ -84,6 +88,8 @@ def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> T
                 self._send(200, json.dumps(report), "application/json")
             elif self.path == "/api/policy":
                 self._send(200, json.dumps(PolicyStore(client, keys).status()), "application/json")
+            elif self.path == "/metrics":
+                self._send(200, generate_latest(metrics).decode(), CONTENT_TYPE_LATEST)
             elif self.path == "/":
                 self._send(200, _render(client, keys), "text/html; charset=utf-8")
             else:

@@ -79,3 +79,47 @@ def test_a_malformed_authorization_header_gets_401_not_a_crash(settings: Setting
             assert response.status == 401, header
             response.read()
             conn.close()
+
+
+def test_metrics_scrape_as_prometheus_reads_them(settings: Settings, client: redis.Redis) -> None:
+    import asyncio
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from coordinator.sidecar import ClusterSidecar
+    from tests.support import Peer, async_wait_for
+
+    keys = Keys(settings.namespace)
+
+    async def traffic() -> None:
+        sc = ClusterSidecar(settings=settings)
+        await sc.setup()
+        try:
+            async with Peer(settings=settings) as a, Peer(settings=settings) as b:
+                got: list[object] = []
+                await b.cluster_subscribe("m.>", got.append)
+                for n in range(5):
+                    await a.cluster_publish("m.x", n)
+                await async_wait_for(lambda: len(got) == 5, what="five deliveries")
+                await async_wait_for(lambda: int(client.hget(keys.stats, "delivered") or 0) >= 5,
+                                     what="the counters flushed with a heartbeat")
+                client.xadd(keys.deadletter, {"reason": "handler_failed", "message": "boom"})
+                for base in serve(make_server(settings)):
+                    with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
+                        assert resp.headers["Content-Type"].startswith("text/plain")
+                        text = resp.read().decode()
+                    families = {f.name: f for f in text_string_to_metric_families(text)}
+                    value = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                             for f in families.values() for s in f.samples}
+                    assert families["sidecar_messages_delivered"].type == "counter"
+                    assert value[("sidecar_messages_delivered_total", ())] >= 5
+                    assert value[("sidecar_cluster_size", ())] == 2
+                    assert value[("sidecar_leader_term", ())] >= 1
+                    assert value[("sidecar_dead_letters", (("reason", "handler_failed"),))] == 1
+                    assert ("sidecar_inbox_length", (("peer", b.id),)) in value
+                    assert sum(value[("sidecar_peers_policy", (("state", s),))]
+                               for s in ("synced", "stale", "nacked")) == 2  # every live peer
+        finally:
+            await sc.teardown()
+
+    asyncio.run(traffic())
