@@ -184,6 +184,11 @@ class Keys:
         return self._p + "beat.lease"
 
     @property
+    def up_lock(self) -> str:
+        """Held by the ``sidecar up`` running on the namespace (one at a time)."""
+        return self._p + "up"
+
+    @property
     def throttled(self) -> str:
         """Peers held back by their rate now (hash: peer id -> seconds until read again)."""
         return self._p + "throttled"

@@ -74,21 +74,24 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str | None) -> Non
 @click.option("--duration", type=float, help="Stop on its own after this many seconds.")
 @click.option("--peers/--no-peers", default=True, help="Start the demo conductor and followers.")
 @click.option("--flower/--no-flower", default=False, help="Start Flower on loopback.")
+@click.option("--dashboard/--no-dashboard", default=False,
+              help="Serve the dashboard on loopback and print its address.")
 @click.option("--sites", type=click.IntRange(1, 9), default=1, show_default=True,
               help="Sites to run, each with its own Redis, joined by an embedded NATS JetStream.")
 @pass_ctx
-def up(obj: Context, duration: float | None, peers: bool, flower: bool, sites: int) -> None:
+def up(obj: Context, duration: float | None, peers: bool, flower: bool, dashboard: bool,
+       sites: int) -> None:
     """Run a sidecar (worker + beat) with demo peers; embedded Redis unless SIDECAR_REDIS_URL is set.
     With --sites N, N sites on this machine federated through NATS."""
     from ops.supervisor import Supervisor
 
     click.echo(f"settings: {obj.settings!r}")
     try:
-        supervisor = Supervisor(obj.settings, peers=peers, flower=flower, sites=sites,
-                                echo=click.echo)
+        supervisor = Supervisor(obj.settings, peers=peers, flower=flower, dashboard=dashboard,
+                                sites=sites, echo=click.echo)
+        status = supervisor.run(duration)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    status = supervisor.run(duration)
     sys.exit(status)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,8 @@ class Supervisor:
     """Owns the child processes of ``sidecar up``."""
 
     def __init__(self, settings: Settings, *, peers: bool = True, flower: bool = False,
-                 sites: int = 1, echo: Callable[[str], None] = print) -> None:
+                 dashboard: bool = False, sites: int = 1,
+                 echo: Callable[[str], None] = print) -> None:
         if sites < 1:
             raise ValueError("sites must be at least 1")
         if sites > 1 and settings.redis_url:
@@ -47,6 +49,9 @@ class Supervisor:
         self.sites = sites
         self.with_peers = peers
         self.with_flower = flower
+        self.with_dashboard = dashboard
+        self._claim: tuple[redis.Redis, str] | None = None
+        """The namespace's ``up`` key and this run's token in it (an external Redis only)."""
         self.echo = echo
         self.servers: list[RedisServer] = []
         self.nats: NatsServer | None = None
@@ -83,6 +88,8 @@ class Supervisor:
             self.echo(f"embedded NATS with JetStream on {nats_url} (log: {self.nats.log_path})")
         names = ([self.settings.site or "local"] if self.sites == 1
                  else [f"site{i + 1}" for i in range(self.sites)])
+        if self.settings.redis_url and self.sites == 1:
+            self._claim_namespace(self.settings.redis_url)
         for i, site in enumerate(names):
             url = self.settings.redis_url if self.sites == 1 else None
             if not url:
@@ -96,6 +103,35 @@ class Supervisor:
                              first=i == 0)
         self.echo(f"logs in {self.dir}")
         return next(iter(self.urls.values()))
+
+    def _claim_namespace(self, url: str) -> None:
+        """Take the namespace's ``up`` key on a Redis this run did not start, or say which run
+        holds it (two demos on one namespace would fight over it)."""
+        client = redis.Redis.from_url(url, decode_responses=True)
+        keys = Keys(self.settings.namespace)
+        token = f"{socket.gethostname()} pid {os.getpid()}"
+        if not client.set(keys.up_lock, token, nx=True, ex=_CLAIM_TTL):
+            holder = client.get(keys.up_lock)
+            client.close()
+            raise ValueError(f"`sidecar up` already runs on namespace {self.settings.namespace!r} "
+                             f"({holder!s}); stop it, or choose another SIDECAR_NAMESPACE")
+        self._claim = (client, token)
+
+    def _renew_claim(self) -> None:
+        if self._claim is not None:
+            client, token = self._claim
+            with contextlib.suppress(redis.RedisError):
+                client.set(Keys(self.settings.namespace).up_lock, token, xx=True, ex=_CLAIM_TTL)
+
+    def _release_claim(self) -> None:
+        if self._claim is not None:
+            client, token = self._claim
+            with contextlib.suppress(redis.RedisError):
+                key = Keys(self.settings.namespace).up_lock
+                if client.get(key) == token:
+                    client.delete(key)
+            client.close()
+            self._claim = None
 
     def _start_site(self, site: str, env: dict[str, str], *, first: bool) -> None:
         py = sys.executable
@@ -114,6 +150,11 @@ class Supervisor:
                        f"{self.settings.dashboard_user}:{self.settings.dashboard_password}"}
             self._spawn("flower", args, env)
             self.echo(f"Flower on http://127.0.0.1:{port}")
+        if self.with_dashboard and first:
+            port = free_port()
+            self._spawn("dashboard", [py, "-c", "from ops.cli import main; main()", "dashboard",
+                                      "--port", str(port)], env)
+            self.echo(f"dashboard on http://127.0.0.1:{port}/ (and /api/status, /metrics)")
         if self.with_peers:
             demo = [py, "-m", "examples.sidecar_conductor"]
             if self.sites == 1:
@@ -150,11 +191,13 @@ class Supervisor:
                     status = 1
                     break
                 self.echo(self._status(clients, keys))
+                self._renew_claim()
                 time.sleep(min(1.0, max(0.0, (deadline or float("inf")) - time.monotonic())))
             for client in clients.values():
                 client.close()
         finally:
             self.stop()
+            self._release_claim()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return status
@@ -209,6 +252,10 @@ class Supervisor:
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
+
+
+_CLAIM_TTL = 10
+"""Seconds the namespace's ``up`` key outlives a run that stopped renewing it (killed)."""
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

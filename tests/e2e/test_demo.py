@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -143,3 +144,35 @@ def test_sidecar_up_with_two_sites_federates_them_and_leaves_nothing_behind(proc
     # the conductor's heartbeats (site 1) reach the follower on site 2 through the bridges
     assert "following the conductor at tempo" in follower and "(from site site1)" in follower, follower
     assert int(last["site2"]["routed"]) > 0, out
+
+
+@pytest.mark.timeout(120)
+def test_sidecar_up_serves_the_dashboard_and_a_second_up_on_the_namespace_says_one_runs(
+        procs: Processes, redis_server: Any, namespace: str) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.support import sidecar_env
+
+    env = sidecar_env(redis_server.url, namespace)  # a Redis this run did not start
+    first = procs.start([str(VENV_BIN / "sidecar"), "up", "--no-peers", "--dashboard",
+                         "--duration", "60"], env, "up1")
+    found = wait_for(lambda: re.search(r"dashboard on (http://\S+/)", procs.log(first)), 30,
+                     what="the dashboard's address")
+    base = found.group(1)
+
+    def status() -> Any:
+        try:
+            with urllib.request.urlopen(base + "api/status", timeout=5) as resp:
+                return json.load(resp)
+        except (urllib.error.URLError, ConnectionError):
+            return None
+
+    assert wait_for(status, 30, what="the dashboard answering")["namespace"] == namespace
+    second = subprocess.run([str(VENV_BIN / "sidecar"), "up", "--no-peers", "--duration", "5"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0
+    assert "already runs on namespace" in second.stderr and "Traceback" not in second.stderr
+    procs.kill(first, signal.SIGINT)
+    assert first.returncode == 0, procs.log(first)
