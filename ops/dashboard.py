@@ -1,7 +1,8 @@
 """``sidecar dashboard``: a small read-only web page of the cluster (stdlib HTTP server).
 
-Serves ``/`` (an HTML page that refreshes itself), ``/api/status`` (cluster report with members)
-and ``/api/policy`` (rollout status) as JSON, and ``/metrics`` for Prometheus
+Serves ``/`` (a page that asks the JSON API every second and draws a chart of the message
+rates), ``/api/status`` (cluster report with members), ``/api/policy`` (rollout status) and
+``/api/events`` as JSON, and ``/metrics`` for Prometheus
 (:mod:`ops.metrics`). It listens on loopback unless credentials are set; with credentials every
 request needs HTTP basic auth.
 """
@@ -14,6 +15,7 @@ import html
 import ipaddress
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -28,11 +30,8 @@ from ops.report import cluster_report, members_report, recent_events
 
 __all__ = ["make_server"]
 
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>sidecar {ns}</title>
-<meta http-equiv="refresh" content="2"><style>body{{font:14px sans-serif;margin:2em}}
-td,th{{padding:2px 10px;text-align:left}}</style></head><body><h1>Cluster {ns}</h1>{summary}
-<h2>Members</h2><table><tr><th>id</th><th>role</th><th>priority</th><th>last seen</th></tr>{rows}
-</table><h2>Recent events</h2><pre>{events}</pre></body></html>"""
+_PAGE = Path(__file__).with_name("static") / "dashboard.html"
+"""The page: it asks the JSON API every second and draws what it gets (no full reloads)."""
 
 
 def _loopback(host: str) -> bool:
@@ -90,21 +89,12 @@ def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> T
                 self._send(200, json.dumps(PolicyStore(client, keys).status()), "application/json")
             elif self.path == "/metrics":
                 self._send(200, generate_latest(metrics).decode(), CONTENT_TYPE_LATEST)
+            elif self.path == "/api/events":
+                self._send(200, json.dumps(recent_events(client, keys)), "application/json")
             elif self.path == "/":
-                self._send(200, _render(client, keys), "text/html; charset=utf-8")
+                page = _PAGE.read_text().replace("__NS__", html.escape(keys.namespace))
+                self._send(200, page, "text/html; charset=utf-8")
             else:
                 self._send(404, "not found\n", "text/plain")
 
     return ThreadingHTTPServer((host, port), Handler)
-
-
-def _render(client: Any, keys: Keys) -> str:
-    report = cluster_report(client, keys)
-    summary = "<ul>" + "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>"
-                               for k, v in report.items()) + "</ul>"
-    rows = "".join(f"<tr><td>{html.escape(m['id'])}</td><td>{html.escape(m['role'])}</td>"
-                   f"<td>{m['priority']}</td><td>{m['last_seen_s']}s</td></tr>"
-                   for m in members_report(client, keys))
-    events = html.escape("\n".join(" ".join(f"{k}={v}" for k, v in e.items())
-                                   for e in recent_events(client, keys)))
-    return _PAGE.format(ns=html.escape(keys.namespace), summary=summary, rows=rows, events=events)

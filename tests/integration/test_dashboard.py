@@ -43,7 +43,9 @@ def test_status_json_lists_members(open_dashboard: str, settings: Settings, clie
     assert data["members"][0]["role"] == "probe"
     with urllib.request.urlopen(open_dashboard + "/", timeout=5) as resp:
         page = resp.read().decode()
-    assert "01TESTPEER0000000000000000" in page and "<table>" in page
+    assert settings.namespace in page and 'id="peers"' in page and "/api/status" in page
+    with urllib.request.urlopen(open_dashboard + "/api/events", timeout=5) as resp:
+        assert any(e.get("peer") == "01TESTPEER0000000000000000" for e in json.load(resp))
 
 
 def test_non_loopback_without_credentials_is_refused(settings: Settings) -> None:
