@@ -24,9 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from coordinator.errors import ConfigurationError
 from coordinator.keys import Keys
 from coordinator.policy.store import PolicyStore
+from coordinator.routing.rejections import DeadLetters
 from coordinator.settings import Settings
 from ops.metrics import registry
-from ops.report import cluster_report, members_report, recent_events
+from ops.report import cluster_report, members_report, recent_events, subscriptions_report
 
 __all__ = ["make_server"]
 
@@ -91,10 +92,45 @@ def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> T
                 self._send(200, generate_latest(metrics).decode(), CONTENT_TYPE_LATEST)
             elif self.path == "/api/events":
                 self._send(200, json.dumps(recent_events(client, keys)), "application/json")
+            elif self.path == "/api/subscriptions":
+                self._send(200, json.dumps(subscriptions_report(client, keys)), "application/json")
+            elif self.path == "/api/deadletters":
+                letters = DeadLetters(client, keys, settings).list(count=50)
+                self._send(200, json.dumps(letters), "application/json")
             elif self.path == "/":
                 page = _PAGE.read_text().replace("__NS__", html.escape(keys.namespace))
                 self._send(200, page, "text/html; charset=utf-8")
             else:
                 self._send(404, "not found\n", "text/plain")
+
+        def do_POST(self) -> None:
+            """``/api/deadletters/<id>/replay``: the one change the page can make. It needs the
+            dashboard's credentials (set, and given), and is refused cross-site: a custom header
+            no form can send, and an Origin, when the browser gives one, naming this server."""
+            if expected is None:
+                self._send(403, "replaying needs SIDECAR_DASHBOARD_USER and SIDECAR_DASHBOARD_PASSWORD\n",
+                           "text/plain")
+                return
+            if not self._authorized():
+                self._send(401, "credentials required\n", "text/plain")
+                return
+            origin = self.headers.get("Origin")
+            if self.headers.get("X-Sidecar-Action") != "replay" or (
+                    origin is not None and origin != f"http://{self.headers.get('Host', '')}"):
+                self._send(403, "refused: not sent by the dashboard's own page\n", "text/plain")
+                return
+            parts = self.path.strip("/").split("/")
+            if len(parts) != 4 or parts[:2] != ["api", "deadletters"] or parts[3] != "replay":
+                self._send(404, "not found\n", "text/plain")
+                return
+            try:
+                target = DeadLetters(client, keys, settings).replay(parts[2])
+            except KeyError as exc:
+                self._send(404, json.dumps({"error": str(exc.args[0])}), "application/json")
+                return
+            except ValueError as exc:
+                self._send(409, json.dumps({"error": str(exc)}), "application/json")
+                return
+            self._send(200, json.dumps({"replayed": parts[2], "to": target}), "application/json")
 
     return ThreadingHTTPServer((host, port), Handler)

@@ -18,6 +18,7 @@ import redis
 
 from coordinator.keys import Keys
 from coordinator.policy.store import PolicyStore
+from coordinator.routing.rejections import deadletter_entry
 from coordinator.settings import Settings
 from ops.dashboard import make_server
 from tests.e2e.election_peer import start_peer, start_sidecar, stop_all
@@ -28,7 +29,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture
 def dashboard(redis_url: str, namespace: str) -> Iterator[str]:
-    server = make_server(Settings(redis_url=redis_url, namespace=namespace))
+    server = make_server(Settings(redis_url=redis_url, namespace=namespace,
+                                  dashboard_user="ops", dashboard_password="pa55word"))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -86,7 +88,9 @@ def test_the_dashboard_in_a_browser_follows_a_live_cluster(
         PolicyStore(client, keys).set("no-tempo", {"statements": [], "data": {"mood": "calm"}})
         with Traffic(Settings(redis_url=redis_url, namespace=namespace)), sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            context = browser.new_context(viewport={"width": 1100, "height": 1100},
+                                          http_credentials={"username": "ops", "password": "pa55word"})
+            page = context.new_page()
             page.goto(dashboard)
             row = "#peers tbody tr[data-peer='{}']"
             for peer in (first.id, second.id, nacker):
@@ -103,6 +107,14 @@ def test_the_dashboard_in_a_browser_follows_a_live_cluster(
             page.wait_for_selector(row.format(heir.id) + " td.leader:has-text('leader')",
                                    timeout=30_000)
             assert page.query_selector(row.format(victim.id) + " td.leader:has-text('leader')") is None
+            # subscriptions, and a dead letter replayed with its button
+            page.wait_for_selector("#subscriptions td:has-text('chart.>')", timeout=20_000)
+            letter = client.xadd(keys.deadletter, deadletter_entry(
+                "handler_failed", "boom", stream="inbox", entry="01DEADLETTER00000000000000",
+                peer=heir.id, topic="chart.tick", raw="1", sender=heir.id))
+            page.click(f"button[data-replay='{letter}']", timeout=20_000)
+            page.wait_for_selector(f"#replayed:has-text('replayed {letter}')", timeout=20_000)
+            assert not client.xrange(keys.deadletter, letter, letter)
             shot = Path(procs.dir) / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000

@@ -125,3 +125,44 @@ def test_metrics_scrape_as_prometheus_reads_them(settings: Settings, client: red
             await sc.teardown()
 
     asyncio.run(traffic())
+
+
+def test_dead_letters_replay_only_with_credentials_from_the_page_itself(
+        settings: Settings, client: redis.Redis) -> None:
+    from coordinator.routing.rejections import deadletter_entry
+
+    keys = Keys(settings.namespace)
+    peer = "01REPLAYPEER00000000000000"
+    Membership(client, keys).register(peer)
+    letter = client.xadd(keys.deadletter, deadletter_entry(
+        "handler_failed", "boom", stream="inbox", entry="01MSG0000000000000000000AB", peer=peer,
+        topic="a.b", raw='{"x": 1}', sender="01SENDER"))
+    token = base64.b64encode(b"ops:pa55word").decode()
+
+    def post(base: str, path: str, **headers: str) -> int:
+        request = urllib.request.Request(base + path, data=b"", method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return int(exc.code)
+
+    replay = f"/api/deadletters/{letter}/replay"
+    for base in serve(make_server(settings)):  # no credentials set: nothing changes from here
+        assert post(base, replay, **{"X-Sidecar-Action": "replay"}) == 403
+        with urllib.request.urlopen(base + "/api/deadletters", timeout=5) as resp:
+            assert [d["id"] for d in json.load(resp)] == [letter]
+    secured = settings.replace(dashboard_user="ops", dashboard_password="pa55word")
+    for base in serve(make_server(secured)):
+        auth = {"Authorization": f"Basic {token}"}
+        assert post(base, replay, **{"X-Sidecar-Action": "replay"}) == 401  # no credentials
+        assert post(base, replay, **auth) == 403  # a plain form post (no custom header)
+        assert post(base, replay, **auth, **{"X-Sidecar-Action": "replay",
+                                             "Origin": "http://evil.example"}) == 403
+        assert client.xlen(keys.deadletter) == 1
+        assert post(base, replay, **auth, **{"X-Sidecar-Action": "replay"}) == 200
+        assert client.xlen(keys.deadletter) == 0
+        assert any(f.get("i") == "01MSG0000000000000000000AB"
+                   for _, f in client.xrange(keys.responses(peer)))
+        assert post(base, replay, **auth, **{"X-Sidecar-Action": "replay"}) == 404  # gone
