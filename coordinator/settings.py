@@ -140,6 +140,9 @@ class Settings:
 
     peer_secret: str | None = _secret()
     """This peer's signing secret (peer processes only)."""
+    log_format: str = "text"
+    """How the sidecar's Celery processes log: ``text`` (Celery's own lines) or ``json`` (one JSON
+    object per line: ts, level, logger, message, process, exc)."""
     peer_rate: float = 0.0
     """Messages a second the router reads from each peer's own request stream, at most, with
     ``SIDECAR_AUTH=required`` (0: no limit); a peer over it waits, nothing is refused."""
@@ -176,6 +179,8 @@ class Settings:
             self.export_patterns  # noqa: B018 - validates them
         except ValueError as exc:
             raise ConfigurationError(f"nats_export: {exc}") from None
+        if self.log_format not in ("text", "json"):
+            raise ConfigurationError(f"log_format must be text or json, got {self.log_format!r}")
         if self.peer_rate < 0:
             raise ConfigurationError(f"peer_rate must be >= 0 (0: no limit), got {self.peer_rate!r}")
         for name in ("nats_stream_max_age", "nats_duplicate_window"):

@@ -11,15 +11,18 @@ the scheduler and the tasks read the settings from the app they run under.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger
 
 from coordinator.keys import Keys
 from coordinator.settings import Settings
 from workers.bootsteps import BridgeStep, RouterStep
+from workers.logs import use_json
 from workers.schedule import beat_schedule
 
 __all__ = ["DEFAULT_BROKER", "SidecarCelery", "app", "celery_config"]
@@ -97,6 +100,14 @@ class SidecarCelery(Celery):
     def __reduce_keys__(self) -> dict[str, Any]:
         """Celery rebuilds a pickled app from these; settings given explicitly travel with it."""
         return {**super().__reduce_keys__(), "sidecar_settings": self._sidecar_settings}
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _structured_logs(logger: logging.Logger | None = None, **_: Any) -> None:
+    """With ``SIDECAR_LOG_FORMAT=json``, Celery's handlers write JSON lines (workers.logs)."""
+    if logger is not None and app.sidecar_settings.log_format == "json":
+        use_json(logger)
 
 
 app = SidecarCelery("sidecar", include=["workers.tasks"])

@@ -176,3 +176,28 @@ def test_sidecar_up_serves_the_dashboard_and_a_second_up_on_the_namespace_says_o
     assert "already runs on namespace" in second.stderr and "Traceback" not in second.stderr
     procs.kill(first, signal.SIGINT)
     assert first.returncode == 0, procs.log(first)
+
+
+def test_structured_logs_are_one_json_object_per_line(procs: Processes, redis_url: str,
+                                                     namespace: str, client: Any) -> None:
+    import json
+
+    from tests.e2e.helpers import start_worker
+    from tests.support import sidecar_env
+
+    env = sidecar_env(redis_url, namespace, log_format="json")
+    worker = start_worker(procs, env, client, "w1")
+    records = []
+
+    def router_logged() -> bool:
+        records.clear()
+        for line in procs.log(worker).splitlines():
+            if line.startswith("{"):
+                records.append(json.loads(line))
+        return any(r["logger"] == "sidecar.router" for r in records)
+
+    wait_for(router_logged, 20, what="a JSON line from the router")
+    assert all({"ts", "level", "logger", "message", "process"} <= set(r) for r in records)
+    text_records = [line for line in procs.log(worker).splitlines()
+                    if re.match(r"^\[\d{4}-\d\d-\d\d [\d:,]+: (INFO|WARNING|ERROR)/", line)]
+    assert not text_records, text_records  # every log record is JSON (the banner is not a record)
