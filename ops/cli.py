@@ -82,13 +82,14 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str | None) -> Non
 def up(obj: Context, duration: float | None, peers: bool, flower: bool, dashboard: bool,
        sites: int) -> None:
     """Run a sidecar (worker + beat) with demo peers; embedded Redis unless SIDECAR_REDIS_URL is set.
-    With --sites N, N sites on this machine federated through NATS."""
+    With --sites N, N sites on this machine federated through NATS. On a terminal it draws a live
+    view (sites, peers, leader, policy states, rates); otherwise a status line each second."""
     from ops.supervisor import Supervisor
 
     click.echo(f"settings: {obj.settings!r}")
     try:
         supervisor = Supervisor(obj.settings, peers=peers, flower=flower, dashboard=dashboard,
-                                sites=sites, echo=click.echo)
+                                sites=sites, live=sys.stdout.isatty(), echo=click.echo)
         status = supervisor.run(duration)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -23,13 +23,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from coordinator.keys import Keys
+from coordinator.policy.store import PolicyStore
 from coordinator.settings import Settings
 from ops.embedded import NatsServer, RedisServer, free_port
-from ops.report import cluster_report, sites_report
+from ops.live import LiveView
+from ops.report import cluster_report, members_report, sites_report
 
 __all__ = ["Supervisor"]
 
@@ -38,7 +41,7 @@ class Supervisor:
     """Owns the child processes of ``sidecar up``."""
 
     def __init__(self, settings: Settings, *, peers: bool = True, flower: bool = False,
-                 dashboard: bool = False, sites: int = 1,
+                 dashboard: bool = False, sites: int = 1, live: bool = False,
                  echo: Callable[[str], None] = print) -> None:
         if sites < 1:
             raise ValueError("sites must be at least 1")
@@ -50,6 +53,8 @@ class Supervisor:
         self.with_peers = peers
         self.with_flower = flower
         self.with_dashboard = dashboard
+        self.live = live
+        """Draw a live view in the terminal (rich) instead of a status line each second."""
         self._claim: tuple[redis.Redis, str] | None = None
         """The namespace's ``up`` key and this run's token in it (an external Redis only)."""
         self.echo = echo
@@ -182,17 +187,24 @@ class Supervisor:
                        for site, url in self.urls.items()}
             keys = Keys(self.settings.namespace)
             deadline = None if duration is None else time.monotonic() + duration
-            while not self._stopping and (deadline is None or time.monotonic() < deadline):
-                dead = [(n, p) for n, p in self.children if p.poll() is not None]
-                if dead:
-                    for name, proc in dead:
-                        self.echo(f"{name} exited with {proc.returncode}; its log:\n"
-                                  f"{self._tail(name)}")
-                    status = 1
-                    break
-                self.echo(self._status(clients, keys))
-                self._renew_claim()
-                time.sleep(min(1.0, max(0.0, (deadline or float("inf")) - time.monotonic())))
+            live = LiveView(self.settings.namespace) if self.live else None
+            with live if live is not None else contextlib.nullcontext():
+                while not self._stopping and (deadline is None or time.monotonic() < deadline):
+                    dead = [(n, p) for n, p in self.children if p.poll() is not None]
+                    if dead:
+                        if live is not None:
+                            live.stop()
+                        for name, proc in dead:
+                            self.echo(f"{name} exited with {proc.returncode}; its log:\n"
+                                      f"{self._tail(name)}")
+                        status = 1
+                        break
+                    if live is not None:
+                        live.show(self._reports(clients, keys))
+                    else:
+                        self.echo(self._status(clients, keys))
+                    self._renew_claim()
+                    time.sleep(min(1.0, max(0.0, (deadline or float("inf")) - time.monotonic())))
             for client in clients.values():
                 client.close()
         finally:
@@ -201,6 +213,19 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return status
+
+    def _reports(self, clients: dict[str, redis.Redis], keys: Keys) -> dict[str, Any]:
+        """Each site's cluster report with its members and policy states (None: unreachable)."""
+        out: dict[str, Any] = {}
+        for site, client in clients.items():
+            try:
+                report = cluster_report(client, keys)
+                report["members"] = members_report(client, keys)
+                report["policy"] = {r["peer_id"]: r["state"] for r in PolicyStore(client, keys).status()}
+                out[site] = report
+            except redis.RedisError:
+                out[site] = None
+        return out
 
     def _status(self, clients: dict[str, redis.Redis], keys: Keys) -> str:
         """One status line per site (``site: ...`` prefixed when there are several)."""

@@ -201,3 +201,34 @@ def test_structured_logs_are_one_json_object_per_line(procs: Processes, redis_ur
     text_records = [line for line in procs.log(worker).splitlines()
                     if re.match(r"^\[\d{4}-\d\d-\d\d [\d:,]+: (INFO|WARNING|ERROR)/", line)]
     assert not text_records, text_records  # every log record is JSON (the banner is not a record)
+
+
+@pytest.mark.timeout(90)
+def test_sidecar_up_on_a_terminal_draws_a_live_view() -> None:
+    import pty
+    import select
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env.update(PYTHONUNBUFFERED="1", COLUMNS="160", LINES="50", TERM="xterm")
+    sidecar = str(VENV_BIN / "sidecar")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `sidecar up` with a terminal for its stdout
+        os.execve(sidecar, [sidecar, "up", "--duration", "6"], env)
+    out = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+    assert os.waitstatus_to_exitcode(status) == 0, text[-3000:]
+    assert "sidecar up · namespace" in text and "routed/s" in text, text[-3000:]
+    assert "★" in text, text[-3000:]  # the demo's leader, marked in the peers table
+    assert_nothing_left(text)
