@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,14 @@ def request_entry(client: Any, stream: str, message_id: str) -> dict[str, str]:
         if fields.get("i") == message_id:
             return dict(fields)
     return {}
+
+
+def serve_http(server: Any) -> Iterator[str]:
+    """Serve ``server`` (an http.server) from a thread; yields its base URL, then shuts it down."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -22,7 +22,7 @@ from coordinator.routing.rejections import deadletter_entry
 from coordinator.settings import Settings
 from ops.dashboard import make_server
 from tests.e2e.election_peer import start_peer, start_sidecar, stop_all
-from tests.support import Peer, Processes, sidecar_env, wait_for
+from tests.support import Peer, Processes, serve_http, sidecar_env, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -31,13 +31,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def dashboard(redis_url: str, namespace: str) -> Iterator[str]:
     server = make_server(Settings(redis_url=redis_url, namespace=namespace,
                                   dashboard_user="ops", dashboard_password="pa55word"))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    for base in serve_http(server):
+        yield base + "/"
 
 
 class Traffic:

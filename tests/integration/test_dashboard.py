@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 
 import pytest
 import redis
@@ -18,16 +16,7 @@ from coordinator.errors import ConfigurationError
 from coordinator.keys import Keys
 from coordinator.settings import Settings
 from ops.dashboard import make_server
-
-
-def serve(server: ThreadingHTTPServer) -> Iterator[str]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+from tests.support import serve_http as serve
 
 
 @pytest.fixture

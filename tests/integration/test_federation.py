@@ -45,6 +45,17 @@ def site(redis_url: str, nats_url: str, namespace: str, name: str, **more: Any) 
     return Settings(redis_url=redis_url, nats_url=nats_url, namespace=namespace, site=name, **more)
 
 
+def sites_ab(first: RedisServer, second: RedisServer, nats_server: NatsServer, namespace: str,
+             **more: Any) -> tuple[Settings, Settings]:
+    """Sites ``a`` (on ``first``) and ``b`` (on ``second``) of one NATS, with settings ``more``."""
+    return (site(first.url, nats_server.url, namespace, "a", **more),
+            site(second.url, nats_server.url, namespace, "b", **more))
+
+
+LEADER_TIMING = {"heartbeat_interval": 0.2, "member_ttl": 1.0, "router_lease": 0.6}
+"""Short timings for the tests of leadership across sites."""
+
+
 @pytest.fixture
 def two(redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
         namespace: str) -> tuple[Settings, Settings]:
@@ -204,9 +215,7 @@ async def test_bad_messages_on_nats_are_dead_lettered_and_the_bridge_goes_on(
 async def test_one_leader_across_sites_and_a_new_one_when_it_goes(
         redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
         namespace: str) -> None:
-    timing = {"heartbeat_interval": 0.2, "member_ttl": 1.0, "router_lease": 0.6}
-    a = site(redis_server.url, nats_server.url, namespace, "a", **timing)
-    b = site(second_redis.url, nats_server.url, namespace, "b", **timing)
+    a, b = sites_ab(redis_server, second_redis, nats_server, namespace, **LEADER_TIMING)
     async with running_sites(a, b) as sidecars, AsyncExitStack() as stack:
         everyone = await peers(stack, a, a, b, b)
 
@@ -245,10 +254,9 @@ class Believer(Peer):
 async def test_a_site_cut_off_from_nats_fences_its_leader_before_another_site_takes_over(
         redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
         namespace: str) -> None:
-    timing = {"heartbeat_interval": 0.2, "member_ttl": 1.0, "router_lease": 0.6}
     proxy = FaultProxy(nats_server.port)
-    a = site(redis_server.url, f"nats://127.0.0.1:{proxy.port}", namespace, "a", **timing)
-    b = site(second_redis.url, nats_server.url, namespace, "b", **timing)
+    a = site(redis_server.url, f"nats://127.0.0.1:{proxy.port}", namespace, "a", **LEADER_TIMING)
+    b = site(second_redis.url, nats_server.url, namespace, "b", **LEADER_TIMING)
     local: list[Message] = []
     try:
         async with running_sites(a, b), AsyncExitStack() as stack:

@@ -19,7 +19,7 @@ from coordinator.federation.bridge import _Cursor, _Gap
 from coordinator.federation.directory import ClusterElection, Directory, LeaderRecord
 from mixin import Message
 from ops.embedded import NatsServer, RedisServer
-from tests.integration.test_federation import peers, running_sites, site
+from tests.integration.test_federation import LEADER_TIMING, peers, running_sites, site, sites_ab
 from tests.support import Peer, async_wait_for
 
 
@@ -35,8 +35,7 @@ def test_a_cursor_skips_repeats_counts_discards_and_refuses_gaps() -> None:
 async def test_deleted_consumer_and_stream_are_made_again_and_nothing_is_lost_or_repeated(
         redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
         namespace: str) -> None:
-    a = site(redis_server.url, nats_server.url, namespace, "a", router_lease=1.5)
-    b = site(second_redis.url, nats_server.url, namespace, "b", router_lease=1.5)
+    a, b = sites_ab(redis_server, second_redis, nats_server, namespace, router_lease=1.5)
     keys = Keys(namespace)
     got: list[Message] = []
     nc = await nats.connect(nats_server.url)
@@ -128,9 +127,7 @@ async def test_a_deleted_leader_record_never_sends_the_term_back(
 async def test_a_site_whose_bridge_stops_fences_its_leader_and_the_other_site_takes_over(
         redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
         namespace: str) -> None:
-    timing = {"heartbeat_interval": 0.2, "member_ttl": 1.0, "router_lease": 0.6}
-    a = site(redis_server.url, nats_server.url, namespace, "a", **timing)
-    b = site(second_redis.url, nats_server.url, namespace, "b", **timing)
+    a, b = sites_ab(redis_server, second_redis, nats_server, namespace, **LEADER_TIMING)
     async with running_sites(a, b) as sidecars, AsyncExitStack() as stack:
         pa = await stack.enter_async_context(Peer(settings=a))
         await async_wait_for(lambda: pa.is_leader, timeout=20, what="a leader on site a")
@@ -163,8 +160,7 @@ def test_the_sweep_leaves_a_silent_bridge_member_and_its_subscriptions(
 async def test_a_new_site_never_replays_what_came_before_it_even_after_a_restart(
         redis_server: RedisServer, second_redis: RedisServer, nats_server: NatsServer,
         namespace: str) -> None:
-    a = site(redis_server.url, nats_server.url, namespace, "a", router_lease=1.5)
-    b = site(second_redis.url, nats_server.url, namespace, "b", router_lease=1.5)
+    a, b = sites_ab(redis_server, second_redis, nats_server, namespace, router_lease=1.5)
     keys = Keys(namespace)
     async with running_sites(a), AsyncExitStack() as stack:
         (pa,) = await peers(stack, a)
