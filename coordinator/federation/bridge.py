@@ -96,6 +96,8 @@ _ACK_TIMEOUT = 5.0
 
 _PLAIN_QUEUE = "sidecar-bridges"
 """Queue group of every bridge on ``<namespace>.>``: one of them takes each plain client message."""
+_PASSED_EVERY = 1000
+"""Stream messages a bridge reads past (this site's own) before recording them as done."""
 _IN_FLIGHT = 8
 """Batches a bridge has published and not yet seen acknowledged, at most."""
 
@@ -195,6 +197,8 @@ class Bridge(StatusMixin):
         self._leading: LeaderRecord | None = None
         """The namespace's leader while it is on this site (see _fence_unconfirmed)."""
         self._confirmed_at = 0.0
+        self._recorded = 0
+        """The stream sequence last recorded here as done (see _deliver_batch)."""
         self._term_seen = 0
         """The highest cluster leader term this bridge has seen."""
         self._tally = [0, 0]
@@ -727,8 +731,13 @@ class Bridge(StatusMixin):
             await self._deliver(entries)
             self.imported += len(entries)
         last = fresh[-1].metadata.sequence.stream if fresh else 0
-        if last and (not entries or entries[-1].get("q") != str(last)):
-            await self._passed(last)  # the last of them was this site's own, or refused
+        if entries and entries[-1].get("q") == str(last):
+            self._recorded = last  # (publish.lua recorded it with the delivery)
+        elif last >= self._recorded + _PASSED_EVERY:
+            # the last of them was this site's own, or refused: recorded now and then, not per
+            # batch (every site reads its own messages back), so a restart re-reads a bounded few
+            await self._passed(last)
+            self._recorded = last
         await msgs[-1].ack()  # acknowledges every message up to it (AckPolicy.ALL)
 
     async def _consumer(self, callback: Any) -> tuple[Any, _Cursor]:
@@ -763,6 +772,7 @@ class Bridge(StatusMixin):
         subscription = await self._js.subscribe(self.keys.stream_subject(">"), durable=durable,
                                                 stream=stream, cb=callback, manual_ack=True,
                                                 config=config, pending_msgs_limit=-1)
+        self._recorded = applied or 0
         return subscription, _Cursor(0 if applied is None else applied + 1)
 
     async def _applied(self, stream: Any) -> int | None:
