@@ -19,9 +19,10 @@ import redis
 
 from coordinator.clock import time_reply_ms
 from coordinator.cluster.duty_loop import DutyLoop
-from coordinator.cluster.membership import Membership
+from coordinator.cluster.membership import Membership, parse_subscription
 from coordinator.federation.directory import parse_site
 from coordinator.keys import Keys
+from coordinator.protocol import INTERNAL_SUBSCRIPTIONS
 from coordinator.routing.router import Router
 from coordinator.settings import Settings
 from coordinator.status import StatusField, StatusMixin
@@ -37,7 +38,7 @@ class ClusterSidecar(StatusMixin):
 
     managed_peers = StatusField[list[str]](default_factory=list,
                                            doc="peers registered through this sidecar")
-    active_subscriptions = StatusField(0, doc="subscriptions in the cluster's index")
+    active_subscriptions = StatusField(0, doc="peers' subscriptions (their internal ones apart)")
     cluster_size = StatusField(0, doc="live members (of every reachable site, with federation on)")
     leader_id = StatusField[str | None](None, doc="current leader, if any")
     leader_term = StatusField(0, doc="term of the current leader (the fencing token)")
@@ -115,7 +116,7 @@ class ClusterSidecar(StatusMixin):
         """Read the cluster figures from Redis into the status fields."""
         pipe = self.client.pipeline(transaction=False)
         pipe.time()
-        pipe.hlen(self.keys.subs)
+        pipe.hkeys(self.keys.subs)
         pipe.hmget(self.keys.leader, "id", "term")
         pipe.zrange(self.keys.members, 0, -1, withscores=True)
         pipe.hgetall(self.keys.sites)
@@ -128,7 +129,8 @@ class ClusterSidecar(StatusMixin):
             self.cluster_size = sum(len(s["members"]) for s in self.sites.values() if s["reachable"])
         else:
             self.cluster_size = len(seen)
-        self.active_subscriptions = int(subs)
+        self.active_subscriptions = sum(  # a peer's own bookkeeping subscriptions apart
+            1 for field in subs if parse_subscription(field)[1] not in INTERNAL_SUBSCRIPTIONS)
         self.leader_id = leader or None
         self.leader_term = int(term or 0)
         self.members = seen

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -79,6 +79,8 @@ class SidecarLink:
         self.on_rejoin = on_rejoin
         self.on_heartbeat = on_heartbeat
         self.on_connected: Callable[[bool], None] | None = None
+        self.status_source: Callable[[], Mapping[str, Any]] | None = None
+        """The peer's status fields, sent with each heartbeat so operators see them."""
         self._connected = False
         self.member_info: dict[str, Any] = {}
         self.extra: Any = None
@@ -348,15 +350,19 @@ class SidecarLink:
         """Stamp our membership now; returns (leader id, term). Re-registers if we were evicted."""
         if extra is not None:
             self.extra = extra
+        fields: dict[str, str] = {} if extra is None else {"x": dumps(extra)}
+        if self.status_source is not None:  # the peer's status fields, for operators
+            fields["st"] = dumps(dict(self.status_source()))
         if self.signer is not None:  # authenticated mode: only the router may run scripts
             wait = self.settings.member_ttl
             sent = time.time()
-            reply = await (self.request("hb", timeout=wait) if extra is None
-                           else self.request("hb", timeout=wait, x=dumps(extra)))
+            reply = await self.request("hb", timeout=wait, x=fields.get("x", ""),
+                                       st=fields.get("st", ""))
             status, leader, term = reply.get("status"), reply.get("leader", ""), reply.get("term", "0")
             now = reply.get("now", "")
         else:
-            keys, args = heartbeat_call(self.keys, self.peer_id, extra)
+            keys, args = heartbeat_call(self.keys, self.peer_id, extra,
+                                        status=fields.get("st", ""))
             try:
                 sent = time.time()
                 status, now, leader, term = await self.scripts.heartbeat(keys=keys, args=args)

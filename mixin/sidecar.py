@@ -135,11 +135,14 @@ class SidecarMixin(Lifecycle):
                                  on_rejoin=self._resubscribe, on_heartbeat=self._on_heartbeat,
                                  logger=getattr(self, "logger", None), secret=self._secret)
         self._link.on_connected = self._on_connected
+        snapshot = getattr(self, "status_snapshot", None)  # StatusMixin's, when the peer has it
+        self._link.status_source = snapshot if callable(snapshot) else None
         # Messages that waited in the inbox while this peer was away arrive before its handlers are
         # back; they are parked (unacknowledged) for a grace period and handed to the handlers as
         # they subscribe again, in order.
         self._park_until = time.monotonic() + max(10.0, 2 * self.sidecar_settings.request_timeout)
-        info = {"role": self.role, "labels": self.labels, "priority": self.priority,
+        info = {"name": type(self).__name__, "role": self.role, "labels": self.labels,
+                "priority": self.priority,
                 "eligible": self.leader_eligible, "incarnation": str(time.time_ns()),
                 "pid": os.getpid()}
         try:

@@ -22,6 +22,7 @@ from coordinator.topics import check_publish_topic
 from ops.report import (
     cluster_report,
     inbox_report,
+    leadership_report,
     members_report,
     recent_events,
     sites_report,
@@ -96,6 +97,23 @@ def up(obj: Context, duration: float | None, peers: bool, flower: bool, dashboar
     sys.exit(status)
 
 
+def _member_line(m: dict[str, Any], *, full: bool = False) -> str:
+    """One member on one line: id, name, role, leader mark, policy state, inbox, last heartbeat;
+    with ``full`` also labels, priority and the peer's status fields and heartbeat payload."""
+    lag = "?" if m["inbox_lag"] is None else m["inbox_lag"]
+    line = (f"{m['id']} {m['name'] or '-':<14} {m['role']:<10}{' LEADER' if m['leader'] else ''} "
+            f"policy={m['policy_state']} inbox={m['inbox_length']} lag={lag} "
+            f"drops={m['inbox_drops']} last_seen={m['last_seen_s']}s")
+    if full:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(m["labels"].items()))
+        line += f" prio={m['priority']} eligible={m['eligible']}" + (f" labels={labels}" if labels else "")
+        if m["status"]:
+            line += " status=" + json.dumps(m["status"], sort_keys=True, separators=(",", ":"))
+        if m["extra"] is not None:
+            line += " extra=" + json.dumps(m["extra"], sort_keys=True, separators=(",", ":"))
+    return line
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
@@ -109,9 +127,7 @@ def status(obj: Context, as_json: bool) -> None:
     lines += [f"site {name}: {s['members']} members, leader {s['leader'] or 'none'}, "
               + ("reachable" if s["reachable"] else "NOT REACHABLE")
               for name, s in report["sites"].items()]
-    lines += [f"  {m['id']} {m['role']:<10} last seen {m['last_seen_s']}s ago"
-              + (f", inbox dropped {m['inbox_drops']}" if m["inbox_drops"] else "")
-              for m in report["members"]]
+    lines += [f"  {_member_line(m)}" for m in report["members"]]
     _emit(report, as_json, "\n".join(lines))
 
 
@@ -122,9 +138,7 @@ def peers(obj: Context, as_json: bool) -> None:
     """Live members with role, priority, last heartbeat and inbox drops; with federation on, the
     members of the other sites too (as this site's bridge last heard them)."""
     rows = members_report(obj.client(), obj.keys)
-    text = "\n".join(f"{m['id']} {m['role']:<10} prio={m['priority']} eligible={m['eligible']} "
-                     f"last_seen={m['last_seen_s']}s drops={m['inbox_drops']}" for m in rows
-                     ) or "(no members)"
+    text = "\n".join(_member_line(m, full=True) for m in rows) or "(no members)"
     sites = sites_report(obj.client(), obj.keys)
     own = str(obj.client().get(obj.keys.site_name) or obj.settings.site or "")
     others = [{"id": peer, "role": role, "site": name, "reachable": site["reachable"]}
@@ -143,10 +157,11 @@ def peers(obj: Context, as_json: bool) -> None:
 def leader(obj: Context, as_json: bool) -> None:
     """Current leader, term, and the latest leadership and membership events."""
     report = cluster_report(obj.client(), obj.keys)
-    data = {"leader_id": report["leader_id"], "term": report["leader_term"],
-            "events": recent_events(obj.client(), obj.keys)}
-    text = f"leader {data['leader_id'] or 'none'} term {data['term']}\n" + "\n".join(
-        " ".join(f"{k}={v}" for k, v in e.items()) for e in data["events"])
+    data = {"leader_id": report["leader_id"], "leader_term": report["leader_term"],
+            "history": leadership_report(obj.client(), obj.keys)}
+    text = f"leader {data['leader_id'] or 'none'} term {data['leader_term']}\n" + "\n".join(
+        f"term {h['leader_term']}: {h['leader_id'] or 'none'} (after {h['previous'] or 'none'}, "
+        f"{h['reason'] or '?'})" for h in data["history"])
     _emit(data, as_json, text)
 
 
@@ -216,9 +231,10 @@ def publish(obj: Context, topic: str, data: str) -> None:
             return await peer.cluster_publish(topic, payload)
 
     try:
-        click.echo(asyncio.run(go()))
+        message_id = asyncio.run(go())
     except SidecarError as exc:
         raise click.ClickException(str(exc)) from None
+    click.echo(f"published to {topic}: message id {message_id}")
 
 
 @cli.command()

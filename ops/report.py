@@ -2,45 +2,109 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
 from coordinator.clock import redis_ms
+from coordinator.cluster.membership import parse_subscription
 from coordinator.federation.directory import parse_site
 from coordinator.keys import PEER_GROUP, Keys
+from coordinator.leases import LeaseToken
+from coordinator.policy.store import PolicyStore
+from coordinator.protocol import INTERNAL_SUBSCRIPTIONS
 
-__all__ = ["cluster_report", "inbox_report", "members_report", "recent_events", "sites_report",
-           "subscriptions_report"]
+__all__ = ["cluster_report", "inbox_report", "leadership_report", "members_report", "recent_events",
+           "sites_report", "subscriptions_report", "workers_report"]
+
+
+def _json_field(text: Any) -> Any:
+    """A member hash field written as JSON, decoded (None when absent, the text when not JSON)."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
-    """Every live member with role, priority, eligibility, seconds since its last heartbeat and the
-    messages its full inbox dropped or refused."""
+    """Every live member: its class name, role, labels, priority and eligibility, seconds since its
+    last heartbeat, whether it leads, its policy state (SYNCED / STALE / NACKED, or NONE while no
+    policy is set), its inbox (length, lag: not read yet, pending: read and not acknowledged,
+    drops), its own status fields and its last ``publish_heartbeat`` payload (``extra``)."""
     now = redis_ms(client)
     members = client.zrange(keys.members, 0, -1, withscores=True)
     pipe = client.pipeline(transaction=False)
     for peer, _ in members:
         pipe.hgetall(keys.member(peer))
+        pipe.xlen(keys.responses(peer))
+        pipe.xinfo_groups(keys.responses(peer))
     pipe.hgetall(keys.inbox_drops)
-    *records, drops = pipe.execute()
+    pipe.hget(keys.leader, "id")
+    *replies, drops, leader = pipe.execute(raise_on_error=False)
+    policy = {row["peer_id"]: row for row in PolicyStore(client, keys).status()}
     out = []
-    for (peer, seen), rec in zip(members, records, strict=True):
-        extra: Any = rec.get("extra")
-        if extra:
-            with contextlib.suppress(ValueError):
-                extra = json.loads(extra)
+    for n, (peer, seen) in enumerate(members):
+        rec, held, groups = replies[3 * n: 3 * n + 3]
+        rec = {} if isinstance(rec, Exception) else rec
+        lag, pending = None, 0
+        for group in () if isinstance(groups, Exception) else groups:
+            if group.get("name") == PEER_GROUP:
+                pending = int(group.get("pending") or 0)
+                lag = None if group.get("lag") is None else int(group["lag"])
+        state = policy.get(peer, {})
         out.append({
             "id": peer,
+            "name": rec.get("name") or None,
             "role": rec.get("role", ""),
+            "labels": _json_field(rec.get("labels")) or {},
             "priority": int(rec.get("priority", 0) or 0),
             "eligible": rec.get("eligible", "1") == "1",
+            "leader": peer == leader,
             "last_seen_s": round(max(0, now - seen) / 1000, 3),
             "joined_s_ago": round(max(0, now - int(rec.get("joined", now) or now)) / 1000, 1),
+            "policy_state": state.get("state", "NONE"),
+            "policy_version": state.get("applied"),
+            "inbox_length": 0 if isinstance(held, Exception) else int(held),
+            "inbox_lag": lag,
+            "inbox_pending": pending,
             "inbox_drops": int(drops.get(peer, 0) or 0),
-            "extra": extra,
+            "status": _json_field(rec.get("status")) or {},
+            "extra": _json_field(rec.get("extra")),
         })
     return out
+
+
+def workers_report(client: Any, keys: Keys, partitions: int) -> dict[str, Any]:
+    """The sidecar's own processes: each router with the partitions whose lease it holds and when
+    it last checked in, who holds each partition's lease and for how long still, and the beat's
+    and the bridge's leases (holder name, pid and seconds left)."""
+    now = redis_ms(client)
+    pipe = client.pipeline(transaction=False)
+    pipe.zrange(keys.routers, 0, -1, withscores=True)
+    for p in range(partitions):
+        pipe.get(keys.router_lease(p))
+        pipe.pttl(keys.router_lease(p))
+    for key in (keys.beat_lease, keys.bridge_lease):
+        pipe.get(key)
+        pipe.pttl(key)
+    routers, *leases = pipe.execute()
+
+    def holder(token: Any, ttl: Any) -> dict[str, Any] | None:
+        parsed = LeaseToken.parse(token)
+        if parsed is None:
+            return None
+        return {"name": parsed.name, "pid": parsed.pid,
+                "expires_in_s": round(int(ttl) / 1000, 3) if int(ttl) >= 0 else None}
+
+    held = [holder(leases[2 * p], leases[2 * p + 1]) for p in range(partitions)]
+    rows = [{"name": str(name), "checked_in_s_ago": round(max(0, now - score) / 1000, 3),
+             "partitions": [p for p, h in enumerate(held) if h and h["name"] == str(name)]}
+            for name, score in routers]
+    return {"routers": rows,
+            "partitions": [{"partition": p, "holder": h} for p, h in enumerate(held)],
+            "beat": holder(leases[-4], leases[-3]),
+            "bridge": holder(leases[-2], leases[-1])}
 
 
 def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
@@ -49,7 +113,7 @@ def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
     pipe = client.pipeline(transaction=False)
     pipe.zcard(keys.members)
     pipe.hgetall(keys.leader)
-    pipe.hlen(keys.subs)
+    pipe.hkeys(keys.subs)
     pipe.hgetall(keys.stats)
     pipe.zrange(keys.routers, 0, -1)
     pipe.xlen(keys.deadletter)
@@ -63,7 +127,7 @@ def cluster_report(client: Any, keys: Keys) -> dict[str, Any]:
         "cluster_size": int(size),
         "leader_id": leader.get("id") or None,
         "leader_term": int(leader.get("term", 0) or 0),
-        "active_subscriptions": int(subs),
+        "active_subscriptions": sum(1 for row in _subscriptions(subs) if not row["internal"]),
         "routers": list(routers),
         "routed": int(stats.get("routed", 0)),
         "delivered": int(stats.get("delivered", 0)),
@@ -87,20 +151,47 @@ def sites_report(client: Any, keys: Keys) -> dict[str, dict[str, Any]]:
     return {str(k): parse_site(v) for k, v in sorted(client.hgetall(keys.sites).items())}
 
 
-def recent_events(client: Any, keys: Keys, count: int = 20) -> list[dict[str, str]]:
-    """The latest membership and leadership events, newest last."""
+def recent_events(client: Any, keys: Keys, count: int = 20) -> list[dict[str, Any]]:
+    """The latest membership and leadership events, newest last: ``id``, ``at_ms`` (Redis time),
+    ``event`` (joined / left / leader) and its fields; a leadership event names ``leader_id``,
+    ``leader_term`` (an int, as everywhere) and the ``previous`` leader."""
     entries = client.xrevrange(keys.events, count=count)
-    return [{"id": eid, **fields} for eid, fields in reversed(entries)]
+    out = []
+    for eid, fields in reversed(entries):
+        row: dict[str, Any] = {"id": eid, "at_ms": int(str(eid).partition("-")[0])}
+        for name, value in fields.items():
+            if name == "term":
+                row["leader_term"] = int(value or 0)
+            elif name == "leader":
+                row["leader_id"] = value
+            else:
+                row[name] = value
+        out.append(row)
+    return out
 
 
-def subscriptions_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
-    """Every subscription: pattern, queue group (None: a plain one) and peer, sorted."""
+def leadership_report(client: Any, keys: Keys, count: int = 1000) -> list[dict[str, Any]]:
+    """Leader and term history, newest last: each term with its leader, when it began (Redis ms),
+    the leader before it and why the leadership moved (from the latest ``count`` events)."""
+    return [{"leader_term": e["leader_term"], "leader_id": e.get("leader_id") or None,
+             "previous": e.get("previous") or None, "reason": e.get("reason") or None,
+             "at_ms": e["at_ms"]}
+            for e in recent_events(client, keys, count) if e.get("event") == "leader"]
+
+
+def _subscriptions(fields: Any) -> list[dict[str, Any]]:
     rows = []
-    for field in client.hkeys(keys.subs):
-        peer, _, rest = str(field).partition(" ")
-        pattern, _, queue = rest.partition(" ")
-        rows.append({"pattern": pattern, "queue": queue or None, "peer": peer})
+    for field in fields:
+        peer, pattern, queue = parse_subscription(field)
+        rows.append({"pattern": pattern, "queue": queue or None, "peer": peer,
+                     "internal": pattern in INTERNAL_SUBSCRIPTIONS})
     return sorted(rows, key=lambda r: (r["pattern"], r["queue"] or "", r["peer"]))
+
+
+def subscriptions_report(client: Any, keys: Keys, *, internal: bool = False) -> list[dict[str, Any]]:
+    """Every subscription: pattern, queue group (None: a plain one) and peer, sorted; the ones each
+    peer makes for its own bookkeeping (``cluster.leader``) only with ``internal``."""
+    return [row for row in _subscriptions(client.hkeys(keys.subs)) if internal or not row["internal"]]
 
 
 def inbox_report(client: Any, keys: Keys, peer: str) -> dict[str, Any] | None:

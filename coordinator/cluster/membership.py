@@ -18,8 +18,8 @@ from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.protocol import dumps
 from coordinator.scripts import scripts_for
 
-__all__ = ["Membership", "elect_call", "heartbeat_call", "leave_call", "member_fields", "register_call",
-           "subscribe_call"]
+__all__ = ["Membership", "elect_call", "heartbeat_call", "leave_call", "member_fields",
+           "parse_subscription", "register_call", "subscribe_call", "subscription_field"]
 
 Call = tuple[list[str], list[Any]]
 
@@ -34,10 +34,11 @@ def member_fields(peer_id: str, info: Mapping[str, Any]) -> tuple[str, list[str]
     eligible = bool(info.get("eligible", True))
     incarnation = str(info.get("incarnation", "0"))
     roles = info.get("roles") or [role]
+    name = str(info.get("name", ""))[:64]
     event = dumps({"peer_id": peer_id, "role": role, "labels": dict(labels), "priority": priority})
     pairs = ["role", role, "labels", dumps(dict(labels)), "priority", str(priority),
              "eligible", "1" if eligible else "0", "incarnation", incarnation,
-             "roles", dumps(list(roles))]
+             "roles", dumps(list(roles)), "name", name]
     return event, pairs
 
 
@@ -57,6 +58,18 @@ def register_call(keys: Keys, peer_id: str, info: Mapping[str, Any], *, token: s
     return ks, args
 
 
+def subscription_field(peer_id: str, pattern: str, queue: str = "") -> str:
+    """The subscriptions hash's field for one subscription: ``<peer> <pattern>[ <queue>]``."""
+    return f"{peer_id} {pattern} {queue}" if queue else f"{peer_id} {pattern}"
+
+
+def parse_subscription(field: str) -> tuple[str, str, str]:
+    """``(peer, pattern, queue)`` of a subscriptions hash field (queue '' for a plain one)."""
+    peer, _, rest = str(field).partition(" ")
+    pattern, _, queue = rest.partition(" ")
+    return peer, pattern, queue
+
+
 def subscribe_call(keys: Keys, peer_id: str, pattern: str, queue: str = "", *, add: bool,
                    fence: tuple[str, str], stream: str | None = None, entry_id: str = "",
                    request_id: str = "", inbox_maxlen: int = 10_000) -> Call:
@@ -65,7 +78,7 @@ def subscribe_call(keys: Keys, peer_id: str, pattern: str, queue: str = "", *, a
     the request entry to ack and the request id to reply to."""
     ks = [fence[0], keys.subs, keys.routing_version, stream or keys.requests(0),
           keys.responses(peer_id), keys.member(peer_id), keys.routes, keys.group_turns]
-    field = f"{peer_id} {pattern} {queue}" if queue else f"{peer_id} {pattern}"
+    field = subscription_field(peer_id, pattern, queue)
     args: list[Any] = [fence[1], REQUEST_GROUP, entry_id, "add" if add else "remove", field,
                        request_id, inbox_maxlen, pattern,
                        f"{peer_id} {queue}" if queue else peer_id]
@@ -100,17 +113,18 @@ def elect_call(keys: Keys, member_ttl: float, reason: str, *, mode: str = "local
 
 
 def heartbeat_call(keys: Keys, peer_id: str, extra: Any = None, *, payload: str | None = None,
-                   fence: tuple[str, str] | None = None) -> Call:
+                   status: str = "", fence: tuple[str, str] | None = None) -> Call:
     """Arguments of heartbeat.lua; ``extra`` (JSON-able) replaces the last heartbeat payload.
 
-    ``payload`` passes JSON text as it is instead (a router relaying a peer's heartbeat). With
-    ``fence`` (lease key, token) the script runs only while that router lease is the caller's.
+    ``payload`` passes JSON text as it is instead (a router relaying a peer's heartbeat);
+    ``status`` (JSON text, '' to keep the last) replaces the peer's status fields. With ``fence``
+    (lease key, token) the script runs only while that router lease is the caller's.
     """
     text = payload if payload is not None else "" if extra is None else dumps(extra)
     ks = [keys.members, keys.member(peer_id), keys.leader]
     if fence is None:
-        return ks, [peer_id, text]
-    return [*ks, fence[0]], [peer_id, text, fence[1]]
+        return ks, [peer_id, text, "", status]
+    return [*ks, fence[0]], [peer_id, text, fence[1], status]
 
 
 class Membership:

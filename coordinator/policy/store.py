@@ -109,7 +109,9 @@ class PolicyStore:
         sends = 0
         for peer in targets:
             ack = json.loads(acks[peer]) if peer in acks else {}
-            if ack.get("version") == version and ack.get("ok"):
+            if not version:
+                state = "NONE"  # no policy set yet: nothing to be in sync with
+            elif ack.get("version") == version and ack.get("ok"):
                 continue
             state = json.loads(sent[peer]) if peer in sent else {}
             same = state.get("version") == version
@@ -143,14 +145,17 @@ class PolicyStore:
         return bool(self.scripts.policy_ack(keys=keys, args=args))
 
     def status(self) -> list[dict[str, Any]]:
-        """Each live peer: SYNCED, STALE or NACKED, with version, error and when."""
+        """Each live peer: SYNCED, STALE or NACKED (NONE while no policy is set), with version,
+        error and when."""
         version = self.version()
         members = self.client.zrange(self.keys.members, 0, -1)
         acks = self.client.hgetall(self.keys.policy_acks)
         rows = []
         for peer in members:
             ack = json.loads(acks[peer]) if peer in acks else {}
-            if ack.get("version") == version and ack.get("ok"):
+            if not version:
+                state = "NONE"  # no policy set yet: nothing to be in sync with
+            elif ack.get("version") == version and ack.get("ok"):
                 state = "SYNCED"
             elif ack.get("version") == version:
                 state = "NACKED"

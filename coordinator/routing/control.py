@@ -202,7 +202,9 @@ class ControlHandler:
         """A heartbeat sent through the stream (authenticated mode: peers cannot run scripts)."""
         sender = f["s"]
         extra = f.get("x") or ""
+        status = f.get("st") or ""
         keys, args = heartbeat_call(self.keys, sender, payload=extra if _is_json(extra) else "",
+                                    status=status if _is_json(status) else "",
                                     fence=(lease, self.token))
         result = self.scripts.heartbeat(keys=keys, args=args)
         if str(result[0]) == "lost":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from coordinator.cluster.membership import parse_subscription
 from coordinator.keys import Keys
 from coordinator.topics import (
     SubscriptionIndex,
@@ -73,8 +74,7 @@ class RoutingView:
         group_members: dict[str, list[str]] = {}
         subscriptions = []
         for field in fields:
-            peer, _, rest = str(field).partition(" ")
-            pattern, _, queue = rest.partition(" ")
+            peer, pattern, queue = parse_subscription(field)
             try:
                 check_pattern(pattern)
                 if queue:

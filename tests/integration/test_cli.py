@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from coordinator.settings import Settings
 from coordinator.sidecar import ClusterSidecar
-from mixin import Message
+from coordinator.status import StatusField
+from mixin import Agent, Message, SidecarMixin
 from ops.cli import cli
 from tests.support import TEST_PEER_KEY, VENV_BIN, Peer, wait_for
 
@@ -39,24 +40,44 @@ def run(settings: Settings, *args: str) -> str:
     return result.output
 
 
+class Metronome(Agent, SidecarMixin):
+    """A peer with a status field of its own, as the seed's examples have."""
+
+    tempo = StatusField(120)
+
+
 def test_read_commands_report_the_cluster(settings: Settings, sidecar: ClusterSidecar) -> None:
     async def scenario() -> str:
-        async with Peer(namespace=settings.namespace, settings=settings, role="tester") as peer:
+        async with Metronome(namespace=settings.namespace, settings=settings, role="tester",
+                             labels={"zone": "a"}) as peer:
             await peer.cluster_subscribe("a.>", lambda m: None)
+            peer.tempo = 96
+            await peer.publish_heartbeat({"load": 0.5})
             status = json.loads(run(settings, "status", "--json"))
             assert status["cluster_size"] == 1
-            assert status["active_subscriptions"] >= 1
+            assert status["active_subscriptions"] == 1  # what it subscribed, not its bookkeeping
             assert status["data_path"] == "direct"  # unsigned, not enforced: no router hop
             assert [m["id"] for m in status["members"]] == [peer.id]
             peers = json.loads(run(settings, "peers", "--json"))
-            assert peers[0]["role"] == "tester"
+            (row,) = peers
+            assert (row["role"], row["name"], row["labels"]) == ("tester", "Metronome", {"zone": "a"})
+            assert row["status"]["tempo"] == 96 and row["status"]["sidecar_connected"] is True
+            assert row["extra"] == {"load": 0.5}
+            assert row["policy_state"] == "NONE"  # no policy set: nothing to be stale against
+            assert row["inbox_length"] >= 0 and row["inbox_drops"] == 0
+            text = run(settings, "peers")
+            assert "Metronome" in text and '"tempo":96' in text and "policy=NONE" in text
+            subs = json.loads(run(settings, "subscriptions", "--json"))
+            assert [(r["pattern"], r["peer"]) for r in subs] == [("a.>", peer.id)]
             return peer.id
 
     peer_id = asyncio.run(scenario())
+    events = json.loads(run(settings, "events", "--json"))
+    assert [e["event"] for e in events][:2] == ["joined", "left"], events
+    assert all(e["peer"] == peer_id and isinstance(e["at_ms"], int) for e in events[:2])
     leader = json.loads(run(settings, "leader", "--json"))
-    events = [e["event"] for e in leader["events"]]
-    assert events[:2] == ["joined", "left"], events
-    assert any(e.get("peer") == peer_id for e in leader["events"])
+    assert set(leader) == {"leader_id", "leader_term", "history"}
+    assert all(isinstance(h["leader_term"], int) for h in leader["history"])
 
 
 def test_publish_reaches_a_subscriber(settings: Settings, sidecar: ClusterSidecar) -> None:
@@ -76,7 +97,7 @@ def test_publish_reaches_a_subscriber(settings: Settings, sidecar: ClusterSideca
     thread.start()
     assert ready.wait(20)
     out = run(settings, "publish", "conductor.set_tempo", '{"tempo": 90}')
-    assert out.strip()  # the request's stream id
+    assert out.startswith("published to conductor.set_tempo: message id ")
     thread.join(20)
     assert done.is_set()
     assert got[0].data == {"tempo": 90}
