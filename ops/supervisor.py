@@ -161,7 +161,7 @@ class Supervisor:
                                       "--port", str(port)], env)
             self.echo(f"dashboard on http://127.0.0.1:{port}/ (and /api/status, /metrics)")
         if self.with_peers:
-            demo = [py, "-m", "examples.sidecar_conductor"]
+            demo = [py, "-m", "ops.demo"]
             if self.sites == 1:
                 self._spawn("conductor", [*demo, "conductor"], env)
                 self._spawn("follower-1", [*demo, "follower", "--nudge-every", "5"], env)
