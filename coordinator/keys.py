@@ -224,6 +224,17 @@ class Keys:
     def stats(self) -> str:
         return self._p + "stats"
 
+    @property
+    def histograms(self) -> str:
+        """Routers' batch sizes and fan-out latencies, per bucket (coordinator.histogram)."""
+        return self._p + "histograms"
+
+    @property
+    def bridge_traffic(self) -> str:
+        """Messages the site's bridge sent to NATS (``exported``) and delivered here from each
+        other site (``imported <site>``)."""
+        return self._p + "bridge.traffic"
+
     # policies
     @property
     def policy_docs(self) -> str:

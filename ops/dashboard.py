@@ -1,24 +1,38 @@
-"""``sidecar dashboard``: a small read-only web page of the cluster (stdlib HTTP server).
+"""``sidecar dashboard``: a live web page of the cluster, served by Tornado (which Flower brings).
 
-Serves ``/`` (a page that asks the JSON API every second and draws a chart of the message
-rates), ``/api/status`` (cluster report with members), ``/api/policy`` (rollout status) and
-``/api/events`` as JSON, and ``/metrics`` for Prometheus
-(:mod:`ops.metrics`). It listens on loopback unless credentials are set; with credentials every
-request needs HTTP basic auth.
+``/`` is a page that asks the JSON API every second and draws what it gets (no full reloads):
+``/api/status`` (cluster report with every member), ``/api/policy`` (rollout status),
+``/api/events`` (membership and leadership events), ``/api/leadership`` (leader and term
+history), ``/api/workers`` (routers with their partitions, and the leases of the routers, the beat
+and the bridge), ``/api/subscriptions`` and ``/api/deadletters``; ``/metrics`` serves Prometheus
+(:mod:`ops.metrics`).
+
+It listens on loopback unless credentials are set; with credentials every request needs HTTP
+basic auth. The one change it makes, replaying a dead letter, also needs credentials and is refused
+cross-site (a POST with a custom header no form can send, from this server's own origin).
+
+Redis is read with the blocking client on Tornado's thread pool, so a slow Redis slows an answer,
+never the server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import html
 import ipaddress
 import json
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.errors import ConfigurationError
@@ -27,9 +41,16 @@ from coordinator.policy.store import PolicyStore
 from coordinator.routing.rejections import DeadLetters
 from coordinator.settings import Settings
 from ops.metrics import registry
-from ops.report import cluster_report, members_report, recent_events, subscriptions_report
+from ops.report import (
+    cluster_report,
+    leadership_report,
+    members_report,
+    recent_events,
+    subscriptions_report,
+    workers_report,
+)
 
-__all__ = ["make_server"]
+__all__ = ["Dashboard", "make_server"]
 
 _PAGE = Path(__file__).with_name("static") / "dashboard.html"
 """The page: it asks the JSON API every second and draws what it gets (no full reloads)."""
@@ -44,93 +65,177 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """A server for the dashboard; refuses a non-loopback ``host`` without credentials."""
-    user, password = settings.dashboard_user, settings.dashboard_password
-    if not _loopback(host) and not (user and password):
-        raise ConfigurationError(f"the dashboard may listen on {host} only with credentials: set "
-                                 "SIDECAR_DASHBOARD_USER and SIDECAR_DASHBOARD_PASSWORD")
-    client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
-    keys = Keys(settings.namespace)
-    metrics = registry(client, keys)
-    expected = (base64.b64encode(f"{user}:{password}".encode()).decode()
-                if user and password else None)
+class _Base(tornado.web.RequestHandler):
+    """Basic auth when credentials are set; JSON answers computed off the event loop."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # quiet; no credentials logged
+    def initialize(self, site: _Site) -> None:
+        self.site = site
+
+    def prepare(self) -> None:
+        if not self.site.authorized(self.request.headers.get("Authorization", "")):
+            self.set_header("WWW-Authenticate", 'Basic realm="sidecar"')
+            self.set_status(401)
+            self.finish("credentials required\n")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "text/plain")
+        self.finish(f"{self._reason}\n")  # never a traceback to the browser
+
+    def log_exception(self, *args: Any) -> None:  # no request lines with credentials in the logs
+        if args and isinstance(args[1], tornado.web.HTTPError):
             return
+        super().log_exception(*args)
 
-        def _authorized(self) -> bool:
-            if expected is None:
-                return True
-            header = self.headers.get("Authorization", "")
-            # compared as bytes: compare_digest refuses non-ASCII text (http.server gives latin-1)
-            return header.startswith("Basic ") and hmac.compare_digest(
-                header[6:].encode("latin-1", "replace"), expected.encode())
+    async def answer(self, compute: Callable[[], Any]) -> None:
+        data = await asyncio.get_running_loop().run_in_executor(None, compute)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(data))
 
-        def _send(self, status: int, body: str, kind: str) -> None:
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
-            if status == 401:
-                self.send_header("WWW-Authenticate", 'Basic realm="sidecar"')
-            self.end_headers()
-            self.wfile.write(data)
 
-        def do_GET(self) -> None:
-            if not self._authorized():
-                self._send(401, "credentials required\n", "text/plain")
-                return
-            if self.path == "/api/status":
-                report = cluster_report(client, keys)
-                report["members"] = members_report(client, keys)
-                self._send(200, json.dumps(report), "application/json")
-            elif self.path == "/api/policy":
-                self._send(200, json.dumps(PolicyStore(client, keys).status()), "application/json")
-            elif self.path == "/metrics":
-                self._send(200, generate_latest(metrics).decode(), CONTENT_TYPE_LATEST)
-            elif self.path == "/api/events":
-                self._send(200, json.dumps(recent_events(client, keys)), "application/json")
-            elif self.path == "/api/subscriptions":
-                self._send(200, json.dumps(subscriptions_report(client, keys)), "application/json")
-            elif self.path == "/api/deadletters":
-                letters = DeadLetters(client, keys, settings).list(count=50)
-                self._send(200, json.dumps(letters), "application/json")
-            elif self.path == "/":
-                page = _PAGE.read_text().replace("__NS__", html.escape(keys.namespace))
-                self._send(200, page, "text/html; charset=utf-8")
-            else:
-                self._send(404, "not found\n", "text/plain")
+class _Api(_Base):
+    async def get(self, name: str) -> None:
+        view = self.site.views.get(name)
+        if view is None:
+            raise tornado.web.HTTPError(404)
+        await self.answer(view)
 
-        def do_POST(self) -> None:
-            """``/api/deadletters/<id>/replay``: the one change the page can make. It needs the
-            dashboard's credentials (set, and given), and is refused cross-site: a custom header
-            no form can send, and an Origin, when the browser gives one, naming this server."""
-            if expected is None:
-                self._send(403, "replaying needs SIDECAR_DASHBOARD_USER and SIDECAR_DASHBOARD_PASSWORD\n",
-                           "text/plain")
-                return
-            if not self._authorized():
-                self._send(401, "credentials required\n", "text/plain")
-                return
-            origin = self.headers.get("Origin")
-            if self.headers.get("X-Sidecar-Action") != "replay" or (
-                    origin is not None and origin != f"http://{self.headers.get('Host', '')}"):
-                self._send(403, "refused: not sent by the dashboard's own page\n", "text/plain")
-                return
-            parts = self.path.strip("/").split("/")
-            if len(parts) != 4 or parts[:2] != ["api", "deadletters"] or parts[3] != "replay":
-                self._send(404, "not found\n", "text/plain")
-                return
-            try:
-                target = DeadLetters(client, keys, settings).replay(parts[2])
-            except KeyError as exc:
-                self._send(404, json.dumps({"error": str(exc.args[0])}), "application/json")
-                return
-            except ValueError as exc:
-                self._send(409, json.dumps({"error": str(exc)}), "application/json")
-                return
-            self._send(200, json.dumps({"replayed": parts[2], "to": target}), "application/json")
 
-    return ThreadingHTTPServer((host, port), Handler)
+class _Page(_Base):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(_PAGE.read_text().replace("__NS__", html.escape(self.site.keys.namespace)))
+
+
+class _Metrics(_Base):
+    async def get(self) -> None:
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest,
+                                                                 self.site.metrics)
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(body)
+
+
+class _Replay(_Base):
+    """``POST /api/deadletters/<id>/replay``: needs the dashboard's credentials (set, and given),
+    and is refused cross-site: a custom header no form can send, and an Origin, when the browser
+    gives one, naming this server."""
+
+    async def post(self, letter: str) -> None:
+        if self.site.expected is None:
+            self.set_status(403)
+            self.finish("replaying needs SIDECAR_DASHBOARD_USER and SIDECAR_DASHBOARD_PASSWORD\n")
+            return
+        origin = self.request.headers.get("Origin")
+        if self.request.headers.get("X-Sidecar-Action") != "replay" or (
+                origin is not None and origin != f"{self.request.protocol}://{self.request.host}"):
+            self.set_status(403)
+            self.finish("refused: not sent by the dashboard's own page\n")
+            return
+        try:
+            target = await asyncio.get_running_loop().run_in_executor(None, self.site.replay, letter)
+        except KeyError as exc:
+            self.set_status(404)
+            self.finish(json.dumps({"error": str(exc.args[0])}))
+            return
+        except ValueError as exc:
+            self.set_status(409)
+            self.finish(json.dumps({"error": str(exc)}))
+            return
+        self.finish(json.dumps({"replayed": letter, "to": target}))
+
+
+class _Site:
+    """What the handlers share: the Redis client, the views and the expected credentials."""
+
+    def __init__(self, settings: Settings) -> None:
+        user, password = settings.dashboard_user, settings.dashboard_password
+        self.expected = (base64.b64encode(f"{user}:{password}".encode()).decode()
+                         if user and password else None)
+        self.client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+        self.keys = Keys(settings.namespace)
+        self.settings = settings
+        self.metrics = registry(self.client, self.keys)
+        client, keys = self.client, self.keys
+        self.views: dict[str, Callable[[], Any]] = {
+            "status": self.status,
+            "policy": lambda: PolicyStore(client, keys).status(),
+            "events": lambda: recent_events(client, keys),
+            "leadership": lambda: leadership_report(client, keys, 200),
+            "workers": lambda: workers_report(client, keys, settings.partitions),
+            "subscriptions": lambda: subscriptions_report(client, keys),
+            "deadletters": lambda: DeadLetters(client, keys, settings).list(count=50),
+        }
+
+    def authorized(self, header: str) -> bool:
+        if self.expected is None:
+            return True
+        # compared as bytes: compare_digest refuses non-ASCII text
+        return header.startswith("Basic ") and hmac.compare_digest(
+            header[6:].encode("latin-1", "replace"), self.expected.encode())
+
+    def status(self) -> dict[str, Any]:
+        report = cluster_report(self.client, self.keys)
+        report["members"] = members_report(self.client, self.keys)
+        return report
+
+    def replay(self, letter: str) -> str:
+        return DeadLetters(self.client, self.keys, self.settings).replay(letter)
+
+
+class Dashboard:
+    """The dashboard bound to ``host:port`` (0: a free port) at construction, served by
+    :meth:`serve_forever` on an event loop of its own until :meth:`shutdown` (from any thread)."""
+
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 0) -> None:
+        if not _loopback(host) and not (settings.dashboard_user and settings.dashboard_password):
+            raise ConfigurationError(f"the dashboard may listen on {host} only with credentials: set "
+                                     "SIDECAR_DASHBOARD_USER and SIDECAR_DASHBOARD_PASSWORD")
+        site = _Site(settings)
+        self.app = tornado.web.Application([
+            (r"/", _Page, {"site": site}),
+            (r"/metrics", _Metrics, {"site": site}),
+            (r"/api/deadletters/([^/]+)/replay", _Replay, {"site": site}),
+            (r"/api/([a-z]+)", _Api, {"site": site}),
+        ], compress_response=True)
+        self._sockets = tornado.netutil.bind_sockets(port, host, family=socket.AF_INET)
+        self.server_address: tuple[str, int] = self._sockets[0].getsockname()[:2]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._done = threading.Event()
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown` (or Ctrl-C)."""
+        try:
+            asyncio.run(self._serve())
+        finally:
+            self._done.set()
+
+    async def _serve(self) -> None:
+        server = tornado.httpserver.HTTPServer(self.app, xheaders=False)
+        server.add_sockets(self._sockets)
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._started.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.stop()
+            await server.close_all_connections()
+
+    def shutdown(self) -> None:
+        """Stop serving and wait until the loop has ended."""
+        if not self._started.wait(10) or self._loop is None or self._stop is None:
+            return
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._done.wait(10)
+
+    def server_close(self) -> None:
+        """Close the listening sockets."""
+        for sock in self._sockets:
+            sock.close()
+
+
+def make_server(settings: Settings, host: str = "127.0.0.1", port: int = 0) -> Dashboard:
+    """The dashboard for ``settings`` on ``host:port``; refuses a non-loopback ``host`` without
+    credentials (:class:`~coordinator.errors.ConfigurationError`)."""
+    return Dashboard(settings, host, port)

@@ -4,7 +4,8 @@ Every figure here is what Redis holds, so any process that can read the namespac
 same numbers (the dashboard does): counters the routers, peers and bridges add to (routed,
 delivered, rejected, dropped requests, messages a full inbox dropped), and gauges of the state
 now (cluster size, leader term, policy version and peers per sync state, inbox length and lag
-per peer, dead letters held by reason, sites reachable, peers held back by their rate).
+per peer, dead letters held by reason, sites reachable, peers held back by their rate), the
+routers' batch-size and fan-out latency histograms, and the bridge's traffic per site.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from coordinator.histogram import BATCH_SIZE, FANOUT_SECONDS, cumulative
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.policy.store import PolicyStore
 from ops.report import cluster_report
@@ -52,7 +59,7 @@ class SidecarCollector(Collector):
         states = Counter(row["state"] for row in PolicyStore(self.client, self.keys).status())
         synced = GaugeMetricFamily("sidecar_peers_policy", "Live peers per policy sync state.",
                                    labels=["state"])
-        for state in ("SYNCED", "STALE", "NACKED"):
+        for state in ("SYNCED", "STALE", "NACKED", "NONE"):  # NONE: no policy set yet
             synced.add_metric([state.lower()], states.get(state, 0))
         yield synced
         yield from self._inboxes()
@@ -68,6 +75,28 @@ class SidecarCollector(Collector):
         for peer, wait in report["throttled"].items():
             throttled.add_metric([peer], wait)
         yield throttled
+        yield from self._histograms()
+        yield self._bridge()
+
+    def _histograms(self) -> Iterator[Metric]:
+        fields = self.client.hgetall(self.keys.histograms)
+        for name, doc in ((BATCH_SIZE, "Entries a router read in one go."),
+                          (FANOUT_SECONDS, "From a publish reaching Redis to its fan-out into "
+                                           "the subscribers' inboxes (per request entry).")):
+            buckets, total = cumulative(fields, name)
+            yield HistogramMetricFamily(f"sidecar_{name}", doc, buckets=buckets, sum_value=total)
+
+    def _bridge(self) -> Metric:
+        traffic = self.client.hgetall(self.keys.bridge_traffic)
+        own = str(self.client.get(self.keys.site_name) or "")
+        family = CounterMetricFamily("sidecar_bridge_messages", "Messages the site's NATS bridge "
+                                     "sent (exported, site: this one) or delivered here "
+                                     "(imported, site: where they came from).",
+                                     labels=["direction", "site"])
+        for field, n in sorted(traffic.items()):
+            direction, _, site = str(field).partition(" ")
+            family.add_metric([direction, site or own], int(n))
+        return family
 
     def _inboxes(self) -> Iterator[Metric]:
         members = [str(m) for m in self.client.zrange(self.keys.members, 0, -1)]

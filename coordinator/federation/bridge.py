@@ -37,7 +37,7 @@ import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -204,6 +204,9 @@ class Bridge(StatusMixin):
         self._tally = [0, 0]
         """Routed and delivered since the last round, added to the site's counters by _tick (as
         peers add theirs with their heartbeats: one command less per delivery)."""
+        self._traffic: Counter[str] = Counter()
+        """Messages sent to NATS (``exported``) and delivered from each site (``imported <site>``)
+        since the last round (keys.bridge_traffic)."""
         self._connection = 0
         """Disconnections from NATS so far: a flight published before the last one may be lost."""
         self._unsettled: deque[tuple[int, bool]] = deque()
@@ -295,11 +298,14 @@ class Bridge(StatusMixin):
 
     async def _flush_tally(self) -> None:
         routed, delivered = self._tally
-        if routed or delivered:
+        traffic, self._traffic = self._traffic, Counter()
+        if routed or delivered or traffic:
             self._tally = [0, 0]
             pipe = self.redis.pipeline(transaction=False)
             pipe.hincrby(self.keys.stats, "routed", routed)
             pipe.hincrby(self.keys.stats, "delivered", delivered)
+            for field, n in traffic.items():
+                pipe.hincrby(self.keys.bridge_traffic, field, n)
             await pipe.execute()
 
     async def _join(self) -> None:
@@ -453,7 +459,9 @@ class Bridge(StatusMixin):
         while True:
             flight = await flights.get()
             if flight.messages:
-                self.exported += await self._send(flight.messages, flight.futures)
+                sent = await self._send(flight.messages, flight.futures)
+                self.exported += sent
+                self._traffic["exported"] += sent
             await self.redis.xack(self.inbox, PEER_GROUP, *flight.entry_ids)
             self._unsettled.popleft()
             if not self._unsettled:
@@ -727,6 +735,7 @@ class Bridge(StatusMixin):
             found = await self._admit(m.subject, m.data, m.headers, m.metadata.sequence.stream)
             if found is not None:
                 entries.append(found)
+                self._traffic[f"imported {origin_of(m.headers)}"] += 1
         if entries:
             await self._deliver(entries)
             self.imported += len(entries)

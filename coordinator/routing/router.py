@@ -27,8 +27,9 @@ keeps the newest answer per peer, so applying the same entry again changes nothi
 claiming entries (XREADGROUP, XAUTOCLAIM move pending entries to the deposed router, but route.lua
 refuses to fan out while another consumer holds pending entries, and the successor claims them
 back and routes them first, in order); consumer-group creation (idempotent); trimming (only below
-the lowest pending entry); check-ins on the ``routers`` set and the routed/delivered/rejected
-counters (each router counts only work its fenced scripts did).
+the lowest pending entry); check-ins on the ``routers`` set, the routed/delivered/rejected
+counters (each router counts only work its fenced scripts did) and the batch-size and fan-out
+latency histograms (coordinator.histogram).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from coordinator import resp
+from coordinator.clock import redis_ms
 from coordinator.errors import InternalError, SidecarError
+from coordinator.histogram import BATCH_SIZE, FANOUT_SECONDS, Histogram
 from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.leases import LeaseToken
 from coordinator.protocol import PUBLISH_KINDS
@@ -125,6 +128,11 @@ class Router:
         self.throttle = Throttle(settings.peer_rate if settings.auth == "required" else 0.0,
                                  settings.peer_burst)
         self.stats = {"routed": 0, "delivered": 0, "rejected": 0, "batches": 0, "takeovers": 0}
+        self.batch_sizes = Histogram(BATCH_SIZE)
+        self.fanout_seconds = Histogram(FANOUT_SECONDS)
+        self._clock_offset_ms = 0.0
+        """Redis time minus this process's clock (ms), as of the last maintenance: fan-out latency
+        is measured on Redis's clock, from the entry id a publish got."""
         url = settings.redis_url
         self.fast = RespConnection(url) if url and resp.supports(url) else None
         self.unsettled = False
@@ -340,6 +348,8 @@ class Router:
         for stream in self.parts.streams():  # entries a deposed router read while no new ones arrive
             if _foreign(self.client.xpending(stream, REQUEST_GROUP), self.name):
                 self.claim_pending(stream)
+        sent = time.time()
+        self._clock_offset_ms = redis_ms(self.client) - (sent + time.time()) * 500
         self._flush_stats()
         if time.monotonic() - self._last_trim > 5.0:
             self._last_trim = time.monotonic()
@@ -432,10 +442,16 @@ class Router:
 
     def _flush_stats(self) -> None:
         counts = {k: self.stats[k] - self._flushed.get(k, 0) for k in ("routed", "delivered")}
-        if any(counts.values()):
+        buckets = [h.drain() for h in (self.batch_sizes, self.fanout_seconds)]
+        if any(counts.values()) or any(fields for fields, _ in buckets):
             pipe = self.client.pipeline(transaction=False)
             for key, delta in counts.items():
                 pipe.hincrby(self.keys.stats, key, delta)
+            for (fields, total), name in zip(buckets, (BATCH_SIZE, FANOUT_SECONDS), strict=True):
+                for field, n in fields.items():
+                    pipe.hincrby(self.keys.histograms, field, n)
+                if fields:
+                    pipe.hincrbyfloat(self.keys.histograms, f"{name}:sum", total)
             pipe.execute()
             self._flushed.update({k: self.stats[k] for k in counts})
         if self.throttle.on:
@@ -479,6 +495,7 @@ class Router:
         if self.view.stale:
             self.refresh()
         self.stats["batches"] += 1
+        self.batch_sizes.observe(len(entries))
         run: list[Entry] = []
         try:
             for entry in entries:
@@ -560,6 +577,9 @@ class Router:
         if status == "ok":
             self.stats["routed"] += fanout.messages
             self.stats["delivered"] += delivered
+            now_ms = time.time() * 1000 + self._clock_offset_ms
+            for _, eid, _ in fanout.run:  # one observation per request entry (a folded one: once)
+                self.fanout_seconds.observe(max(0.0, now_ms - int(eid.partition("-")[0])) / 1000)
             self.guard.commit(fanout.marks)
             self._reject(fanout.rejections)
             return True

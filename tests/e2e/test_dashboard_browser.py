@@ -102,6 +102,11 @@ def test_the_dashboard_in_a_browser_follows_a_live_cluster(
             page.wait_for_selector(row.format(heir.id) + " td.leader:has-text('leader')",
                                    timeout=30_000)
             assert page.query_selector(row.format(victim.id) + " td.leader:has-text('leader')") is None
+            # the term history names the heir, after the victim; the router shows its partition
+            page.wait_for_selector(f"#leadership tbody tr:first-child:has(code:text-is('{heir.id}'))"
+                                   f":has(code:text-is('{victim.id}'))", timeout=20_000)
+            page.wait_for_selector("#workers tbody tr[data-worker] td:nth-child(2):text-is('0')",
+                                   timeout=20_000)
             # subscriptions, and a dead letter replayed with its button
             page.wait_for_selector("#subscriptions td:has-text('chart.>')", timeout=20_000)
             letter = client.xadd(keys.deadletter, deadletter_entry(

@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -15,8 +16,10 @@ from coordinator.cluster.membership import Membership
 from coordinator.errors import ConfigurationError
 from coordinator.keys import Keys
 from coordinator.settings import Settings
+from coordinator.sidecar import ClusterSidecar
 from ops.dashboard import make_server
 from tests.support import serve_http as serve
+from tests.support import wait_for
 
 
 @pytest.fixture
@@ -82,11 +85,13 @@ def test_metrics_scrape_as_prometheus_reads_them(settings: Settings, client: red
 
     keys = Keys(settings.namespace)
 
+    routed = settings.replace(data_path="routed")  # through the router: its histograms fill
+
     async def traffic() -> None:
-        sc = ClusterSidecar(settings=settings)
+        sc = ClusterSidecar(settings=routed)
         await sc.setup()
         try:
-            async with Peer(settings=settings) as a, Peer(settings=settings) as b:
+            async with Peer(settings=routed) as a, Peer(settings=routed) as b:
                 got: list[object] = []
                 await b.cluster_subscribe("m.>", got.append)
                 for n in range(5):
@@ -109,7 +114,13 @@ def test_metrics_scrape_as_prometheus_reads_them(settings: Settings, client: red
                     assert value[("sidecar_dead_letters", (("reason", "handler_failed"),))] == 1
                     assert ("sidecar_inbox_length", (("peer", b.id),)) in value
                     assert sum(value[("sidecar_peers_policy", (("state", s),))]
-                               for s in ("synced", "stale", "nacked")) == 2  # every live peer
+                               for s in ("synced", "stale", "nacked", "none")) == 2  # every live peer
+                    for name in ("sidecar_router_batch_size", "sidecar_router_fanout_seconds"):
+                        assert families[name].type == "histogram"
+                        count = value[(f"{name}_count", ())]
+                        assert count >= 1 and value[(f"{name}_bucket", (("le", "+Inf"),))] == count
+                    assert value[("sidecar_router_fanout_seconds_count", ())] >= 5  # one per publish
+                    assert value[("sidecar_router_batch_size_sum", ())] >= 5  # every entry was read
         finally:
             await sc.teardown()
 
@@ -155,3 +166,37 @@ def test_dead_letters_replay_only_with_credentials_from_the_page_itself(
         assert any(f.get("i") == "01MSG0000000000000000000AB"
                    for _, f in client.xrange(keys.responses(peer)))
         assert post(base, replay, **auth, **{"X-Sidecar-Action": "replay"}) == 404  # gone
+
+
+def test_workers_and_leadership_history(settings: Settings, client: redis.Redis) -> None:
+    """/api/workers names the router holding each partition; /api/leadership keeps every term."""
+    sidecar = ClusterSidecar(settings=settings, name="router-under-test")
+    sidecar.start()
+    membership = Membership(client, Keys(settings.namespace))
+    try:
+        for base in serve(make_server(settings)):
+            membership.register("01FIRST0000000000000000000", role="a", priority=5)
+            first = wait_for(lambda: client.hget(Keys(settings.namespace).leader, "id"),
+                             what="a leader")
+            membership.register("01SECOND000000000000000000", role="b")
+            membership.leave(str(first))
+            wait_for(lambda old=first: client.hget(Keys(settings.namespace).leader, "id") not in (None, old),
+                     what="the next leader")
+            history = wait_for(lambda url=base: len(h := get(url, "/api/leadership")) >= 2 and h)
+            assert [h["leader_id"] for h in history[-2:]] == [first, "01SECOND000000000000000000"]
+            assert history[-1]["leader_term"] > history[-2]["leader_term"]
+            assert history[-1]["previous"] == first
+            workers = get(base, "/api/workers")
+            assert [(r["name"], r["partitions"]) for r in workers["routers"]] == [
+                ("router-under-test", list(range(settings.partitions)))]
+            holder = workers["partitions"][0]["holder"]
+            assert holder["name"] == "router-under-test" and holder["expires_in_s"] > 0
+            status = get(base, "/api/status")
+            assert [m["leader"] for m in status["members"]] == [True]
+    finally:
+        sidecar.stop()
+
+
+def get(base: str, path: str) -> Any:
+    with urllib.request.urlopen(base + path, timeout=5) as resp:
+        return json.load(resp)

@@ -17,11 +17,14 @@ from typing import Any
 import nats
 import pytest
 import redis
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator import ClusterSidecar, Keys, Settings
 from coordinator.federation.directory import parse_site
 from mixin import Message, NotLeader
 from ops.embedded import NatsServer, RedisServer
+from ops.metrics import registry
 from tests.faultproxy import FaultProxy
 from tests.support import Peer, async_wait_for
 
@@ -75,6 +78,18 @@ async def stream_messages(nats_url: str, keys: Keys) -> int:
         await nc.close()
 
 
+def bridge_metric(settings: Settings, direction: str, origin: str) -> float | None:
+    """``sidecar_bridge_messages_total{direction, site}`` as Prometheus scrapes it from a site."""
+    with redis.Redis.from_url(settings.redis_url or "", decode_responses=True) as client:
+        text = generate_latest(registry(client, Keys(settings.namespace))).decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (sample.name == "sidecar_bridge_messages_total"
+                    and sample.labels == {"direction": direction, "site": origin}):
+                return float(sample.value)
+    return None
+
+
 async def test_publish_on_one_site_reaches_wildcard_subscribers_on_the_other_once(
         two: tuple[Settings, Settings]) -> None:
     a, b = two
@@ -97,6 +112,10 @@ async def test_publish_on_one_site_reaches_wildcard_subscribers_on_the_other_onc
         with redis.Redis.from_url(b.redis_url or "", decode_responses=True) as rb:
             leaving_b = rb.xrange(Keys(b.namespace).responses("bridge-b"))
         assert not [f for _, f in leaving_b if f.get("o")]  # never handed to b's own bridge
+        # each bridge's traffic reaches its site's metrics: a sent 51, b delivered 51 from a
+        await async_wait_for(lambda: bridge_metric(a, "exported", "a") == 51, what="a's exports counted")
+        await async_wait_for(lambda: bridge_metric(b, "imported", "a") == 51, what="b's imports counted")
+        assert bridge_metric(a, "imported", "b") is None  # nothing came back
     assert [m.id for m in rest] == ids  # same ids, in publish order
     assert [m.data["n"] for m in star] == list(range(50))
     assert {(m.sender, m.site) for m in rest} == {(pa.id, "a")}
