@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from coordinator.errors import ConfigurationError
 from coordinator.topics import check_pattern
 
-__all__ = ["RESERVED_SITE", "Settings", "default_site", "redact_url"]
+__all__ = ["LOG_LEVELS", "RESERVED_SITE", "Settings", "default_site", "redact_url"]
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ENV_PREFIX = "SIDECAR_"
@@ -141,8 +141,12 @@ class Settings:
     peer_secret: str | None = _secret()
     """This peer's signing secret (peer processes only)."""
     log_format: str = "text"
-    """How the sidecar's Celery processes log: ``text`` (Celery's own lines) or ``json`` (one JSON
-    object per line: ts, level, logger, message, process, exc)."""
+    """How worker, beat, the CLI and apps that call ``coordinator.logs.configure`` log: ``text``
+    (one line for people) or ``json`` (one JSON object per line); both carry time, level,
+    component, namespace, site, peer_id and worker (coordinator.logs)."""
+    log_level: str | None = None
+    """Level of those processes (``debug``, ``info``, ``warning``, ``error``, ``critical``); a
+    ``celery -l`` flag wins over it. Unset: Celery's ``-l`` (default warning), else warning."""
     peer_rate: float = 0.0
     """Messages a second the router reads from each peer's own request stream, at most, with
     ``SIDECAR_AUTH=required`` (0: no limit); a peer over it waits, nothing is refused."""
@@ -181,6 +185,9 @@ class Settings:
             raise ConfigurationError(f"nats_export: {exc}") from None
         if self.log_format not in ("text", "json"):
             raise ConfigurationError(f"log_format must be text or json, got {self.log_format!r}")
+        if self.log_level is not None and self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigurationError(
+                f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.peer_rate < 0:
             raise ConfigurationError(f"peer_rate must be >= 0 (0: no limit), got {self.peer_rate!r}")
         for name in ("nats_stream_max_age", "nats_duplicate_window"):
@@ -331,6 +338,9 @@ class Settings:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"Settings({inner})"
 
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+"""The values ``log_level`` takes (in any case)."""
 
 RESERVED_SITE = "nats"
 """The origin of plain NATS clients' messages: no site may take the name."""

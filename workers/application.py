@@ -17,12 +17,12 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger
+from celery.signals import after_setup_logger, after_setup_task_logger, celeryd_init
 
 from coordinator.keys import Keys
 from coordinator.settings import Settings
+from workers import logs
 from workers.bootsteps import BridgeStep, RouterStep
-from workers.logs import use_json
 from workers.schedule import beat_schedule
 
 __all__ = ["DEFAULT_BROKER", "SidecarCelery", "app", "celery_config"]
@@ -102,12 +102,19 @@ class SidecarCelery(Celery):
         return {**super().__reduce_keys__(), "sidecar_settings": self._sidecar_settings}
 
 
+@celeryd_init.connect
+def _worker_name(sender: Any = None, **_: Any) -> None:
+    """Every log record of this worker names it (its Celery host name)."""
+    logs.worker_started(sender)
+
+
 @after_setup_logger.connect
 @after_setup_task_logger.connect
 def _structured_logs(logger: logging.Logger | None = None, **_: Any) -> None:
-    """With ``SIDECAR_LOG_FORMAT=json``, Celery's handlers write JSON lines (workers.logs)."""
-    if logger is not None and app.sidecar_settings.log_format == "json":
-        use_json(logger)
+    """Celery's handlers write the sidecar's format, at ``SIDECAR_LOG_LEVEL`` unless ``-l`` was
+    given, with beat's periodic duties at debug (workers.logs)."""
+    if logger is not None:
+        logs.setup(logger, app.sidecar_settings)
 
 
 app = SidecarCelery("sidecar", include=["workers.tasks"])

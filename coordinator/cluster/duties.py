@@ -1,7 +1,9 @@
 """The sidecar's periodic duties as plain methods: beat schedules them, tests call them directly.
 
 Every duty is idempotent: running it twice, late, or from two beats at once changes nothing more
-than running it once.
+than running it once. Beat runs them several times a second, so they log at INFO only when
+something changed (a member evicted, the leader changed or went, a new policy version sent, a
+member slow or recovered, inboxes of long-gone peers deleted) and at DEBUG otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class Duties:
         self.membership = Membership(client, self.keys, inbox_maxlen=settings.inbox_maxlen)
         self.election = Election(client, self.keys, settings.member_ttl)
         self.policies = PolicyStore(client, self.keys, inbox_maxlen=settings.inbox_maxlen)
+        self._seen_leader: tuple[str | None, int] | None = None
+        """(leader, term) of this object's last election, to tell a leader gone from none at all."""
+        self._sent_version = 0
+        """The newest policy version this object has sent (logged at INFO once per version)."""
 
     def sweep(self) -> list[str]:
         """Evict members silent for longer than the member TTL (announces cluster.member.left)."""
@@ -41,13 +47,18 @@ class Duties:
             log.info("evicted %s: silent for more than %.1fs", peer, self.settings.member_ttl)
         if evicted:
             self.elect("expired")
+        else:
+            log.debug("sweep: no member silent for more than %.1fs", self.settings.member_ttl)
         return evicted
 
     def evict(self, peer_id: str) -> bool:
         """Remove ``peer_id`` now (operator action); True if it was a member."""
         left = self.membership.leave(peer_id, "evicted")
         if left:
+            log.info("evicted %s on request", peer_id)
             self.elect("evicted")
+        else:
+            log.info("evict %s: not a member", peer_id)
         return left
 
     def elect(self, reason: str = "periodic") -> dict[str, Any]:
@@ -57,13 +68,27 @@ class Duties:
             leader, term = self.election.leader()
             return {"status": "federated", "leader_id": leader, "term": term}
         status, leader, term = self.election.run(reason)
+        seen, self._seen_leader = self._seen_leader, (leader, term)
         if status == "elected":
             log.info("leader is now %s (term %d, %s)", leader, term, reason)
+        elif status == "none" and seen is not None and seen[1] != term:
+            log.info("no leader: %s is gone and no eligible member is live (term %d, %s)",
+                     seen[0] or "the leader", term, reason)
+        else:
+            log.debug("election: %s %s (term %d)", status, leader or "-", term)
         return {"status": status, "leader_id": leader, "term": term}
 
     def distribute_policies(self) -> int:
         """Send the policy set to live peers that have not acknowledged its version (with backoff)."""
-        return self.policies.distribute()
+        sends = self.policies.distribute()
+        if sends:
+            version = self.policies.version()
+            if version > self._sent_version:
+                self._sent_version = version
+                log.info("sending policy version %d to %d peer(s)", version, sends)
+            else:
+                log.debug("policy version %d sent again to %d peer(s)", version, sends)
+        return sends
 
     def cluster_heartbeat(self) -> dict[str, Any]:
         """Publish ``cluster.heartbeat`` (size, leader, term, policy version) to its subscribers."""
@@ -76,6 +101,7 @@ class Duties:
                 "policy_version": int(policy or 0)}
         self.client.xadd(self.keys.system, {"k": "pub", "t": "cluster.heartbeat", "d": dumps(beat),
                                             "s": SYSTEM_SENDER}, maxlen=100_000, approximate=True)
+        log.debug("cluster heartbeat: %s", beat)
         return beat
 
     def watch_inboxes(self) -> list[str]:
@@ -116,6 +142,8 @@ class Duties:
         pipe.execute()
         for peer, lag in became:
             log.warning("member %s is slow: %d unread entries in its inbox (limit %d)", peer, lag, limit)
+        for peer in recovered:
+            log.info("member %s caught up with its inbox", peer)
         return [peer for peer, _ in became]
 
     def trim(self) -> dict[str, int]:
@@ -146,6 +174,9 @@ class Duties:
             if peer not in members:
                 deleted += int(scripts.drop_inbox(keys=[key, self.keys.members, self.keys.publish_last],
                                                   args=[peer, PEER_GROUP, age_ms, floor]))
+        if deleted:
+            log.info("deleted the inboxes of %d long-gone peer(s)", deleted)
+        log.debug("trim: %d inbox entries older than %.0fs trimmed", trimmed, self.settings.inbox_max_age)
         return {"trimmed": trimmed, "deleted": deleted}
 
     def _bridges(self, members: set[str]) -> set[str]:

@@ -197,9 +197,13 @@ def test_structured_logs_are_one_json_object_per_line(procs: Processes, redis_ur
         return any(r["logger"] == "sidecar.router" for r in records)
 
     wait_for(router_logged, 20, what="a JSON line from the router")
-    assert all({"ts", "level", "logger", "message", "process"} <= set(r) for r in records)
+    fields = {"time", "level", "component", "namespace", "site", "peer_id", "worker", "logger", "message"}
+    assert all(fields <= set(r) for r in records)
+    assert {(r["namespace"], r["worker"]) for r in records} == {(namespace, records[0]["worker"])}
+    assert records[0]["worker"].startswith("w1@")
     text_records = [line for line in procs.log(worker).splitlines()
-                    if re.match(r"^\[\d{4}-\d\d-\d\d [\d:,]+: (INFO|WARNING|ERROR)/", line)]
+                    if re.match(r"^\d{4}-\d\d-\d\dT[\d:.]+Z (INFO|WARNING|ERROR) ", line)
+                    or re.match(r"^\[\d{4}-\d\d-\d\d [\d:,]+: (INFO|WARNING|ERROR)/", line)]
     assert not text_records, text_records  # every log record is JSON (the banner is not a record)
 
 
