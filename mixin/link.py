@@ -26,6 +26,7 @@ from redis.exceptions import RedisError, ResponseError
 from coordinator.cluster.membership import heartbeat_call
 from coordinator.errors import SidecarError, SidecarTimeout, SidecarUnavailable, error_from_code
 from coordinator.keys import PEER_GROUP, Keys
+from coordinator.logs import Log
 from coordinator.policy.auth import Signer
 from coordinator.protocol import dumps
 from coordinator.resp import AsyncResp, stream_entries, stream_entries_py, supports
@@ -54,7 +55,7 @@ class SidecarLink:
     def __init__(self, peer_id: str, settings: Settings, *, on_entry: EntryHandler,
                  on_rejoin: Callable[[], Awaitable[None]] | None = None,
                  on_heartbeat: Callable[[str, int], None] | None = None,
-                 logger: logging.Logger | None = None, secret: str | None = None) -> None:
+                 logger: Log | None = None, secret: str | None = None) -> None:
         if not settings.redis_url:
             raise SidecarUnavailable("no Redis URL: set SIDECAR_REDIS_URL or pass redis_url")
         self.peer_id = peer_id

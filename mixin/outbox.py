@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.errors import SidecarError, SidecarUnavailable, UnknownPeer
 from coordinator.keys import Keys
+from coordinator.logs import Log
 from coordinator.policy.auth import Signer
 from coordinator.protocol import MAX_BATCH, dumps
 from coordinator.resp import AsyncResp, pack
@@ -59,7 +60,7 @@ class Outbox:
     """Writes request entries for one peer to ``stream`` on ``redis``."""
 
     def __init__(self, redis: Any, stream: str, *, limit: int, signer: Signer | None,
-                 on_state: Callable[[bool], None], log: logging.Logger | None = None,
+                 on_state: Callable[[bool], None], log: Log | None = None,
                  fast: AsyncResp | None = None, keys: Keys | None = None, sender: str = "",
                  on_unknown: Callable[[], None] | None = None, unknown_wait: float = 5.0) -> None:
         self.redis = redis

@@ -16,12 +16,12 @@ answered at once instead (RemoteError), and the sidecar's own ``cluster.*`` even
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.logs import Log
 from coordinator.protocol import Message
 from coordinator.settings import Settings
 
@@ -50,7 +50,7 @@ class HandlerRetries:
                  ack: Callable[[list[str]], Awaitable[None]],
                  dead_letter: Callable[[Message, Failure, int], Awaitable[None]],
                  redispatch: Callable[[str, dict[str, str]], Awaitable[bool]],
-                 log: logging.Logger) -> None:
+                 log: Log) -> None:
         self.max_deliveries = settings.handler_max_deliveries
         self.backoff = settings.handler_backoff
         self._lock = lock

@@ -31,6 +31,7 @@ from typing import Any
 
 from coordinator.errors import NoResponders, NotLeader, RemoteError, RequestTimeout, SidecarError
 from coordinator.ids import MessageIds
+from coordinator.logs import hide, peer_logger
 from coordinator.protocol import (
     INTERNAL_SUBSCRIPTIONS,
     MAX_TTL_MS,
@@ -108,10 +109,13 @@ class SidecarMixin(Lifecycle):
         self._ids = MessageIds()
         self._parked: list[tuple[str, dict[str, str]]] = []
         self._park_until = 0.0
+        self._sidecar_log = peer_logger(getattr(self, "logger", None) or logging.getLogger("sidecar.peer"),
+                                        peer_id=getattr(self, "id", None), settings=self.sidecar_settings)
+        """The peer's logger, its records carrying the peer's id and namespace (coordinator.logs)."""
+        hide(self._secret)  # the log formatters mask it should it ever reach a record
         self._retries = HandlerRetries(self.sidecar_settings, lock=self._dispatch_lock, run=self._call,
                                        ack=self._ack_later, dead_letter=self._dead_letter,
-                                       redispatch=self._redispatch,
-                                       log=getattr(self, "logger", None) or logging.getLogger("sidecar.peer"))
+                                       redispatch=self._redispatch, log=self._sidecar_log)
 
     # ------------------------------------------------------------------ lifecycle
     async def setup(self, *args: Any, **kwargs: Any) -> None:
@@ -133,7 +137,7 @@ class SidecarMixin(Lifecycle):
         peer_id: str = getattr(self, "id")  # noqa: B009 (provided by Agent)
         self._link = SidecarLink(peer_id, self.sidecar_settings, on_entry=self._on_entry,
                                  on_rejoin=self._resubscribe, on_heartbeat=self._on_heartbeat,
-                                 logger=getattr(self, "logger", None), secret=self._secret)
+                                 logger=self._sidecar_log, secret=self._secret)
         self._link.on_connected = self._on_connected
         snapshot = getattr(self, "status_snapshot", None)  # StatusMixin's, when the peer has it
         self._link.status_source = snapshot if callable(snapshot) else None
@@ -334,9 +338,7 @@ class SidecarMixin(Lifecycle):
                 await result
         except Exception as exc:
             fields.update(ok="0", e=f"{type(exc).__name__}: {exc}"[:1000])
-            log = getattr(self, "logger", None)
-            if log is not None:
-                log.warning("refused policy version %d: %s", version, exc)
+            self._sidecar_log.warning("refused policy version %d: %s", version, exc)
         else:
             fields["ok"] = "1"
             self._policy_version = version
@@ -357,8 +359,8 @@ class SidecarMixin(Lifecycle):
             return
         self._forget(key)
         reason = str(notice.get("reason") or "")
-        logging.getLogger("sidecar.peer").warning("subscription %r%s dropped by the sidecar: %s",
-                                                  pattern, f" (queue {queue})" if queue else "", reason)
+        self._sidecar_log.warning("subscription %r%s dropped by the sidecar: %s",
+                                  pattern, f" (queue {queue})" if queue else "", reason)
         hook = self.on_subscription_dropped(pattern, queue and str(queue), reason)
         if inspect.isawaitable(hook):
             await hook
@@ -485,9 +487,7 @@ class SidecarMixin(Lifecycle):
             try:
                 await self._link.write(answer)
             except SidecarError as exc:  # refused (too large...): the requester was told instead
-                log = getattr(self, "logger", None)
-                if log is not None:
-                    log.warning("answer to request %s of %s refused: %s", mid, reply_to, exc)
+                self._sidecar_log.warning("answer to request %s of %s refused: %s", mid, reply_to, exc)
 
         return respond
 
@@ -551,9 +551,7 @@ class SidecarMixin(Lifecycle):
             return True, result
         except Exception as exc:
             self.handler_errors += 1
-            log = getattr(self, "logger", None)
-            if log is not None:
-                log.exception("handler %r failed on %s (%s)", handler, message.topic, message.id)
+            self._sidecar_log.exception("handler %r failed on %s (%s)", handler, message.topic, message.id)
             return False, f"{type(exc).__name__}: {exc}"
 
     async def _resubscribe(self) -> None:

@@ -17,6 +17,7 @@ import redis
 
 from coordinator.errors import SidecarError
 from coordinator.keys import Keys
+from coordinator.logs import configure
 from coordinator.settings import Settings
 from coordinator.topics import check_publish_topic
 from ops.report import (
@@ -69,6 +70,7 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str | None) -> Non
         ctx.obj = Context(redis_url, namespace)
     except SidecarError as exc:
         raise click.UsageError(str(exc)) from None
+    configure(ctx.obj.settings, component="cli")  # SIDECAR_LOG_FORMAT / SIDECAR_LOG_LEVEL, to stderr
 
 
 @cli.command()
