@@ -75,7 +75,8 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str | None) -> Non
 
 @cli.command()
 @click.option("--duration", type=float, help="Stop on its own after this many seconds.")
-@click.option("--peers/--no-peers", default=True, help="Start the demo conductor and followers.")
+@click.option("--demo/--no-demo", "--peers/--no-peers", "peers", default=True,
+              help="Start the demo conductor and followers.")
 @click.option("--flower/--no-flower", default=False, help="Start Flower on loopback.")
 @click.option("--dashboard/--no-dashboard", default=False,
               help="Serve the dashboard on loopback and print its address.")

@@ -34,11 +34,13 @@ class LiveView:
     def stop(self) -> None:
         self._live.stop()
 
-    def show(self, reports: dict[str, dict[str, Any] | None]) -> None:
-        """Draw ``reports`` (site -> cluster report with members and policy states, or None)."""
-        self._live.update(self.render(reports))
+    def show(self, reports: dict[str, dict[str, Any] | None], startup: list[str] | None = None) -> None:
+        """Draw ``reports`` (site -> cluster report with members and policy states, or None) and,
+        while anything is still starting, the ``startup`` steps (done or awaited)."""
+        self._live.update(self.render(reports, startup))
 
-    def render(self, reports: dict[str, dict[str, Any] | None]) -> Group:
+    def render(self, reports: dict[str, dict[str, Any] | None], startup: list[str] | None = None
+               ) -> Group:
         sites = Table(title=f"sidecar up · namespace {self.namespace}", expand=False)
         for column in ("site", "peers", "leader (term)", "subscriptions", "routed/s", "delivered/s",
                        "rejected", "policy v", "routers"):
@@ -67,4 +69,11 @@ class LiveView:
                 peers.add_row(site, m["id"], m["role"], "★" if m["id"] == r["leader_id"] else "",
                               f"{m['last_seen_s']}s", str(m["inbox_drops"]),
                               f"[{colour}]{state}[/{colour}]")
+        if startup and any(line.startswith("…") for line in startup):
+            steps = Table(title="starting", expand=False, show_header=False)
+            steps.add_column("step")
+            for line in startup:
+                colour = "green" if line.startswith("✓") else "yellow"
+                steps.add_row(f"[{colour}]{line}[/{colour}]")
+            return Group(steps, sites, peers)
         return Group(sites, peers)

@@ -1,7 +1,8 @@
 """``sidecar up``: run a whole sidecar (and demo peers) as child processes of one command.
 
 Starts an embedded Redis when no ``SIDECAR_REDIS_URL`` is set, then a worker (hosting the router),
-beat, optionally Flower on loopback, and the demo peers; prints the cluster status each second; on
+beat, optionally Flower and the dashboard on loopback, and the demo peers; reports each step of
+the start as it completes (:class:`Startup`) and the cluster status each second; on
 Ctrl-C, SIGTERM or the end of ``duration`` stops every child (peers first, so they leave cleanly)
 and makes sure none is left behind.
 
@@ -14,6 +15,7 @@ every site), with one status line per site.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -21,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,63 @@ from ops.embedded import NatsServer, RedisServer, free_port
 from ops.live import LiveView
 from ops.report import cluster_report, members_report, sites_report
 
-__all__ = ["Supervisor"]
+__all__ = ["Startup", "Supervisor"]
+
+Check = Callable[[dict[str, redis.Redis], Keys], bool]
+
+
+class Startup:
+    """What ``sidecar up`` waits to see after starting its children, checked on each tick: each
+    step is reported once, with the seconds it took, so an operator sees what started and what
+    it is still waiting for (on a terminal the live view lists the steps as they complete)."""
+
+    def __init__(self, steps: list[tuple[str, Check]]) -> None:
+        self.steps = steps
+        self.began = time.monotonic()
+        self.done: dict[str, float] = {}
+        """Step -> seconds after the start it was first seen done."""
+
+    @property
+    def pending(self) -> list[str]:
+        return [name for name, _ in self.steps if name not in self.done]
+
+    def check(self, clients: dict[str, redis.Redis], keys: Keys) -> list[str]:
+        """Check the pending steps; returns the lines for those done now (in order)."""
+        lines = []
+        for name, check in self.steps:
+            if name in self.done:
+                continue
+            try:
+                ok = check(clients, keys)
+            except (redis.RedisError, OSError):
+                ok = False
+            if not ok:
+                break  # later steps build on this one: report them in order
+            self.done[name] = time.monotonic() - self.began
+            lines.append(f"ready: {name} ({self.done[name]:.1f}s)")
+        if lines and not self.pending:
+            lines.append(f"everything started in {max(self.done.values()):.1f}s")
+        return lines
+
+    def lines(self) -> list[str]:
+        """Every step, done (with its time) or still awaited, for the live view."""
+        return [f"✓ {name} ({self.done[name]:.1f}s)" if name in self.done else f"… {name}"
+                for name, _ in self.steps]
+
+
+def _web_check(url: str, clients: dict[str, redis.Redis], keys: Keys) -> bool:
+    return _answers(url)
+
+
+def _answers(url: str) -> bool:
+    """Whether an HTTP server answers ``url`` at all (any status: it is up)."""
+    try:
+        with urllib.request.urlopen(url, timeout=0.5):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 class Supervisor:
@@ -64,6 +124,8 @@ class Supervisor:
         """Site name -> its Redis URL."""
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.dir = Path(tempfile.mkdtemp(prefix="sidecar-up-"))
+        self.web: dict[str, str] = {}
+        """Startup step -> the URL of a web UI it started (Flower, the dashboard)."""
         self._stopping = False
 
     def _env(self, url: str, site: str | None = None, nats_url: str | None = None) -> dict[str, str]:
@@ -154,11 +216,13 @@ class Supervisor:
                 env = {**env, "FLOWER_BASIC_AUTH":
                        f"{self.settings.dashboard_user}:{self.settings.dashboard_password}"}
             self._spawn("flower", args, env)
+            self.web["Flower answers"] = f"http://127.0.0.1:{port}/healthcheck"
             self.echo(f"Flower on http://127.0.0.1:{port}")
         if self.with_dashboard and first:
             port = free_port()
             self._spawn("dashboard", [py, "-c", "from ops.cli import main; main()", "dashboard",
                                       "--port", str(port)], env)
+            self.web["the dashboard answers"] = f"http://127.0.0.1:{port}/api/status"
             self.echo(f"dashboard on http://127.0.0.1:{port}/ (and /api/status, /metrics)")
         if self.with_peers:
             demo = [py, "-m", "ops.demo"]
@@ -170,6 +234,32 @@ class Supervisor:
             if first:
                 self._spawn(f"conductor{tag}", [*demo, "conductor"], env)
             self._spawn(f"follower{tag}", [*demo, "follower", "--nudge-every", "5"], env)
+
+    def startup(self) -> Startup:
+        """The steps of this run's start: every site's worker routing and beat keeping the duties,
+        the demo peers joined and a leader elected, the sites hearing each other, the web UIs."""
+        first = next(iter(self.urls))
+        demo = {site: (3 if self.sites == 1 else 2 if site == first else 1) for site in self.urls}
+        bridges = 1 if self.sites > 1 else 0
+        steps: list[tuple[str, Check]] = [
+            ("workers route (partition leases held)",
+             lambda cs, k: all(c.exists(k.router_lease(0)) for c in cs.values())),
+            ("beats keep the periodic duties (beat lease held)",
+             lambda cs, k: all(c.exists(k.beat_lease) for c in cs.values())),
+        ]
+        if self.with_peers:
+            steps += [
+                ("demo peers joined",
+                 lambda cs, k: all(c.zcard(k.members) >= demo[s] + bridges for s, c in cs.items())),
+                ("a leader elected", lambda cs, k: bool(cs[first].hget(k.leader, "id"))),
+            ]
+        if self.sites > 1:
+            steps.append(("the sites hear each other over NATS", lambda cs, k: all(
+                len(heard := sites_report(c, k)) == self.sites
+                and all(x["reachable"] for x in heard.values()) for c in cs.values())))
+        for name, url in self.web.items():
+            steps.append((name, functools.partial(_web_check, url)))
+        return Startup(steps)
 
     def run(self, duration: float | None = None) -> int:
         """Start, report each second until stopped, stop. Returns the exit status."""
@@ -188,6 +278,7 @@ class Supervisor:
             keys = Keys(self.settings.namespace)
             deadline = None if duration is None else time.monotonic() + duration
             live = LiveView(self.settings.namespace) if self.live else None
+            startup = self.startup()
             with live if live is not None else contextlib.nullcontext():
                 while not self._stopping and (deadline is None or time.monotonic() < deadline):
                     dead = [(n, p) for n, p in self.children if p.poll() is not None]
@@ -199,9 +290,12 @@ class Supervisor:
                                       f"{self._tail(name)}")
                         status = 1
                         break
+                    progress = startup.check(clients, keys) if startup.pending else []
                     if live is not None:
-                        live.show(self._reports(clients, keys))
+                        live.show(self._reports(clients, keys), startup.lines())
                     else:
+                        for line in progress:
+                            self.echo(line)
                         self.echo(self._status(clients, keys))
                     self._renew_claim()
                     time.sleep(min(1.0, max(0.0, (deadline or float("inf")) - time.monotonic())))

@@ -83,6 +83,10 @@ def test_sidecar_up_runs_the_demo_and_leaves_nothing_behind(procs: Processes) ->
     assert any(s["leader"] != "none" for s in status), out     # beat elected a leader
     assert all(s["rejected"] == "0" for s in status), out
     assert "settings:" in out and f":{port}" in url
+    steps = [line.rsplit(" (", 1)[0] for line in out.splitlines() if line.startswith("ready: ")]
+    assert steps == ["ready: workers route (partition leases held)",
+                     "ready: beats keep the periodic duties (beat lease held)",
+                     "ready: demo peers joined", "ready: a leader elected"], out
     # the worker, beat and peers wrote their logs where `sidecar up` said
     logs = {p.name for p in logs_dir.iterdir()}
     assert {"worker.log", "beat.log", "conductor.log", "follower-1.log", "follower-2.log"} <= logs
@@ -156,7 +160,7 @@ def test_sidecar_up_serves_the_dashboard_and_a_second_up_on_the_namespace_says_o
     from tests.support import sidecar_env
 
     env = sidecar_env(redis_server.url, namespace)  # a Redis this run did not start
-    first = procs.start([str(VENV_BIN / "sidecar"), "up", "--no-peers", "--dashboard",
+    first = procs.start([str(VENV_BIN / "sidecar"), "up", "--no-demo", "--dashboard",
                          "--duration", "60"], env, "up1")
     found = wait_for(lambda: re.search(r"dashboard on (http://\S+/)", procs.log(first)), 30,
                      what="the dashboard's address")
@@ -170,6 +174,12 @@ def test_sidecar_up_serves_the_dashboard_and_a_second_up_on_the_namespace_says_o
             return None
 
     assert wait_for(status, 30, what="the dashboard answering")["namespace"] == namespace
+    # progress while starting: each step once, in order, then the total; no demo step with --no-demo
+    wait_for(lambda: "everything started in" in procs.log(first), 30, what="the start to complete")
+    steps = [line.rsplit(" (", 1)[0] for line in procs.log(first).splitlines() if line.startswith("ready: ")]
+    assert steps == ["ready: workers route (partition leases held)",
+                     "ready: beats keep the periodic duties (beat lease held)",
+                     "ready: the dashboard answers"], procs.log(first)
     second = subprocess.run([str(VENV_BIN / "sidecar"), "up", "--no-peers", "--duration", "5"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert second.returncode != 0
