@@ -4,7 +4,7 @@ COPY pyproject.toml README.md ./
 COPY coordinator coordinator
 COPY workers workers
 COPY mixin mixin
-COPY examples examples
+COPY ops ops
 RUN pip install --no-cache-dir . && useradd --create-home sidecar
 USER sidecar
-CMD ["celery", "-A", "workers", "worker", "-l", "info"]
+CMD ["celery", "-A", "workers", "worker", "-n", "router@%h", "-l", "info"]
