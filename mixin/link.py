@@ -33,7 +33,7 @@ from coordinator.resp import AsyncResp, stream_entries, stream_entries_py, suppo
 from coordinator.routing.coalesce import ReadCoalescer
 from coordinator.routing.direct import DataPlane
 from coordinator.scripts import scripts_for
-from coordinator.settings import Settings
+from coordinator.settings import Settings, redact_url
 from mixin.outbox import TRANSIENT, Outbox
 
 __all__ = ["SidecarLink"]
@@ -113,10 +113,16 @@ class SidecarLink:
     async def open(self, member_info: dict[str, Any]) -> dict[str, str]:
         """Create the inbox group, start reading, register; returns the register reply."""
         self.member_info = member_info
-        await self._ensure_group()
+        try:
+            await self._ensure_group()
+        except _TRANSIENT as exc:
+            raise self.unreachable(exc) from exc
         self._tasks.append(asyncio.create_task(self._read_loop(), name=f"inbox-{self.peer_id}"))
         reply = await self.request("reg", m=dumps(member_info))
-        await self._load_plane()
+        try:
+            await self._load_plane()
+        except _TRANSIENT as exc:
+            raise self.unreachable(exc) from exc
         self.connected = True
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name=f"hb-{self.peer_id}"))
         return reply
@@ -148,6 +154,21 @@ class SidecarLink:
             await self.fast_read.close()
         await self.outbox.close()
         await self.redis.aclose()
+
+    def unreachable(self, exc: BaseException) -> SidecarUnavailable:
+        """The error for a Redis that does not answer, naming it (password hidden) and the fix."""
+        return SidecarUnavailable(
+            f"cannot reach the sidecar's Redis at {redact_url(self.settings.redis_url)} ({exc}); "
+            "start it, or point SIDECAR_REDIS_URL (or redis_url=) at the Redis the sidecar uses")
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The largest payload (bytes of JSON) this peer may send: its own setting, or the
+        router's when that is smaller (read from the data plane the router wrote; a signed peer
+        cannot read it and goes by its own setting)."""
+        own = self.settings.max_payload_bytes
+        plane = self.outbox.plane
+        return own if plane is None else min(own, plane.max_payload_bytes)
 
     async def _load_plane(self) -> None:
         """Learn how to publish (coordinator.routing.direct) from what the router wrote; a peer
@@ -369,7 +390,7 @@ class SidecarLink:
                 status, now, leader, term = await self.scripts.heartbeat(keys=keys, args=args)
             except _TRANSIENT as exc:
                 self.connected = False
-                raise SidecarUnavailable(f"cannot reach the sidecar's Redis: {exc}") from exc
+                raise self.unreachable(exc) from exc
         self.connected = True
         if str(now).isdigit():  # Redis time, halfway through the round trip
             self.clock_offset_ms = int(now) - (sent + time.time()) * 500

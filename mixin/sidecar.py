@@ -29,7 +29,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from coordinator.errors import NoResponders, NotLeader, RemoteError, RequestTimeout, SidecarError
+from coordinator.errors import (
+    NoResponders,
+    NotLeader,
+    PayloadTooLarge,
+    RemoteError,
+    RequestTimeout,
+    SidecarError,
+)
 from coordinator.ids import MessageIds
 from coordinator.logs import hide, peer_logger
 from coordinator.protocol import (
@@ -58,6 +65,14 @@ _UNTRACED = contextlib.nullcontext()
 _MATCHED_LIMIT = 4096
 """Topics whose matching subscriptions a peer remembers (all forgotten when it fills up)."""
 _INTERNAL = tuple(sorted(INTERNAL_SUBSCRIPTIONS))
+
+
+def _check_size(payload: str, limit: int, what: str) -> None:
+    """PayloadTooLarge when ``payload`` (JSON text) is more than ``limit`` bytes as UTF-8."""
+    if len(payload) * 4 > limit and len(payload.encode()) > limit:  # at most 4 bytes a character
+        raise PayloadTooLarge(
+            f"{what} of {len(payload.encode())} bytes exceeds the {limit}-byte limit "
+            "(SIDECAR_MAX_PAYLOAD_BYTES); send large data by reference (a key, a URL) instead")
 
 
 def _timestamp_ms(eid: str, fields: dict[str, str]) -> int:
@@ -229,7 +244,9 @@ class SidecarMixin(Lifecycle):
         handled that long after Redis got it is never handed to a handler: it is counted and
         dead-lettered as ``expired``. With ``fenced=True`` the message
         carries this peer's leader term and is delivered only if this peer is still the leader of
-        that term. Bad topics, payloads and headers raise here, at the call.
+        that term. Bad topics, payloads and headers raise here, at the call: a payload over the
+        limit (``SIDECAR_MAX_PAYLOAD_BYTES``, or the router's when smaller) raises PayloadTooLarge
+        and nothing is sent.
         """
         if topic not in self._valid_topics:
             check_publish_topic(topic)
@@ -237,6 +254,7 @@ class SidecarMixin(Lifecycle):
                 self._valid_topics.add(topic)
         payload = dumps(data)  # TypeError for anything JSON cannot carry, at the call
         link = self._require_link()
+        _check_size(payload, link.max_payload_bytes, "payload")
         mid = self._ids.next()
         fields = {"k": "pub", "s": link.peer_id, "t": topic, "d": payload, "i": mid}
         if ttl is not None:
@@ -263,13 +281,15 @@ class SidecarMixin(Lifecycle):
         A subscriber's handler answers by returning a value (or calling ``message.respond``).
         Raises NoResponders at once when nobody is subscribed, RequestTimeout when no answer
         comes within ``timeout`` seconds, and RemoteError with the error text when the handler
-        that took the request raised.
+        that took the request raised. A payload over the limit raises PayloadTooLarge at the call,
+        as in :meth:`cluster_publish`; an answer over it reaches the requester as RemoteError.
         """
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         check_publish_topic(topic)
         payload = dumps(data)
         link = self._require_link()
+        _check_size(payload, link.max_payload_bytes, "payload")
         mid = self._ids.next()
         fields = {"k": "pub", "s": link.peer_id, "t": topic, "d": payload, "i": mid, "rt": link.peer_id}
         if headers or tracing.ACTIVE:
@@ -463,7 +483,11 @@ class SidecarMixin(Lifecycle):
             for handler in list(self._handlers.get(key, ())):
                 ok, result = await self._call(handler, message)
                 if respond is not None and (not ok or result is not None):
-                    await respond(result, ok)  # a request is answered, never retried
+                    try:
+                        await respond(result, ok)  # a request is answered, never retried
+                    except PayloadTooLarge as exc:  # what the handler returned cannot travel
+                        self._sidecar_log.warning("answer to request %s on %s refused: %s", mid, topic, exc)
+                        await respond(f"{type(exc).__name__}: {exc}", False)
                 elif not ok and sender != SYSTEM_SENDER:
                     failures.append(Failure(pattern, handler, str(result)))
         if failures:
@@ -472,18 +496,23 @@ class SidecarMixin(Lifecycle):
         return True
 
     def _responder(self, reply_to: str, mid: str) -> Callable[..., Awaitable[None]]:
-        """What answers request ``mid`` of ``reply_to``: once, whichever handler answers first."""
+        """What answers request ``mid`` of ``reply_to``: once, whichever handler answers first.
+
+        An answer over the payload limit raises PayloadTooLarge at the call and counts as no
+        answer (the requester is then told of the failure instead)."""
         answered: list[bool] = []
 
         async def respond(value: Any, ok: bool = True) -> None:
             if answered or self._link is None:
                 return  # one answer per request and peer
-            answered.append(True)
             answer = {"k": "rep", "s": self._link.peer_id, "to": reply_to, "ri": mid}
             if ok:
-                answer.update(ok="1", d=dumps(value))
+                data = dumps(value)
+                _check_size(data, self._link.max_payload_bytes, "answer")
+                answer.update(ok="1", d=data)
             else:
                 answer.update(ok="0", e=str(value)[:2000])
+            answered.append(True)
             try:
                 await self._link.write(answer)
             except SidecarError as exc:  # refused (too large...): the requester was told instead

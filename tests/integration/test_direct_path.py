@@ -4,6 +4,7 @@ route that changed, an eviction, and a lost reply while handing a queue group it
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -86,13 +87,24 @@ async def test_too_large_a_payload_is_refused_at_the_call(
     async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
         got: list[Any] = []
         await sub.cluster_subscribe("big.>", lambda m: got.append(m.data))
+        # the peer knows the router's limit from the data plane: it refuses, nothing is sent
         with pytest.raises(PayloadTooLarge, match="100-byte limit"):
             await pub.cluster_publish("big.x", "x" * 200)
+        assert not client.exists(Keys(settings.namespace).deadletter)
+        # a publish that gets past the peer's check (written to the link itself): publish.lua
+        # refuses it, at the call too, and dead-letters it
+        with pytest.raises(PayloadTooLarge, match="100-byte limit"):
+            await pub._require_link().write(big(pub.id, "big.x"))
         await pub.cluster_publish("big.x", "small")
         await async_wait_for(lambda: got == ["small"], what="the small publish")
         [(_, dead)] = client.xrange(Keys(settings.namespace).deadletter)
         assert (dead["reason"], dead["sender"], dead["topic"]) == ("payload_too_large", pub.id,
                                                                    "big.x")
+
+
+def big(sender: str, topic: str) -> dict[str, str]:
+    """A publish of 200 bytes of payload, as the mixin would write it were it not checked."""
+    return {"k": "pub", "s": sender, "t": topic, "d": json.dumps("x" * 200), "i": f"big-{sender}"}
 
 
 async def test_an_evicted_publisher_registers_again_and_its_publish_arrives(
@@ -158,7 +170,7 @@ async def test_writes_queued_behind_a_refused_publish_still_go_out_in_order(
     async with Peer(settings=settings) as pub, Peer(settings=settings) as sub:
         got: list[Any] = []
         await sub.cluster_subscribe("q.>", lambda m: got.append(m.data))
-        results = await asyncio.gather(pub.cluster_publish("q.x", "x" * 200),
+        results = await asyncio.gather(pub._require_link().write(big(pub.id, "q.x")),
                                        *(pub.cluster_publish("q.x", i) for i in range(10)),
                                        return_exceptions=True)
         assert isinstance(results[0], PayloadTooLarge)
