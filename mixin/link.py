@@ -125,6 +125,7 @@ class SidecarLink:
             raise self.unreachable(exc) from exc
         self.connected = True
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name=f"hb-{self.peer_id}"))
+        self.log.debug("peer %s registered", self.peer_id)
         return reply
 
     async def close(self, *, leave: bool = True) -> None:
@@ -138,6 +139,8 @@ class SidecarLink:
                 await self.request("leave", timeout=min(2.0, self.settings.request_timeout))
             except (SidecarTimeout, SidecarUnavailable, RedisError, OSError) as exc:
                 self.log.warning("peer %s: leave not confirmed (%s)", self.peer_id, exc)
+            else:
+                self.log.debug("peer %s left the cluster", self.peer_id)
         with contextlib.suppress(RedisError, OSError):
             await self.outbox.flush_counts()
         self._closing = True

@@ -193,7 +193,10 @@ class ControlHandler:
         result = self.scripts.register(keys=keys, args=args)
         if str(result[0]) == "lost":
             raise _Deposed
-        self.view.member_joined(int(result[4]), bool(int(result[1])), sender)
+        joined = bool(int(result[1]))
+        self.view.member_joined(int(result[4]), joined, sender)
+        if joined:
+            log.info("%s joined (role %s)", sender, info.get("role", "peer"))
         self.guard.learn(sender, info.get("roles") or [info.get("role", "peer")], info.get("labels") or {})
         if self.guard.store.version():  # a joining peer gets the policy set at once
             self.guard.store.distribute([sender], force=True)
@@ -257,9 +260,12 @@ class ControlHandler:
         self.view.invalidate()
         if left:
             hand_off(self.client, self.keys, sender, inbox_maxlen=self.settings.inbox_maxlen)
+            log.info("%s left%s", sender, " (it was the leader)" if was_leader else "")
         if was_leader:  # a graceful leave re-elects now, not a TTL later (a compare-and-set)
             keys, args = elect_call(self.keys, self.settings.member_ttl, "leader left")
-            self.scripts.elect(keys=keys, args=args)
+            status, leader, term = self.scripts.elect(keys=keys, args=args)
+            if str(status) == "elected":
+                log.info("leader is now %s (term %s, leader left)", leader, term)
         if f.get("r"):
             self._reply(stream, "", sender, {"k": "reply", "r": f["r"], "ok": "1"}, lease)
 
