@@ -331,7 +331,7 @@ def harden(obj: Context, user: str, keep_default: bool) -> None:
     password = secrets.token_urlsafe(32)
     try:
         client.acl_setuser(user, enabled=True, reset_passwords=True, passwords=[f"+{password}"],
-                           keys=["~*"], channels=["&*"], commands=["+@all"])
+                           keys=["~*"], channels=["*"], commands=["+@all"])  # redis-py adds the '&'
     except redis.ResponseError as exc:
         raise click.ClickException(f"cannot create Redis user {user!r} ({exc}); run this as an "
                                    "administrator of that Redis") from None

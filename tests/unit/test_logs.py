@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 from collections.abc import Iterator
 
 import click
@@ -41,7 +42,8 @@ def clean_context() -> Iterator[None]:
     root.setLevel(level)
 
 
-def record(name: str, msg: str, *args: object, level: int = logging.INFO, **extra: object) -> logging.LogRecord:
+def record(name: str, msg: str, *args: object, level: int = logging.INFO,
+           **extra: object) -> logging.LogRecord:
     rec = logging.LogRecord(name, level, __file__, 1, msg, args or None, None)
     rec.__dict__.update(extra)
     return rec
@@ -72,7 +74,7 @@ def test_a_traceback_is_one_field_of_the_json_line() -> None:
     except RuntimeError:
         logger = logging.getLogger("sidecar.duties")
         rec = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "failed", None,
-                                exc_info=__import__("sys").exc_info())
+                                exc_info=sys.exc_info())
     line = JsonFormatter().format(rec)
     assert "\n" not in line
     out = json.loads(line)
