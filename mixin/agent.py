@@ -11,6 +11,7 @@ from ulid import ULID
 
 from coordinator.protocol import PEER_ID_RE
 from coordinator.status import StatusMixin
+from mixin.signals import Watch, stop_error
 
 __all__ = ["Agent", "Lifecycle"]
 
@@ -30,16 +31,24 @@ class Lifecycle:
 
 
 class Agent(Lifecycle, StatusMixin):
-    """A peer with a ULID identity in a namespace. Use as ``async with Agent(...) as a:``."""
+    """A peer with a ULID identity in a namespace. Use as ``async with Agent(...) as a:``.
+
+    ``id`` fixes the peer's id (a restarted peer with the same id finds the messages that waited
+    in its inbox); by default each instance gets a new ULID. With ``handle_signals`` (the default)
+    SIGTERM and SIGINT make a peer inside ``async with`` leave the cluster at once and end the
+    process, unless the application handles those signals itself (:mod:`mixin.signals`).
+    """
 
     def __init__(self, namespace: str | None = None, logger: logging.Logger | None = None, *,
-                 id: str | None = None, **kwargs: Any) -> None:
+                 id: str | None = None, handle_signals: bool = True, **kwargs: Any) -> None:
         self.namespace = namespace or os.environ.get("SIDECAR_NAMESPACE") or "default"
         self.namespace_given = namespace is not None
         self.logger = logger or logging.getLogger(f"sidecar.peer.{type(self).__name__}")
         self._id = str(ULID()) if id is None else str(id)
         if not PEER_ID_RE.match(self._id):
             raise ValueError(f"peer id {self._id[:80]!r} must be 1-64 letters, digits, '_' or '-'")
+        self.handle_signals = handle_signals
+        self._watch: Watch | None = None
         super().__init__(**kwargs)
 
     @property
@@ -53,12 +62,28 @@ class Agent(Lifecycle, StatusMixin):
         return self._id[-6:]
 
     async def __aenter__(self) -> Self:
-        await self.setup()
+        """``setup()``; if it fails, ``teardown()`` releases what it got and the error goes on."""
+        self._watch = Watch.enter() if self.handle_signals else None
+        try:
+            await self.setup()
+        except BaseException:
+            await self._end_block()
+            raise
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self.teardown()
+        await self._end_block()
+
+    async def _end_block(self) -> None:
+        """Tear down; then, if a stop signal ended the block, raise what it asks for."""
+        watch, self._watch = self._watch, None
+        try:
+            await self.teardown()
+        finally:
+            received = watch.exit() if watch is not None else None
+        if received is not None:
+            raise stop_error(received) from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.short_id!r}, namespace={self.namespace!r})"
