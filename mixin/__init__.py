@@ -8,11 +8,14 @@ from coordinator.errors import (
     InvalidTopic,
     NoResponders,
     NotLeader,
+    PayloadTooLarge,
+    PolicyRejected,
     RemoteError,
     RequestTimeout,
     SidecarError,
     SidecarTimeout,
     SidecarUnavailable,
+    UnknownPeer,
 )
 from coordinator.protocol import Message
 from coordinator.status import StatusField, StatusMixin
@@ -29,6 +32,8 @@ __all__ = [
     "NatsMixin",
     "NoResponders",
     "NotLeader",
+    "PayloadTooLarge",
+    "PolicyRejected",
     "RedisMixin",
     "RemoteError",
     "RequestTimeout",
@@ -38,4 +43,5 @@ __all__ = [
     "SidecarUnavailable",
     "StatusField",
     "StatusMixin",
+    "UnknownPeer",
 ]
