@@ -35,6 +35,7 @@ import json
 import logging
 import re
 import sys
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -55,9 +56,11 @@ _MIXIN_LOGGERS = frozenset({"peer", "link", "outbox", "nats"})
 _context: dict[str, str] = {}
 _hidden: tuple[str, ...] = ()
 """Values to mask, replaced whole (never changed in place) so formatting threads need no lock."""
+_hide_lock = threading.Lock()
 _HIDE_MIN = 6
 """Shorter values are not hidden: masking them would mangle ordinary words of every message."""
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*:)[^\s@]+@")
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:]*:)[^\s/?#@]+@")
+"""``scheme://user:password@``: a URL's user information, where '/', '?' and '#' cannot occur."""
 
 
 # ---------------------------------------------------------------------------------------- context
@@ -77,10 +80,11 @@ def hide(*values: str | None) -> None:
     """Replace each of ``values`` by ``***`` wherever the sidecar's formatters meet it (values
     shorter than six characters are ignored)."""
     global _hidden
-    new = {v for v in values if v and len(v) >= _HIDE_MIN} - set(_hidden)
-    if new:
-        # longest first, so a secret that contains another is masked whole
-        _hidden = tuple(sorted({*_hidden, *new}, key=len, reverse=True))
+    with _hide_lock:
+        new = {v for v in values if v and len(v) >= _HIDE_MIN} - set(_hidden)
+        if new:
+            # longest first, so a secret that contains another is masked whole
+            _hidden = tuple(sorted({*_hidden, *new}, key=len, reverse=True))
 
 
 def redact(text: str) -> str:

@@ -114,6 +114,7 @@ def test_url_passwords_and_hidden_values_never_reach_a_line() -> None:
         "connect redis://sidecar:***@db:6379/0 failed"
     assert redact("redis://:onlypass@h/0 and nats://u:p%40ss@n:4222") == "redis://:***@h/0 and nats://u:***@n:4222"
     assert redact("redis://db:6379/0 user@example.org") == "redis://db:6379/0 user@example.org"
+    assert redact("http://host:8080/jobs?owner=a@b") == "http://host:8080/jobs?owner=a@b"
     hide("peer-secret-0123456789", "abc", None)
     assert redact("signed with peer-secret-0123456789!") == "signed with ***!"
     assert redact("abc") == "abc"  # too short to hide without mangling ordinary words
