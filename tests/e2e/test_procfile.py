@@ -193,21 +193,19 @@ def test_procfile_redis_line_runs_a_private_redis_on_the_port_given(tmp_path: Pa
     port = free_port()
     env = honcho_env(dict(os.environ), REDIS_PORT=str(port))
     env["PATH"] = f"{Path(redis_server_binary()).parent}{os.pathsep}{env['PATH']}"  # a 6.2+ server
-    with Honcho(["redis"], env, tmp_path / "honcho.log") as honcho:
-        client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=5)
-
+    with (Honcho(["redis"], env, tmp_path / "honcho.log") as honcho,
+          redis.Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=5) as client):
         def ours() -> bool:  # answering, and honcho's child (not another server on the port)
             honcho.running()
             pids = honcho.pids()
             try:
                 pid = int(client.info("server")["process_id"])
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 return False
             return "redis" in pids and os.getpgid(pid) == pids["redis"]
 
         wait_for(ours, timeout=30, what=f"the Procfile's redis on port {port}")
         config = client.config_get("*")
-        client.close()
         assert config["maxmemory-policy"] == "noeviction"
         assert config["bind"] == "127.0.0.1" and config["save"] == "" and config["appendonly"] == "no"
         pid = honcho.pids()["redis"]
