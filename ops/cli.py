@@ -28,6 +28,7 @@ from ops.report import (
     recent_events,
     sites_report,
     subscriptions_report,
+    workers_report,
 )
 
 __all__ = ["cli", "main"]
@@ -357,9 +358,30 @@ def harden(obj: Context, user: str, keep_default: bool) -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def workers(obj: Context, as_json: bool) -> None:
+    """The sidecar's own processes: each router with the partitions it holds, and who holds each
+    lease (partitions, beat, bridge) for how long still. Exits 1 when no router or no beat holds
+    its lease (nothing would be routed, or no periodic duty would run): a health check."""
+    report = workers_report(obj.client(), obj.keys, obj.settings.partitions)
+
+    def held(what: str, h: dict[str, Any] | None) -> str:
+        return f"{what}: {h['name']} (pid {h['pid']}, {h['expires_in_s']}s left)" if h else f"{what}: NONE"
+
+    lines = [f"router {r['name']}: partitions {', '.join(map(str, r['partitions'])) or 'none (standby)'}, "
+             f"checked in {r['checked_in_s_ago']}s ago" for r in report["routers"]] or ["no router"]
+    lines += [held(f"partition {p['partition']}", p["holder"]) for p in report["partitions"]]
+    lines += [held("beat", report["beat"])] + ([held("bridge", report["bridge"])] if report["bridge"] else [])
+    _emit(report, as_json, "\n".join(lines))
+    if report["beat"] is None or any(p["holder"] is None for p in report["partitions"]):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="SIDECAR_DASHBOARD_HOST",
               help="Listen address; beyond loopback it needs SIDECAR_DASHBOARD_USER/PASSWORD.")
-@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--port", default=8765, show_default=True, type=int, envvar="SIDECAR_DASHBOARD_PORT")
 @pass_ctx
 def dashboard(obj: Context, host: str, port: int) -> None:
     """Serve a read-only web page of the cluster (and /api/status, /api/policy as JSON)."""

@@ -5,7 +5,7 @@
 ``/api/events`` (membership and leadership events), ``/api/leadership`` (leader and term
 history), ``/api/workers`` (routers with their partitions, and the leases of the routers, the beat
 and the bridge), ``/api/subscriptions`` and ``/api/deadletters``; ``/metrics`` serves Prometheus
-(:mod:`ops.metrics`).
+(:mod:`ops.metrics`); ``/healthz`` says whether the dashboard reads Redis (no credentials needed).
 
 It listens on loopback unless credentials are set; with credentials every request needs HTTP
 basic auth. The one change it makes, replaying a dead letter, also needs credentials and is refused
@@ -144,6 +144,24 @@ class _Replay(_Base):
         self.finish(json.dumps({"replayed": letter, "to": target}))
 
 
+class _Health(tornado.web.RequestHandler):
+    """``/healthz``: ``ok`` while the dashboard can read Redis, 503 otherwise. It says nothing
+    about the cluster, so it needs no credentials (for load balancers and health checks)."""
+
+    def initialize(self, site: _Site) -> None:
+        self.site = site
+
+    async def get(self) -> None:
+        self.set_header("Content-Type", "text/plain")
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.site.client.ping)
+        except (redis.RedisError, OSError):
+            self.set_status(503)
+            self.finish("redis unreachable\n")
+            return
+        self.finish("ok\n")
+
+
 class _Site:
     """What the handlers share: the Redis client, the views and the expected credentials."""
 
@@ -194,6 +212,7 @@ class Dashboard:
         self.app = tornado.web.Application([
             (r"/", _Page, {"site": site}),
             (r"/metrics", _Metrics, {"site": site}),
+            (r"/healthz", _Health, {"site": site}),
             (r"/api/deadletters/([^/]+)/replay", _Replay, {"site": site}),
             (r"/api/([a-z]+)", _Api, {"site": site}),
         ], compress_response=True)

@@ -233,3 +233,22 @@ def test_redis_out_of_reach_is_one_line_with_the_fix() -> None:
     assert done.returncode == 1
     assert "cannot reach Redis" in done.stderr and "SIDECAR_REDIS_URL" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_workers_names_the_lease_holders_and_fails_while_nothing_routes(settings: Settings) -> None:
+    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace}
+    idle = CliRunner().invoke(cli, ["workers"], env=env)
+    assert idle.exit_code == 1 and "partition 0: NONE" in idle.output and "beat: NONE" in idle.output
+    sc = ClusterSidecar(settings=settings, name="r-under-test")  # routes, and runs the duties
+    sc.start()
+    try:
+        def healthy() -> Any:
+            result = CliRunner().invoke(cli, ["workers", "--json"], env=env)
+            return result.exit_code == 0 and json.loads(result.output)
+
+        report = wait_for(healthy, what="a router and a duty loop holding their leases")
+        assert report["routers"][0]["name"] == "r-under-test"
+        assert report["routers"][0]["partitions"] == list(range(settings.partitions))
+        assert report["beat"]["name"] and report["beat"]["pid"] == os.getpid()
+    finally:
+        sc.stop()

@@ -200,3 +200,22 @@ def test_workers_and_leadership_history(settings: Settings, client: redis.Redis)
 def get(base: str, path: str) -> Any:
     with urllib.request.urlopen(base + path, timeout=5) as resp:
         return json.load(resp)
+
+
+def test_healthz_needs_no_credentials_and_says_when_redis_is_away(settings: Settings) -> None:
+    secured = settings.replace(dashboard_user="ops", dashboard_password="pa55word")
+    for base in serve(make_server(secured)):
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as resp:
+            assert resp.read() == b"ok\n"
+        with pytest.raises(urllib.error.HTTPError) as denied:  # everything else still needs them
+            urllib.request.urlopen(base + "/api/workers", timeout=5)
+        assert denied.value.code == 401
+        denied.value.close()
+    from ops.embedded import free_port
+
+    away = settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    for base in serve(make_server(away)):
+        with pytest.raises(urllib.error.HTTPError) as down:
+            urllib.request.urlopen(base + "/healthz", timeout=5)
+        assert down.value.code == 503
+        down.value.close()
