@@ -52,6 +52,7 @@ __all__ = [
     "INTERNAL_SUBSCRIPTIONS",
     "KINDS",
     "MAX_BATCH",
+    "MAX_STATUS_BYTES",
     "MAX_TTL_MS",
     "PEER_ID_RE",
     "PUBLISH_KINDS",
@@ -60,6 +61,8 @@ __all__ = [
     "check_headers",
     "dumps",
     "parse_headers",
+    "parse_status",
+    "status_json",
 ]
 
 PEER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -85,6 +88,10 @@ DELIVERY_DEAD_LETTERS = frozenset({"handler_failed", "expired"})
 SYSTEM_SENDER = "sidecar"
 """Sender id of the sidecar's own events (``cluster.*``). No peer may register under it; the
 membership scripts (register.lua, leave.lua, elect.lua) write the same literal."""
+
+MAX_STATUS_BYTES = 8192
+"""Most JSON a peer's status fields, or its heartbeat payload, may take; the router (signed mode)
+and the reports ignore more, so no peer can make every dashboard poll carry megabytes."""
 
 INTERNAL_SUBSCRIPTIONS = frozenset({"cluster.leader"})
 """Subscriptions every peer makes for its own bookkeeping: never denied by policy, and not counted
@@ -136,6 +143,42 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=
 def dumps(data: Any) -> str:
     """Compact JSON text; TypeError for objects JSON cannot carry, ValueError for NaN/Infinity."""
     return _ENCODE(data)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities (which JSON cannot carry) as None, at any depth."""
+    if (isinstance(value, float) and value != value) or value in (float("inf"), float("-inf")):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def status_json(values: Mapping[str, Any]) -> str:
+    """A peer's status fields as JSON for operators, whatever they hold: values JSON cannot carry
+    become their text (a datetime, a Decimal), NaN and infinities null; '' when the text would be
+    over :data:`MAX_STATUS_BYTES` (then the last status sent stays)."""
+    text = json.dumps(_finite(dict(values)), default=str, allow_nan=False, separators=(",", ":"),
+                      ensure_ascii=False)
+    return text if len(text.encode()) <= MAX_STATUS_BYTES else ""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_status(text: str | None) -> dict[str, Any] | None:
+    """A status or heartbeat payload as a peer sent it: a JSON object of at most
+    :data:`MAX_STATUS_BYTES` without NaN or infinities, or None (absent, too big or not that)."""
+    if not text or len(text) > MAX_STATUS_BYTES:
+        return None
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,12 +23,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from coordinator.clock import offset_ms
 from coordinator.cluster.membership import heartbeat_call
 from coordinator.errors import SidecarError, SidecarTimeout, SidecarUnavailable, error_from_code
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.logs import Log
 from coordinator.policy.auth import Signer
-from coordinator.protocol import dumps
+from coordinator.protocol import dumps, status_json
 from coordinator.resp import AsyncResp, stream_entries, stream_entries_py, supports
 from coordinator.routing.coalesce import ReadCoalescer
 from coordinator.routing.direct import DataPlane
@@ -377,7 +378,7 @@ class SidecarLink:
             self.extra = extra
         fields: dict[str, str] = {} if extra is None else {"x": dumps(extra)}
         if self.status_source is not None:  # the peer's status fields, for operators
-            fields["st"] = dumps(dict(self.status_source()))
+            fields["st"] = status_json(self.status_source())
         if self.signer is not None:  # authenticated mode: only the router may run scripts
             wait = self.settings.member_ttl
             sent = time.time()
@@ -396,7 +397,7 @@ class SidecarLink:
                 raise self.unreachable(exc) from exc
         self.connected = True
         if str(now).isdigit():  # Redis time, halfway through the round trip
-            self.clock_offset_ms = int(now) - (sent + time.time()) * 500
+            self.clock_offset_ms = offset_ms(int(now), sent, time.time())
         if status == "evicted":
             self._schedule_rejoin()
         if self.on_heartbeat is not None:
@@ -416,6 +417,8 @@ class SidecarLink:
                 self.connected = False
             except (RedisError, SidecarError) as exc:
                 self.log.warning("peer %s: heartbeat failed: %s", self.peer_id, exc)
+            except Exception:  # a bug must not stop the heartbeats: the peer would be evicted
+                self.log.exception("peer %s: heartbeat failed", self.peer_id)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async def _pause(self, seconds: float) -> None:

@@ -101,15 +101,22 @@ def up(obj: Context, duration: float | None, peers: bool, flower: bool, dashboar
     sys.exit(status)
 
 
+def _shown(value: Any) -> str:
+    """``value`` as text for a terminal: what a peer chose (role, labels) can neither start a
+    new line nor send escape sequences."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
 def _member_line(m: dict[str, Any], *, full: bool = False) -> str:
     """One member on one line: id, name, role, leader mark, policy state, inbox, last heartbeat;
     with ``full`` also labels, priority and the peer's status fields and heartbeat payload."""
     lag = "?" if m["inbox_lag"] is None else m["inbox_lag"]
-    line = (f"{m['id']} {m['name'] or '-':<14} {m['role']:<10}{' LEADER' if m['leader'] else ''} "
+    line = (f"{m['id']} {_shown(m['name'] or '-'):<14} {_shown(m['role']):<10}"
+            f"{' LEADER' if m['leader'] else ''} "
             f"policy={m['policy_state']} inbox={m['inbox_length']} lag={lag} "
             f"drops={m['inbox_drops']} last_seen={m['last_seen_s']}s")
     if full:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(m["labels"].items()))
+        labels = ",".join(f"{_shown(k)}={_shown(v)}" for k, v in sorted(m["labels"].items()))
         line += f" prio={m['priority']} eligible={m['eligible']}" + (f" labels={labels}" if labels else "")
         if m["status"]:
             line += " status=" + json.dumps(m["status"], sort_keys=True, separators=(",", ":"))
@@ -159,7 +166,8 @@ def peers(obj: Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def leader(obj: Context, as_json: bool) -> None:
-    """Current leader, term, and the latest leadership and membership events."""
+    """Current leader and term, and the history of terms (who led, after whom, why);
+    ``sidecar events`` lists the membership events."""
     report = cluster_report(obj.client(), obj.keys)
     data = {"leader_id": report["leader_id"], "leader_term": report["leader_term"],
             "history": leadership_report(obj.client(), obj.keys)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from coordinator.clock import redis_ms
@@ -11,20 +10,10 @@ from coordinator.federation.directory import parse_site
 from coordinator.keys import PEER_GROUP, Keys
 from coordinator.leases import LeaseToken
 from coordinator.policy.store import PolicyStore
-from coordinator.protocol import INTERNAL_SUBSCRIPTIONS
+from coordinator.protocol import INTERNAL_SUBSCRIPTIONS, parse_status
 
 __all__ = ["cluster_report", "inbox_report", "leadership_report", "members_report", "recent_events",
            "sites_report", "subscriptions_report", "workers_report"]
-
-
-def _json_field(text: Any) -> Any:
-    """A member hash field written as JSON, decoded (None when absent, the text when not JSON)."""
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
@@ -57,7 +46,7 @@ def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
             "id": peer,
             "name": rec.get("name") or None,
             "role": rec.get("role", ""),
-            "labels": _json_field(rec.get("labels")) or {},
+            "labels": parse_status(rec.get("labels")) or {},
             "priority": int(rec.get("priority", 0) or 0),
             "eligible": rec.get("eligible", "1") == "1",
             "leader": peer == leader,
@@ -69,8 +58,8 @@ def members_report(client: Any, keys: Keys) -> list[dict[str, Any]]:
             "inbox_lag": lag,
             "inbox_pending": pending,
             "inbox_drops": int(drops.get(peer, 0) or 0),
-            "status": _json_field(rec.get("status")) or {},
-            "extra": _json_field(rec.get("extra")),
+            "status": parse_status(rec.get("status")) or {},  # what a peer says of itself: checked
+            "extra": parse_status(rec.get("extra")),
         })
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,10 @@ __all__ = ["Membership", "elect_call", "heartbeat_call", "leave_call", "member_f
 Call = tuple[list[str], list[Any]]
 
 
+_NAME_RE = re.compile(r"[\w.-]{0,64}")
+"""A member's name (its class name): shown to operators, so nothing that could forge a line."""
+
+
 def member_fields(peer_id: str, info: Mapping[str, Any]) -> tuple[str, list[str]]:
     """Validate a member's self-description; return (json for the join event, hash field pairs)."""
     role = str(info.get("role", "peer"))
@@ -34,7 +39,9 @@ def member_fields(peer_id: str, info: Mapping[str, Any]) -> tuple[str, list[str]
     eligible = bool(info.get("eligible", True))
     incarnation = str(info.get("incarnation", "0"))
     roles = info.get("roles") or [role]
-    name = str(info.get("name", ""))[:64]
+    name = str(info.get("name", ""))
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"name {name[:80]!r} must be at most 64 letters, digits, '_', '.' or '-'")
     event = dumps({"peer_id": peer_id, "role": role, "labels": dict(labels), "priority": priority})
     pairs = ["role", role, "labels", dumps(dict(labels)), "priority", str(priority),
              "eligible", "1" if eligible else "0", "incarnation", incarnation,

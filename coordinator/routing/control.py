@@ -32,6 +32,7 @@ from coordinator.protocol import (
     PEER_ID_RE,
     SYSTEM_SENDER,
     dumps,
+    parse_status,
 )
 from coordinator.resp import Entry
 from coordinator.routing.context import RouterContext
@@ -204,10 +205,10 @@ class ControlHandler:
     def _heartbeat(self, stream: str, eid: str, f: dict[str, str], lease: str) -> None:
         """A heartbeat sent through the stream (authenticated mode: peers cannot run scripts)."""
         sender = f["s"]
-        extra = f.get("x") or ""
-        status = f.get("st") or ""
-        keys, args = heartbeat_call(self.keys, sender, payload=extra if _is_json(extra) else "",
-                                    status=status if _is_json(status) else "",
+        # kept only when a JSON object of bounded size: the dashboards poll what is stored here
+        extra, status = (text if text and parse_status(text) is not None else ""
+                         for text in (f.get("x", ""), f.get("st", "")))
+        keys, args = heartbeat_call(self.keys, sender, payload=extra, status=status,
                                     fence=(lease, self.token))
         result = self.scripts.heartbeat(keys=keys, args=args)
         if str(result[0]) == "lost":
@@ -266,18 +267,10 @@ class ControlHandler:
             status, leader, term = self.scripts.elect(keys=keys, args=args)
             if str(status) == "elected":
                 log.info("leader is now %s (term %s, leader left)", leader, term)
+            else:
+                log.info("no leader: %s is gone and no eligible member is live (term %s)", sender, term)
         if f.get("r"):
             self._reply(stream, "", sender, {"k": "reply", "r": f["r"], "ok": "1"}, lease)
-
-
-def _is_json(text: str) -> bool:
-    if not text:
-        return False
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _notice_id(version: int, peer: str, pattern: str, queue: str) -> str:

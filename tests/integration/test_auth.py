@@ -16,8 +16,10 @@ from coordinator import ClusterSidecar, Keys, Settings
 from coordinator.errors import AuthenticationFailed, PolicyRejected, SidecarTimeout
 from coordinator.policy.auth import FRESHNESS_MS, TAG_HEX, Identities, Identity, Signer, canonical, verify
 from coordinator.policy.store import PolicyStore
+from coordinator.protocol import MAX_STATUS_BYTES
 from coordinator.routing.guard import Guard, Mark
 from mixin import Message
+from ops.report import members_report
 from tests.support import TEST_PEER_KEY, P, async_wait_for, request_entry
 
 SECRET = "s3cret-of-peer-a-0123456789abcdef"
@@ -627,3 +629,22 @@ async def test_a_peer_over_its_rate_waits_its_flood_is_capped_and_others_flow(
     finally:
         await sc.teardown()
     assert got == list(range(20))
+
+
+async def test_what_a_peer_says_of_itself_is_kept_only_as_a_bounded_json_object(
+        sidecar: ClusterSidecar, client: redis.Redis, keys: Keys, settings: Settings) -> None:
+    """A signed peer's heartbeat payload and status fields reach every operator's screen: the
+    router keeps them only as a JSON object of bounded size, without NaN (which browsers refuse)."""
+    st = auth_settings(settings)
+    mallory, _ = signed_peer(Identities(client, keys, TEST_PEER_KEY), st, "mallory", "player")
+    async with mallory:
+        link = mallory._require_link()
+        await link.request("hb", x='{"load": 1}', st='{"ok": true}')
+        assert client.hmget(keys.member(mallory.id), "extra", "status") == ['{"load": 1}', '{"ok": true}']
+        for hostile in ('{"a": NaN}', '{"a": Infinity}', "[1, 2]", '"text"', "{broken",
+                        json.dumps({"pad": "x" * MAX_STATUS_BYTES})):
+            await link.request("hb", x=hostile, st=hostile)
+            assert client.hmget(keys.member(mallory.id), "extra", "status") == [
+                '{"load": 1}', '{"ok": true}'], hostile  # the last good ones stay
+        row = next(m for m in members_report(client, keys) if m["id"] == mallory.id)
+        assert row["extra"] == {"load": 1} and row["status"] == {"ok": True}
