@@ -59,8 +59,9 @@ _hidden: tuple[str, ...] = ()
 _hide_lock = threading.Lock()
 _HIDE_MIN = 6
 """Shorter values are not hidden: masking them would mangle ordinary words of every message."""
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:]*:)[^\s/?#@]+@")
-"""``scheme://user:password@``: a URL's user information, where '/', '?' and '#' cannot occur."""
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:]*:)[^\s/?#]+@")
+"""``scheme://user:password@``: a URL's user information, where '/', '?' and '#' cannot occur; the
+password runs to the authority's last '@' (a password may hold '@', as urlsplit reads it)."""
 
 
 # ---------------------------------------------------------------------------------------- context
@@ -88,12 +89,13 @@ def hide(*values: str | None) -> None:
 
 
 def redact(text: str) -> str:
-    """``text`` with URL passwords and hidden values replaced by ``***``."""
-    if "://" in text:
-        text = _URL_PASSWORD.sub(r"\1***@", text)
+    """``text`` with hidden values and URL passwords replaced by ``***`` (hidden values first: a
+    URL rewritten first could leave part of a hidden value behind)."""
     for value in _hidden:
         if value in text:
             text = text.replace(value, "***")
+    if "://" in text:
+        text = _URL_PASSWORD.sub(r"\1***@", text)
     return text
 
 

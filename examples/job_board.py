@@ -14,10 +14,10 @@ the cluster at once, and its jobs in flight go to the other workers.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from typing import Any
 
+from coordinator.logs import configure
 from mixin import Agent, Message, SidecarMixin, StatusField
 
 __all__ = ["JobWorker", "main"]
@@ -43,5 +43,5 @@ async def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure(component="job-board", level="info")  # the sidecar's log format (SIDECAR_LOG_FORMAT)
     asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "job-worker-1"))

@@ -18,6 +18,8 @@ import logging
 import signal
 from typing import Any
 
+from coordinator.logs import configure
+from coordinator.settings import Settings
 from mixin import Agent, Message, SidecarMixin, StatusField
 
 __all__ = ["SidecarConductor", "SidecarFollower", "run"]
@@ -117,7 +119,9 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--nudge-every", type=int, default=0)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    # the sidecar's one log format (SIDECAR_LOG_FORMAT), at SIDECAR_LOG_LEVEL or info
+    configure(settings, component=args.role, level=None if settings.log_level else "info")
     peer: Agent
     if args.role == "conductor":
         peer = SidecarConductor(namespace=_namespace())
@@ -127,8 +131,6 @@ def main() -> None:
 
 
 def _namespace() -> str:
-    from coordinator.settings import Settings
-
     return Settings.from_env().namespace
 
 

@@ -35,10 +35,6 @@ class Duties:
         self.membership = Membership(client, self.keys, inbox_maxlen=settings.inbox_maxlen)
         self.election = Election(client, self.keys, settings.member_ttl)
         self.policies = PolicyStore(client, self.keys, inbox_maxlen=settings.inbox_maxlen)
-        self._seen_leader: tuple[str | None, int] | None = None
-        """(leader, term) of this object's last election, to tell a leader gone from none at all."""
-        self._sent_version = 0
-        """The newest policy version this object has sent (logged at INFO once per version)."""
 
     def sweep(self) -> list[str]:
         """Evict members silent for longer than the member TTL (announces cluster.member.left)."""
@@ -68,27 +64,20 @@ class Duties:
             leader, term = self.election.leader()
             return {"status": "federated", "leader_id": leader, "term": term}
         status, leader, term = self.election.run(reason)
-        seen, self._seen_leader = self._seen_leader, (leader, term)
         if status == "elected":
             log.info("leader is now %s (term %d, %s)", leader, term, reason)
-        elif status == "none" and seen is not None and seen[1] != term:
-            log.info("no leader: %s is gone and no eligible member is live (term %d, %s)",
-                     seen[0] or "the leader", term, reason)
+        elif status == "none" and reason != "periodic":
+            # called because members went (sweep, evict): that no one leads now is news; the
+            # periodic election finding no one again is not (state lives in Redis, not here, so
+            # every worker process says the same)
+            log.info("no leader: no eligible member is live (term %d, after a member %s)", term, reason)
         else:
             log.debug("election: %s %s (term %d)", status, leader or "-", term)
         return {"status": status, "leader_id": leader, "term": term}
 
     def distribute_policies(self) -> int:
         """Send the policy set to live peers that have not acknowledged its version (with backoff)."""
-        sends = self.policies.distribute()
-        if sends:
-            version = self.policies.version()
-            if version > self._sent_version:
-                self._sent_version = version
-                log.info("sending policy version %d to %d peer(s)", version, sends)
-            else:
-                log.debug("policy version %d sent again to %d peer(s)", version, sends)
-        return sends
+        return self.policies.distribute()  # logs a version's first send to each peer at INFO
 
     def cluster_heartbeat(self) -> dict[str, Any]:
         """Publish ``cluster.heartbeat`` (size, leader, term, policy version) to its subscribers."""

@@ -9,6 +9,7 @@ acknowledge (or refuse, with the error) through the request stream; the router r
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -18,6 +19,8 @@ from coordinator.keys import REQUEST_GROUP, Keys
 from coordinator.policy.engine import Policy, PolicyEngine, parse_policy
 from coordinator.protocol import SYSTEM_SENDER, dumps
 from coordinator.scripts import scripts_for
+
+log = logging.getLogger("sidecar.policy")
 
 __all__ = ["PolicyStore", "policy_ack_call"]
 
@@ -106,18 +109,17 @@ class PolicyStore:
         now = time_reply_ms(clock)
         targets = [p for p in (peers if peers is not None else members) if p in set(members)]
         out = self.client.pipeline(transaction=False)
-        sends = 0
+        sends = first = 0
         for peer in targets:
             ack = json.loads(acks[peer]) if peer in acks else {}
-            if not version:
-                state = "NONE"  # no policy set yet: nothing to be in sync with
-            elif ack.get("version") == version and ack.get("ok"):
+            if ack.get("version") == version and ack.get("ok"):
                 continue
             state = json.loads(sent[peer]) if peer in sent else {}
             same = state.get("version") == version
             if same and not force and now < int(state.get("next_at", 0)):
                 continue
             attempts = int(state.get("attempts", 0)) + 1 if same else 1
+            first += attempts == 1
             nonce = uuid.uuid4().hex[:12]
             body = dumps({"version": version, "nonce": nonce, "policies": current["policies"]})
             out.xadd(self.keys.responses(peer), {"k": "msg", "i": f"policy:{version}:{nonce}",
@@ -131,6 +133,12 @@ class PolicyStore:
             sends += 1
         if sends:
             out.execute()
+        # news once per peer and version (the count of attempts lives in Redis, so however many
+        # processes distribute, each first send is logged once); resends are not news
+        if first:
+            log.info("sending policy version %d to %d peer(s) for the first time", version, first)
+        elif sends:
+            log.debug("policy version %d sent again to %d peer(s)", version, sends)
         return sends
 
     def record_ack(self, peer: str, version: int, nonce: str, ok: bool, error: str, *,

@@ -115,6 +115,10 @@ def test_url_passwords_and_hidden_values_never_reach_a_line() -> None:
     assert redact("redis://:onlypass@h/0 and nats://u:p%40ss@n:4222") == "redis://:***@h/0 and nats://u:***@n:4222"
     assert redact("redis://db:6379/0 user@example.org") == "redis://db:6379/0 user@example.org"
     assert redact("http://host:8080/jobs?owner=a@b") == "http://host:8080/jobs?owner=a@b"
+    # a password may hold '@' (redis-py reads up to the last one): none of it may show
+    assert redact("redis://:hunter@2secret@redis:6379/0 down") == "redis://:***@redis:6379/0 down"
+    hide("hunter@2secret")  # hidden first: the URL pass cannot leave a piece of it behind
+    assert redact("redis://u:hunter@2secret@redis:6379/0") == "redis://u:***@redis:6379/0"
     hide("peer-secret-0123456789", "abc", None)
     assert redact("signed with peer-secret-0123456789!") == "signed with ***!"
     assert redact("abc") == "abc"  # too short to hide without mangling ordinary words
