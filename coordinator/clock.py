@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["redis_ms", "time_reply_ms"]
+__all__ = ["offset_ms", "redis_ms", "time_reply_ms"]
 
 
 def time_reply_ms(reply: Any) -> int:
@@ -16,3 +16,10 @@ def time_reply_ms(reply: Any) -> int:
 def redis_ms(client: Any) -> int:
     """Redis server time in milliseconds, read with one ``TIME`` on a sync client."""
     return time_reply_ms(client.time())
+
+
+def offset_ms(redis_now_ms: float, sent: float, received: float) -> float:
+    """Redis time minus this process's clock (ms), from Redis's time ``redis_now_ms`` read by a
+    call sent at ``sent`` and answered at ``received`` (``time.time()`` seconds): Redis read its
+    clock halfway through the round trip, as far as this process can tell."""
+    return redis_now_ms - (sent + received) * 500

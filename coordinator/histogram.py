@@ -2,18 +2,19 @@
 
 A router observes every batch it reads and every message it fans out; writing each observation to
 Redis would cost a round trip per message, so a :class:`Histogram` counts per bucket in memory and
-:meth:`Histogram.drain` hands the counts since the last drain to the owner's counter flush, which
+:meth:`Histogram.pending` hands the counts since the last flush to the owner's counter flush, which
 adds them (HINCRBY, HINCRBYFLOAT) to one hash shared by every process of the namespace.
 :func:`cumulative` reads them back as Prometheus wants them: cumulative buckets, sum and count.
 
 Fields of the hash: ``<name>:le:<bound>`` (observations in the bucket ending at ``bound``, not
-cumulative), ``<name>:le:+Inf``, ``<name>:sum`` and ``<name>:count``.
+cumulative), ``<name>:le:+Inf``, ``<name>:sum`` and ``<name>:count``. A process clears its counts
+only once the flush went through, so a failed flush loses nothing.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 __all__ = ["BATCH_SIZE", "FANOUT_SECONDS", "Histogram", "cumulative"]
 
@@ -35,11 +36,11 @@ def _label(bound: float) -> str:
 
 
 class Histogram:
-    """Observations of one quantity, counted per bucket until drained."""
+    """Observations of one quantity, counted per bucket until cleared."""
 
-    def __init__(self, name: str, bounds: Sequence[float] | None = None) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.bounds = tuple(sorted(BOUNDS[name] if bounds is None else bounds))
+        self.bounds = BOUNDS[name]  # the readers (cumulative) use the same ones
         self._counts = [0] * (len(self.bounds) + 1)
         self._sum = 0.0
         self._count = 0
@@ -50,18 +51,20 @@ class Histogram:
         self._sum += value * times
         self._count += times
 
-    def drain(self) -> tuple[dict[str, int], float]:
-        """Counts since the last drain as hash fields (only the buckets that got any), and the sum
-        of the values; the histogram starts again from zero."""
+    def pending(self) -> tuple[dict[str, int], float]:
+        """Counts since the last :meth:`clear` as hash fields (only the buckets that got any), and
+        the sum of the values."""
         if not self._count:
             return {}, 0.0
         labels = [*(_label(b) for b in self.bounds), "+Inf"]
         fields = {f"{self.name}:le:{label}": n for label, n in zip(labels, self._counts, strict=True) if n}
         fields[f"{self.name}:count"] = self._count
-        total = self._sum
+        return fields, self._sum
+
+    def clear(self) -> None:
+        """Start again from zero (once what :meth:`pending` gave is safely in Redis)."""
         self._counts = [0] * len(self._counts)
         self._sum, self._count = 0.0, 0
-        return fields, total
 
 
 def cumulative(fields: Mapping[str, str], name: str) -> tuple[list[tuple[str, float]], float]:

@@ -78,6 +78,8 @@ class Agent(Lifecycle, StatusMixin):
     async def _end_block(self) -> None:
         """Tear down; then, if a stop signal ended the block, raise what it asks for."""
         watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.begin_leaving()
         try:
             await self.teardown()
         finally:

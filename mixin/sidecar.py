@@ -499,7 +499,9 @@ class SidecarMixin(Lifecycle):
         """What answers request ``mid`` of ``reply_to``: once, whichever handler answers first.
 
         An answer over the payload limit raises PayloadTooLarge at the call and counts as no
-        answer (the requester is then told of the failure instead)."""
+        answer: when the handler's return value is too large (or the handler lets that error
+        out), the requester gets RemoteError at once; a handler that swallows it leaves the
+        requester to its timeout."""
         answered: list[bool] = []
 
         async def respond(value: Any, ok: bool = True) -> None:

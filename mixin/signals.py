@@ -50,6 +50,8 @@ class Watch:
         """The signal that asked this process to stop, once one did."""
         self.cancelled: set[asyncio.Task[object]] = set()
         """Tasks this watch cancelled (their cancel is taken back as the block raises why)."""
+        self.leaving: set[asyncio.Task[object]] = set()
+        """Tasks tearing a peer's block down: a signal must not cancel their leave."""
 
     @classmethod
     def enter(cls) -> Watch | None:
@@ -74,6 +76,13 @@ class Watch:
         watch.tasks[task] = watch.tasks.get(task, 0) + 1
         return watch
 
+    def begin_leaving(self) -> None:
+        """The current task starts tearing its block down (leaving the cluster): a signal that
+        comes now is remembered, not used to cancel that leave."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.leaving.add(task)
+
     def exit(self) -> int | None:
         """The current task leaves a peer's block; the last one out removes the handlers.
 
@@ -81,10 +90,15 @@ class Watch:
         then raises what the signal asks for); else None, and a block a signal cancelled lets the
         cancellation go on, so no block ends the process while another peer is still leaving."""
         task = asyncio.current_task()
+        self.leaving.discard(task)
         if task is not None and task in self.tasks:
             self.tasks[task] -= 1
             if not self.tasks[task]:
                 del self.tasks[task]
+            elif self.received is not None and task not in self.cancelled:
+                # the signal came while this block was leaving: the blocks around it end now
+                task.cancel(f"{signal.Signals(self.received).name} received: leaving the cluster")
+                self.cancelled.add(task)
         if self.tasks:
             return None
         self._remove()
@@ -107,7 +121,7 @@ class Watch:
             return
         self.received = sig
         for task in list(self.tasks):
-            if not task.done():
+            if not task.done() and task not in self.leaving:
                 task.cancel(f"{sig.name} received: leaving the cluster")
                 self.cancelled.add(task)
 

@@ -71,6 +71,12 @@ class _Base(tornado.web.RequestHandler):
     def initialize(self, site: _Site) -> None:
         self.site = site
 
+    def set_default_headers(self) -> None:
+        # never inside another site's frame (a framed page could be clicked into a replay)
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Content-Security-Policy", "frame-ancestors 'none'")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
     def prepare(self) -> None:
         if not self.site.authorized(self.request.headers.get("Authorization", "")):
             self.set_header("WWW-Authenticate", 'Basic realm="sidecar"')
@@ -81,16 +87,20 @@ class _Base(tornado.web.RequestHandler):
         self.set_header("Content-Type", "text/plain")
         self.finish(f"{self._reason}\n")  # never a traceback to the browser
 
-    def log_exception(self, *args: Any) -> None:  # no request lines with credentials in the logs
+    def log_exception(self, *args: Any) -> None:  # a 404 or 401 is not worth a warning
         if args and isinstance(args[1], tornado.web.HTTPError):
             return
         super().log_exception(*args)
 
-    async def answer(self, compute: Callable[[], Any]) -> None:
+    async def answer(self, compute: Callable[[], Any], status: int = 200) -> None:
         data = await asyncio.get_running_loop().run_in_executor(None, compute)
+        self.send_json(data, status)
+
+    def send_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        self.finish(json.dumps(data))
+        self.finish(json.dumps(data, allow_nan=False))  # standard JSON: browsers refuse NaN
 
 
 class _Api(_Base):
@@ -134,22 +144,20 @@ class _Replay(_Base):
         try:
             target = await asyncio.get_running_loop().run_in_executor(None, self.site.replay, letter)
         except KeyError as exc:
-            self.set_status(404)
-            self.finish(json.dumps({"error": str(exc.args[0])}))
+            self.send_json({"error": str(exc.args[0])}, 404)
             return
         except ValueError as exc:
-            self.set_status(409)
-            self.finish(json.dumps({"error": str(exc)}))
+            self.send_json({"error": str(exc)}, 409)
             return
-        self.finish(json.dumps({"replayed": letter, "to": target}))
+        self.send_json({"replayed": letter, "to": target})
 
 
-class _Health(tornado.web.RequestHandler):
+class _Health(_Base):
     """``/healthz``: ``ok`` while the dashboard can read Redis, 503 otherwise. It says nothing
     about the cluster, so it needs no credentials (for load balancers and health checks)."""
 
-    def initialize(self, site: _Site) -> None:
-        self.site = site
+    def prepare(self) -> None:
+        return  # the one path open without credentials
 
     async def get(self) -> None:
         self.set_header("Content-Type", "text/plain")
@@ -216,7 +224,8 @@ class Dashboard:
             (r"/api/deadletters/([^/]+)/replay", _Replay, {"site": site}),
             (r"/api/([a-z]+)", _Api, {"site": site}),
         ], compress_response=True)
-        self._sockets = tornado.netutil.bind_sockets(port, host, family=socket.AF_INET)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # one socket, one port
+        self._sockets = tornado.netutil.bind_sockets(port, host, family=family)
         self.server_address: tuple[str, int] = self._sockets[0].getsockname()[:2]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None

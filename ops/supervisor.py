@@ -83,16 +83,13 @@ class Startup:
 
 
 def _web_check(url: str, clients: dict[str, redis.Redis], keys: Keys) -> bool:
-    return _answers(url)
-
-
-def _answers(url: str) -> bool:
-    """Whether an HTTP server answers ``url`` at all (any status: it is up)."""
+    """A startup step's check: whether the web UI at ``url`` answers at all (even 401: it is up;
+    the dashboard's /healthz answers 200 only once it reads Redis)."""
     try:
         with urllib.request.urlopen(url, timeout=0.5):
             return True
-    except urllib.error.HTTPError:
-        return True
+    except urllib.error.HTTPError as exc:
+        return exc.code != 503
     except (urllib.error.URLError, OSError):
         return False
 
@@ -222,7 +219,7 @@ class Supervisor:
             port = free_port()
             self._spawn("dashboard", [py, "-c", "from ops.cli import main; main()", "dashboard",
                                       "--port", str(port)], env)
-            self.web["the dashboard answers"] = f"http://127.0.0.1:{port}/api/status"
+            self.web["the dashboard answers"] = f"http://127.0.0.1:{port}/healthz"
             self.echo(f"dashboard on http://127.0.0.1:{port}/ (and /api/status, /metrics)")
         if self.with_peers:
             demo = [py, "-m", "ops.demo"]

@@ -85,6 +85,9 @@ __all__ = ["BRIDGE_ROLE", "Bridge", "bridge_id"]
 
 log = logging.getLogger("sidecar.bridge")
 
+_MAX_ORIGINS = 64
+"""Origin sites the bridge's traffic counters name one by one (coordinator.keys.bridge_traffic)."""
+
 _CONSUMER = "bridge"
 """Inbox consumer name every bridge of a site shares: one is active at a time, and a successor
 reads what its predecessor left pending under the same name."""
@@ -205,6 +208,7 @@ class Bridge(StatusMixin):
         """Routed and delivered since the last round, added to the site's counters by _tick (as
         peers add theirs with their heartbeats: one command less per delivery)."""
         self._traffic: Counter[str] = Counter()
+        self._origins: set[str] = set()
         """Messages sent to NATS (``exported``) and delivered from each site (``imported <site>``)
         since the last round (keys.bridge_traffic)."""
         self._connection = 0
@@ -295,6 +299,15 @@ class Bridge(StatusMixin):
             self.active = True
             self._work = asyncio.create_task(self._federate(), name=f"bridge {self.site}")
             log.info("bridge %s active for site %r", self.name, self.site)
+
+    def _count_import(self, origin: str) -> None:
+        """Count a delivery from ``origin`` (a header any NATS client may set: past
+        :data:`_MAX_ORIGINS` names, the rest count as ``other``, so no sender can grow the
+        metrics without bound)."""
+        if origin not in self._origins and len(self._origins) >= _MAX_ORIGINS:
+            origin = "other"
+        self._origins.add(origin)
+        self._traffic[f"imported {origin}"] += 1
 
     async def _flush_tally(self) -> None:
         routed, delivered = self._tally
@@ -735,7 +748,7 @@ class Bridge(StatusMixin):
             found = await self._admit(m.subject, m.data, m.headers, m.metadata.sequence.stream)
             if found is not None:
                 entries.append(found)
-                self._traffic[f"imported {origin_of(m.headers)}"] += 1
+                self._count_import(origin_of(m.headers))
         if entries:
             await self._deliver(entries)
             self.imported += len(entries)

@@ -46,7 +46,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from coordinator import resp
-from coordinator.clock import redis_ms
+from coordinator.clock import offset_ms, redis_ms
 from coordinator.errors import InternalError, SidecarError
 from coordinator.histogram import BATCH_SIZE, FANOUT_SECONDS, Histogram
 from coordinator.keys import REQUEST_GROUP, Keys
@@ -349,7 +349,7 @@ class Router:
             if _foreign(self.client.xpending(stream, REQUEST_GROUP), self.name):
                 self.claim_pending(stream)
         sent = time.time()
-        self._clock_offset_ms = redis_ms(self.client) - (sent + time.time()) * 500
+        self._clock_offset_ms = offset_ms(redis_ms(self.client), sent, time.time())
         self._flush_stats()
         if time.monotonic() - self._last_trim > 5.0:
             self._last_trim = time.monotonic()
@@ -442,7 +442,8 @@ class Router:
 
     def _flush_stats(self) -> None:
         counts = {k: self.stats[k] - self._flushed.get(k, 0) for k in ("routed", "delivered")}
-        buckets = [h.drain() for h in (self.batch_sizes, self.fanout_seconds)]
+        histograms = (self.batch_sizes, self.fanout_seconds)
+        buckets = [h.pending() for h in histograms]
         if any(counts.values()) or any(fields for fields, _ in buckets):
             pipe = self.client.pipeline(transaction=False)
             for key, delta in counts.items():
@@ -454,6 +455,8 @@ class Router:
                     pipe.hincrbyfloat(self.keys.histograms, f"{name}:sum", total)
             pipe.execute()
             self._flushed.update({k: self.stats[k] for k in counts})
+            for h in histograms:
+                h.clear()
         if self.throttle.on:
             self._show_throttled()
 

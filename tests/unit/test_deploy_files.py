@@ -32,7 +32,8 @@ def test_compose_runs_worker_beat_flower_and_peers_against_redis_and_nats() -> N
 
 def test_compose_flower_needs_credentials_and_binds_loopback() -> None:
     flower = compose()["services"]["flower"]
-    assert any("--basic-auth=" in part for part in flower["command"])
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    assert not any("--basic-auth" in part for part in flower["command"])
     assert all(port.startswith("127.0.0.1:") for port in flower["ports"])
 
 

@@ -154,3 +154,23 @@ async def test_a_failed_setup_is_torn_down_and_its_error_goes_on() -> None:
             pytest.fail("entered")
     assert peer.calls == ["setup", "teardown"]
     assert not caught(signal.SIGTERM)  # the handlers went with the failed block
+
+
+class SlowLeave(Recorded):
+    """A peer whose leave takes a round trip, during which the stop signal comes."""
+
+    async def teardown(self) -> None:
+        self.calls.append("leaving")
+        assert caught(signal.SIGTERM)  # else the signal would end the test run itself
+        signal.raise_signal(signal.SIGTERM)
+        await asyncio.sleep(0.05)  # the leave's round trip: the signal is handled meanwhile
+        self.calls.append("left")
+
+
+async def test_a_signal_that_comes_while_a_peer_leaves_does_not_cut_its_leave_short() -> None:
+    peer = SlowLeave()
+    with pytest.raises(StopRequested):  # the signal still ends the block, once the leave is done
+        async with peer:
+            pass
+    assert peer.calls == ["setup", "leaving", "left"]
+    assert not caught(signal.SIGTERM)
