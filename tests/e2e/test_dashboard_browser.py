@@ -112,6 +112,7 @@ def test_the_dashboard_in_a_browser_follows_a_live_cluster(
             letter = client.xadd(keys.deadletter, deadletter_entry(
                 "handler_failed", "boom", stream="inbox", entry="01DEADLETTER00000000000000",
                 peer=heir.id, topic="chart.tick", raw="1", sender=heir.id))
+            page.wait_for_selector("#deadreasons b[data-reason='handler_failed']", timeout=20_000)
             page.click(f"button[data-replay='{letter}']", timeout=20_000)
             page.wait_for_selector(f"#replayed:has-text('replayed {letter}')", timeout=20_000)
             assert not client.xrange(keys.deadletter, letter, letter)
