@@ -61,6 +61,10 @@ def _emit(data: Any, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
 
 
+PROG = "sidecar"
+"""The console script's name: run under it, the CLI sets up the process's logging."""
+
+
 @click.group()
 @click.option("--redis-url", envvar="SIDECAR_REDIS_URL", help="Redis of the cluster.")
 @click.option("--namespace", envvar="SIDECAR_NAMESPACE", help="Cluster namespace.")
@@ -71,7 +75,10 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str | None) -> Non
         ctx.obj = Context(redis_url, namespace)
     except SidecarError as exc:
         raise click.UsageError(str(exc)) from None
-    configure(ctx.obj.settings, component="cli")  # SIDECAR_LOG_FORMAT / SIDECAR_LOG_LEVEL, to stderr
+    if ctx.info_name == PROG:
+        # the `sidecar` process itself (main): SIDECAR_LOG_FORMAT / SIDECAR_LOG_LEVEL, to stderr. A
+        # caller running the group in its own process (a test, an app) keeps its own logging.
+        configure(ctx.obj.settings, component="cli")
 
 
 @cli.command()
@@ -431,7 +438,7 @@ _register_groups()
 def main() -> None:
     """Console-script entry point: Redis out of reach is one line with the fix, not a traceback."""
     try:
-        cli(prog_name="sidecar")
+        cli(prog_name=PROG)
     except redis.ConnectionError as exc:
         click.echo(f"Error: cannot reach Redis ({exc}); is it running, and is SIDECAR_REDIS_URL "
                    "(or --redis-url) right?", err=True)
