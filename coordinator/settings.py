@@ -158,6 +158,10 @@ class Settings:
     peer_key: str | None = _secret()
     """The key every peer secret is derived from (workers and the CLI, with
     ``SIDECAR_AUTH=required``): Redis holds no secret, only who each peer is."""
+    dashboard_host: str = "127.0.0.1"
+    """Where ``sidecar dashboard`` listens; beyond loopback only with the credentials below."""
+    dashboard_port: int = 8765
+    """The dashboard's port."""
     dashboard_user: str | None = None
     """Basic-auth user for Flower and the dashboard when they listen beyond loopback."""
     dashboard_password: str | None = _secret()
@@ -188,6 +192,8 @@ class Settings:
         if self.log_level is not None and self.log_level.lower() not in LOG_LEVELS:
             raise ConfigurationError(
                 f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not 0 <= self.dashboard_port <= 65535:
+            raise ConfigurationError(f"dashboard_port must be 0-65535, got {self.dashboard_port!r}")
         if self.peer_rate < 0:
             raise ConfigurationError(f"peer_rate must be >= 0 (0: no limit), got {self.peer_rate!r}")
         for name in ("nats_stream_max_age", "nats_duplicate_window"):

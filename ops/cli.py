@@ -394,18 +394,19 @@ def workers(obj: Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, envvar="SIDECAR_DASHBOARD_HOST",
-              help="Listen address; beyond loopback it needs SIDECAR_DASHBOARD_USER/PASSWORD.")
-@click.option("--port", default=8765, show_default=True, type=int, envvar="SIDECAR_DASHBOARD_PORT")
+@click.option("--host", help="Listen address (default: SIDECAR_DASHBOARD_HOST, else 127.0.0.1); "
+              "beyond loopback it needs SIDECAR_DASHBOARD_USER/PASSWORD.")
+@click.option("--port", type=int, help="Port (default: SIDECAR_DASHBOARD_PORT, else 8765).")
 @pass_ctx
-def dashboard(obj: Context, host: str, port: int) -> None:
-    """Serve a read-only web page of the cluster (and /api/status, /api/policy as JSON)."""
+def dashboard(obj: Context, host: str | None, port: int | None) -> None:
+    """Serve the live dashboard of the cluster (its JSON under /api/..., /metrics, /healthz)."""
     from ops.dashboard import make_server
 
     obj.require_redis()
+    host = host or obj.settings.dashboard_host
     try:
-        server = make_server(obj.settings, host, port)
-    except SidecarError as exc:
+        server = make_server(obj.settings, host, obj.settings.dashboard_port if port is None else port)
+    except (SidecarError, OSError) as exc:  # a bad setting, or the port taken
         raise click.UsageError(str(exc)) from None
     click.echo(f"dashboard on http://{host}:{server.server_address[1]}/")
     try:

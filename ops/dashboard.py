@@ -31,7 +31,6 @@ from typing import Any
 
 import redis
 import tornado.httpserver
-import tornado.netutil
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -92,9 +91,9 @@ class _Base(tornado.web.RequestHandler):
             return
         super().log_exception(*args)
 
-    async def answer(self, compute: Callable[[], Any], status: int = 200) -> None:
+    async def answer(self, compute: Callable[[], Any]) -> None:
         data = await asyncio.get_running_loop().run_in_executor(None, compute)
-        self.send_json(data, status)
+        self.send_json(data)
 
     def send_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -224,8 +223,16 @@ class Dashboard:
             (r"/api/deadletters/([^/]+)/replay", _Replay, {"site": site}),
             (r"/api/([a-z]+)", _Api, {"site": site}),
         ], compress_response=True)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # one socket, one port
-        self._sockets = tornado.netutil.bind_sockets(port, host, family=family)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:  # one socket, one port (port 0: a free one), closed again if it cannot listen
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sockets = [sock]
         self.server_address: tuple[str, int] = self._sockets[0].getsockname()[:2]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -252,3 +253,19 @@ def test_workers_names_the_lease_holders_and_fails_while_nothing_routes(settings
         assert report["beat"]["name"] and report["beat"]["pid"] == os.getpid()
     finally:
         sc.stop()
+
+
+def test_dashboard_settings_come_from_the_environment_and_bad_ones_are_one_line(
+        settings: Settings) -> None:
+    env = {"SIDECAR_REDIS_URL": settings.redis_url or "", "SIDECAR_NAMESPACE": settings.namespace,
+           "SIDECAR_DASHBOARD_HOST": "0.0.0.0"}
+    open_wide = CliRunner().invoke(cli, ["dashboard"], env=env)
+    assert open_wide.exit_code == 2 and "only with credentials" in open_wide.output
+    bad_port = CliRunner().invoke(cli, ["dashboard"], env={**env, "SIDECAR_DASHBOARD_PORT": "70000"})
+    assert bad_port.exit_code == 2 and "dashboard_port must be 0-65535" in bad_port.output
+    with socket.socket() as taken:  # a port in use: one line, not a traceback
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = CliRunner().invoke(cli, ["dashboard", "--host", "127.0.0.1", "--port",
+                                        str(taken.getsockname()[1])], env=env)
+    assert busy.exit_code == 2 and "Traceback" not in busy.output and "in use" in busy.output
