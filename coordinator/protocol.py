@@ -38,6 +38,7 @@ Response entry (``sidecar.responses.<peer_id>``), written by the router::
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -147,8 +148,8 @@ def dumps(data: Any) -> str:
 
 def _finite(value: Any) -> Any:
     """``value`` with NaN and infinities (which JSON cannot carry) as None, at any depth."""
-    if (isinstance(value, float) and value != value) or value in (float("inf"), float("-inf")):
-        return None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {str(k): _finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -158,10 +159,14 @@ def _finite(value: Any) -> Any:
 
 def status_json(values: Mapping[str, Any]) -> str:
     """A peer's status fields as JSON for operators, whatever they hold: values JSON cannot carry
-    become their text (a datetime, a Decimal), NaN and infinities null; '' when the text would be
-    over :data:`MAX_STATUS_BYTES` (then the last status sent stays)."""
-    text = json.dumps(_finite(dict(values)), default=str, allow_nan=False, separators=(",", ":"),
-                      ensure_ascii=False)
+    become their text (a datetime, a Decimal), NaN and infinities null; '' (the last status sent
+    stays) when the text would be over :data:`MAX_STATUS_BYTES` or the values cannot be written
+    at all (a structure that contains itself, an object whose text raises)."""
+    try:
+        text = json.dumps(_finite(dict(values)), default=str, allow_nan=False,
+                          separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError, ArithmeticError, RecursionError):
+        return ""
     return text if len(text.encode()) <= MAX_STATUS_BYTES else ""
 
 
@@ -172,7 +177,7 @@ def _no_constant(name: str) -> Any:
 def parse_status(text: str | None) -> dict[str, Any] | None:
     """A status or heartbeat payload as a peer sent it: a JSON object of at most
     :data:`MAX_STATUS_BYTES` without NaN or infinities, or None (absent, too big or not that)."""
-    if not text or len(text) > MAX_STATUS_BYTES:
+    if not text or len(text.encode()) > MAX_STATUS_BYTES:
         return None
     try:
         value = json.loads(text, parse_constant=_no_constant)

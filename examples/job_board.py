@@ -14,6 +14,7 @@ the cluster at once, and its jobs in flight go to the other workers.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -43,5 +44,6 @@ async def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    configure(component="job-board", level="info")  # the sidecar's log format (SIDECAR_LOG_FORMAT)
+    # the sidecar's log format (SIDECAR_LOG_FORMAT), at SIDECAR_LOG_LEVEL when set, else info
+    configure(component="job-board", level=None if os.environ.get("SIDECAR_LOG_LEVEL") else "info")
     asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "job-worker-1"))

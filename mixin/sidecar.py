@@ -160,7 +160,7 @@ class SidecarMixin(Lifecycle):
         # back; they are parked (unacknowledged) for a grace period and handed to the handlers as
         # they subscribe again, in order.
         self._park_until = time.monotonic() + max(10.0, 2 * self.sidecar_settings.request_timeout)
-        info = {"name": type(self).__name__, "role": self.role, "labels": self.labels,
+        info = {"name": type(self).__name__[:64], "role": self.role, "labels": self.labels,
                 "priority": self.priority,
                 "eligible": self.leader_eligible, "incarnation": str(time.time_ns()),
                 "pid": os.getpid()}

@@ -164,7 +164,7 @@ def peers(obj: Context, as_json: bool) -> None:
               for peer, role in sorted(site["members"].items())]
     if sites:
         rows = [{**m, "site": own} for m in rows] + others
-        text += "".join(f"\n{m['id']} {m['role']:<10} site={m['site']}"
+        text += "".join(f"\n{m['id']} {_shown(m['role']):<10} site={m['site']}"
                         + ("" if m["reachable"] else " (site not reachable)") for m in others)
     _emit(rows, as_json, text)
 

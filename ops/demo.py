@@ -124,14 +124,10 @@ def main() -> None:
     configure(settings, component=args.role, level=None if settings.log_level else "info")
     peer: Agent
     if args.role == "conductor":
-        peer = SidecarConductor(namespace=_namespace())
+        peer = SidecarConductor(namespace=settings.namespace)
     else:
-        peer = SidecarFollower(namespace=_namespace(), nudge_every=args.nudge_every)
+        peer = SidecarFollower(namespace=settings.namespace, nudge_every=args.nudge_every)
     asyncio.run(run(peer, args.interval))
-
-
-def _namespace() -> str:
-    return Settings.from_env().namespace
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ class SidecarCollector(Collector):
         own = str(self.client.get(self.keys.site_name) or "")
         family = CounterMetricFamily("sidecar_bridge_messages", "Messages the site's NATS bridge "
                                      "sent (exported, site: this one) or delivered here "
-                                     "(imported, site: where they came from).",
+                                     "(imported, site: where they came from; *: origins "
+                                     "past the bridge's bound).",
                                      labels=["direction", "site"])
         for field, n in sorted(traffic.items()):
             direction, _, site = str(field).partition(" ")

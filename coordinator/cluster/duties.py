@@ -66,11 +66,9 @@ class Duties:
         status, leader, term = self.election.run(reason)
         if status == "elected":
             log.info("leader is now %s (term %d, %s)", leader, term, reason)
-        elif status == "none" and reason != "periodic":
-            # called because members went (sweep, evict): that no one leads now is news; the
-            # periodic election finding no one again is not (state lives in Redis, not here, so
-            # every worker process says the same)
-            log.info("no leader: no eligible member is live (term %d, after a member %s)", term, reason)
+        elif status == "vacated":  # one call in the namespace gets it (elect.lua): said once
+            log.info("no leader: the leader is gone and no eligible member is live (term %d, %s)",
+                     term, reason)
         else:
             log.debug("election: %s %s (term %d)", status, leader or "-", term)
         return {"status": status, "leader_id": leader, "term": term}

@@ -27,7 +27,8 @@ class Election:
         self.scripts = scripts_for(client)
 
     def run(self, reason: str = "periodic") -> tuple[str, str | None, int]:
-        """Keep or change the leader: returns (kept | elected | none, leader id, term)."""
+        """Keep or change the leader: returns (kept | elected | vacated | none, leader id, term);
+        ``vacated``: this call found the leader gone and no eligible member to follow it."""
         ks, args = elect_call(self.keys, self.member_ttl, reason)
         status, leader, term = self.scripts.elect(keys=ks, args=args)
         return str(status), (str(leader) or None), int(term)

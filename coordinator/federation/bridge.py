@@ -86,7 +86,11 @@ __all__ = ["BRIDGE_ROLE", "Bridge", "bridge_id"]
 log = logging.getLogger("sidecar.bridge")
 
 _MAX_ORIGINS = 64
-"""Origin sites the bridge's traffic counters name one by one (coordinator.keys.bridge_traffic)."""
+"""Fields the site's traffic hash (coordinator.keys.bridge_traffic) holds at most; deliveries from
+further origins are counted under :data:`_OTHER_ORIGINS`."""
+
+_OTHER_ORIGINS = "imported *"
+"""The traffic field of the origins past the bound (``*``: no site is named so)."""
 
 _CONSUMER = "bridge"
 """Inbox consumer name every bridge of a site shares: one is active at a time, and a successor
@@ -208,9 +212,10 @@ class Bridge(StatusMixin):
         """Routed and delivered since the last round, added to the site's counters by _tick (as
         peers add theirs with their heartbeats: one command less per delivery)."""
         self._traffic: Counter[str] = Counter()
-        self._origins: set[str] = set()
         """Messages sent to NATS (``exported``) and delivered from each site (``imported <site>``)
         since the last round (keys.bridge_traffic)."""
+        self._traffic_fields: set[str] = set()
+        """The traffic hash's fields as last read (see _bounded)."""
         self._connection = 0
         """Disconnections from NATS so far: a flight published before the last one may be lost."""
         self._unsettled: deque[tuple[int, bool]] = deque()
@@ -300,18 +305,28 @@ class Bridge(StatusMixin):
             self._work = asyncio.create_task(self._federate(), name=f"bridge {self.site}")
             log.info("bridge %s active for site %r", self.name, self.site)
 
-    def _count_import(self, origin: str) -> None:
-        """Count a delivery from ``origin`` (a header any NATS client may set: past
-        :data:`_MAX_ORIGINS` names, the rest count as ``other``, so no sender can grow the
-        metrics without bound)."""
-        if origin not in self._origins and len(self._origins) >= _MAX_ORIGINS:
-            origin = "other"
-        self._origins.add(origin)
-        self._traffic[f"imported {origin}"] += 1
+    async def _bounded(self, traffic: Counter[str]) -> Counter[str]:
+        """``traffic`` with the fields the site's traffic hash does not hold yet folded into
+        ``imported *`` once the hash names :data:`_MAX_ORIGINS` fields: the origin is a header any
+        NATS client may set, and no sender may grow the hash or the metrics without bound, over
+        restarts and takeovers too (the bound is read from Redis, not kept here)."""
+        new = [field for field in traffic if field not in self._traffic_fields]
+        if new:
+            self._traffic_fields = set(await self.redis.hkeys(self.keys.bridge_traffic))
+        for field in new:
+            if field in self._traffic_fields or field in (_OTHER_ORIGINS, "exported"):
+                continue
+            if len(self._traffic_fields) >= _MAX_ORIGINS:
+                traffic[_OTHER_ORIGINS] += traffic.pop(field)
+            else:
+                self._traffic_fields.add(field)
+        return traffic
 
     async def _flush_tally(self) -> None:
         routed, delivered = self._tally
         traffic, self._traffic = self._traffic, Counter()
+        if traffic:
+            traffic = await self._bounded(traffic)
         if routed or delivered or traffic:
             self._tally = [0, 0]
             pipe = self.redis.pipeline(transaction=False)
@@ -748,7 +763,7 @@ class Bridge(StatusMixin):
             found = await self._admit(m.subject, m.data, m.headers, m.metadata.sequence.stream)
             if found is not None:
                 entries.append(found)
-                self._count_import(origin_of(m.headers))
+                self._traffic[f"imported {origin_of(m.headers)}"] += 1
         if entries:
             await self._deliver(entries)
             self.imported += len(entries)

@@ -17,7 +17,8 @@
 -- 'candidate': ARGV[4] the member to keep if it is live and eligible here, or ''
 -- 'adopt': ARGV[4] leader id ('' for none)  ARGV[5] its term  ARGV[6] ms the record holds unless
 --          adopted again  ARGV[7] the bridge's lease token
--- Returns {"kept"|"elected"|"none", leader id or '', term} | for 'candidate' {"candidate", id or ''}
+-- Returns {"kept"|"elected"|"vacated"|"none", leader id or '', term} ("vacated": this call found
+--   the leader gone and no one to follow it; "none": there was no leader and still is none) | for 'candidate' {"candidate", id or ''}
 --   | for 'adopt' {"kept"|"elected"|"none"|"fenced", id, term}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -89,6 +90,6 @@ end
 term = term + 1
 announce(chosen, term)
 if chosen == '' then
-  return {'none', '', term}
+  return {'vacated', '', term}  -- the leader went and nobody may follow: said by this call alone
 end
 return {'elected', chosen, term}

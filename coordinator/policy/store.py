@@ -133,8 +133,9 @@ class PolicyStore:
             sends += 1
         if sends:
             out.execute()
-        # news once per peer and version (the count of attempts lives in Redis, so however many
-        # processes distribute, each first send is logged once); resends are not news
+        # news once per peer and version: the count of attempts lives in Redis, so processes that
+        # distribute one after another say it once (two at the same instant may both send and
+        # say it: the peer ignores a set it has); resends are not news
         if first:
             log.info("sending policy version %d to %d peer(s) for the first time", version, first)
         elif sends:

@@ -267,7 +267,7 @@ class ControlHandler:
             status, leader, term = self.scripts.elect(keys=keys, args=args)
             if str(status) == "elected":
                 log.info("leader is now %s (term %s, leader left)", leader, term)
-            else:
+            elif str(status) == "vacated":
                 log.info("no leader: %s is gone and no eligible member is live (term %s)", sender, term)
         if f.get("r"):
             self._reply(stream, "", sender, {"k": "reply", "r": f["r"], "ok": "1"}, lease)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -269,3 +270,22 @@ def test_dashboard_settings_come_from_the_environment_and_bad_ones_are_one_line(
         busy = CliRunner().invoke(cli, ["dashboard", "--host", "127.0.0.1", "--port",
                                         str(taken.getsockname()[1])], env=env)
     assert busy.exit_code == 2 and "Traceback" not in busy.output and "in use" in busy.output
+
+
+def test_what_peers_chose_reaches_the_terminal_without_control_characters(
+        settings: Settings, client: redis.Redis) -> None:
+    from coordinator.cluster.membership import Membership
+    from coordinator.keys import Keys
+
+    Membership(client, Keys(settings.namespace)).register(
+        "01ESCAPE000000000000000000", role="x\nFAKE-PEER leader", labels={"zone": "\x1b[2Jgone"})
+    text = run(settings, "peers")
+    assert "\x1b" not in text and "\nFAKE-PEER" not in text
+    assert "\\x1b[2Jgone" in text and "x\\nFAKE-PEER" in text
+
+
+def test_running_the_cli_in_a_process_leaves_its_logging_alone(settings: Settings) -> None:
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    run(settings, "status", "--json")
+    assert (list(root.handlers), root.level) == before  # only the `sidecar` program sets it up

@@ -219,3 +219,19 @@ def test_healthz_needs_no_credentials_and_says_when_redis_is_away(settings: Sett
             urllib.request.urlopen(base + "/healthz", timeout=5)
         assert down.value.code == 503
         down.value.close()
+
+
+def test_the_page_cannot_be_framed_and_its_json_is_standard(open_dashboard: str, client: redis.Redis,
+                                                            settings: Settings) -> None:
+    keys = Keys(settings.namespace)
+    Membership(client, keys).register("01FRAMED000000000000000000", role="probe")
+    client.hset(keys.member("01FRAMED000000000000000000"), "status", '{"rate": NaN}')  # as written raw
+    for path in ("/", "/api/status", "/healthz"):
+        with urllib.request.urlopen(open_dashboard + path, timeout=5) as resp:
+            assert resp.headers["X-Frame-Options"] == "DENY"
+            assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+            body = resp.read().decode()
+    with urllib.request.urlopen(open_dashboard + "/api/status", timeout=5) as resp:
+        status = json.loads(resp.read(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert status["members"][0]["status"] == {}  # NaN is not JSON: shown as nothing
+    assert body == "ok\n"

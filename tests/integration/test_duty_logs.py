@@ -75,5 +75,6 @@ def test_duties_say_at_info_what_changed_and_nothing_else(
     for _ in range(3):
         every_duty(duties)
         every_duty(other)
-    assert info_lines(caplog) == [f"evicted {B} on request",
-                                  "no leader: no eligible member is live (term 3, after a member evicted)"]
+    assert info_lines(caplog) == [
+        f"evicted {B} on request",
+        "no leader: the leader is gone and no eligible member is live (term 3, evicted)"]

@@ -25,3 +25,23 @@ def test_parse_status_keeps_bounded_json_objects_only() -> None:
     for bad in (None, "", '{"a": NaN}', '{"a": -Infinity}', "[1]", "3", '"s"', "{",
                 json.dumps({"pad": "x" * MAX_STATUS_BYTES})):
         assert parse_status(bad) is None, bad
+
+
+class Ambiguous:
+    """An array-like value: comparing it gives no truth value, and its text cannot be made."""
+
+    def __eq__(self, other: object) -> bool:
+        raise ValueError("the truth value of an array is ambiguous")
+
+    __hash__ = object.__hash__
+
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
+def test_values_that_cannot_be_written_at_all_leave_the_last_status() -> None:
+    looped: dict[str, object] = {}
+    looped["self"] = looped
+    assert status_json({"a": Ambiguous()}) == ""
+    assert status_json({"loop": looped}) == ""
+    assert parse_status(status_json({"n": Decimal("sNaN"), "ok": 1})) == {"n": "sNaN", "ok": 1}
