@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from coordinator.errors import InvalidHeaders
+from coordinator.errors import InvalidHeaders, PayloadTooLarge
 
 __all__ = [
     "BRIDGE_ROLE",
@@ -60,6 +60,7 @@ __all__ = [
     "SYSTEM_SENDER",
     "Message",
     "check_headers",
+    "check_size",
     "dumps",
     "parse_headers",
     "parse_status",
@@ -144,6 +145,16 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=
 def dumps(data: Any) -> str:
     """Compact JSON text; TypeError for objects JSON cannot carry, ValueError for NaN/Infinity."""
     return _ENCODE(data)
+
+
+def check_size(text: str, limit: int, what: str) -> None:
+    """PayloadTooLarge when ``text`` (JSON) is more than ``limit`` bytes as UTF-8: the peer checks
+    at the call, the router again on arrival. The text is encoded only when it could be over (at
+    most 4 bytes a character)."""
+    if len(text) * 4 > limit and (size := len(text.encode())) > limit:
+        raise PayloadTooLarge(
+            f"{what} of {size} bytes exceeds the {limit}-byte limit (SIDECAR_MAX_PAYLOAD_BYTES); "
+            "send large data by reference (a key, a URL) instead")
 
 
 def _finite(value: Any) -> Any:

@@ -45,6 +45,7 @@ from coordinator.protocol import (
     SYSTEM_SENDER,
     Message,
     check_headers,
+    check_size,
     dumps,
     parse_headers,
 )
@@ -65,14 +66,6 @@ _UNTRACED = contextlib.nullcontext()
 _MATCHED_LIMIT = 4096
 """Topics whose matching subscriptions a peer remembers (all forgotten when it fills up)."""
 _INTERNAL = tuple(sorted(INTERNAL_SUBSCRIPTIONS))
-
-
-def _check_size(payload: str, limit: int, what: str) -> None:
-    """PayloadTooLarge when ``payload`` (JSON text) is more than ``limit`` bytes as UTF-8."""
-    if len(payload) * 4 > limit and len(payload.encode()) > limit:  # at most 4 bytes a character
-        raise PayloadTooLarge(
-            f"{what} of {len(payload.encode())} bytes exceeds the {limit}-byte limit "
-            "(SIDECAR_MAX_PAYLOAD_BYTES); send large data by reference (a key, a URL) instead")
 
 
 def _timestamp_ms(eid: str, fields: dict[str, str]) -> int:
@@ -254,7 +247,7 @@ class SidecarMixin(Lifecycle):
                 self._valid_topics.add(topic)
         payload = dumps(data)  # TypeError for anything JSON cannot carry, at the call
         link = self._require_link()
-        _check_size(payload, link.max_payload_bytes, "payload")
+        check_size(payload, link.max_payload_bytes, "payload")
         mid = self._ids.next()
         fields = {"k": "pub", "s": link.peer_id, "t": topic, "d": payload, "i": mid}
         if ttl is not None:
@@ -289,7 +282,7 @@ class SidecarMixin(Lifecycle):
         check_publish_topic(topic)
         payload = dumps(data)
         link = self._require_link()
-        _check_size(payload, link.max_payload_bytes, "payload")
+        check_size(payload, link.max_payload_bytes, "payload")
         mid = self._ids.next()
         fields = {"k": "pub", "s": link.peer_id, "t": topic, "d": payload, "i": mid, "rt": link.peer_id}
         if headers or tracing.ACTIVE:
@@ -510,7 +503,7 @@ class SidecarMixin(Lifecycle):
             answer = {"k": "rep", "s": self._link.peer_id, "to": reply_to, "ri": mid}
             if ok:
                 data = dumps(value)
-                _check_size(data, self._link.max_payload_bytes, "answer")
+                check_size(data, self._link.max_payload_bytes, "answer")
                 answer.update(ok="1", d=data)
             else:
                 answer.update(ok="0", e=str(value)[:2000])

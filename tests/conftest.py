@@ -6,7 +6,7 @@ Every test under tests/e2e is marked ``e2e`` here (``make test-fast`` deselects 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ import redis
 
 from coordinator.keys import Keys
 from coordinator.settings import Settings
+from coordinator.sidecar import ClusterSidecar
 from ops.embedded import NatsServer, RedisServer
 from tests.support import Processes
 
@@ -101,3 +102,15 @@ def nats_server() -> Iterator[NatsServer]:
 def second_redis() -> Iterator[RedisServer]:
     """A second Redis for the session: another site's."""
     yield from _running_redis()
+
+
+@pytest.fixture
+async def sidecar(settings: Settings) -> AsyncIterator[ClusterSidecar]:
+    """A router only (no duties) in this process, on the test's settings (tests that need another
+    kind of sidecar define their own)."""
+    sc = ClusterSidecar(settings=settings, run_duties=False)
+    await sc.setup()
+    try:
+        yield sc
+    finally:
+        await sc.teardown()

@@ -17,13 +17,12 @@ from coordinator.errors import (
     BadRequest,
     InvalidHeaders,
     NotLeader,
-    PayloadTooLarge,
     SidecarError,
     UnknownPeer,
 )
 from coordinator.ids import MESSAGE_ID_RE
 from coordinator.keys import REQUEST_GROUP
-from coordinator.protocol import MAX_BATCH, MAX_TTL_MS, SYSTEM_SENDER, check_headers
+from coordinator.protocol import MAX_BATCH, MAX_TTL_MS, SYSTEM_SENDER, check_headers, check_size
 from coordinator.resp import Entry
 from coordinator.routing.context import RouterContext
 from coordinator.routing.guard import Mark
@@ -194,9 +193,7 @@ class PublishPlanner:
             data = f.get("d")
             if not isinstance(data, str):
                 raise BadRequest("an answer without a payload field 'd' (JSON text)")
-            limit = self.settings.max_payload_bytes
-            if len(data) * 4 > limit and len(data.encode()) > limit:
-                raise PayloadTooLarge(f"answer of {len(data.encode())} bytes exceeds the {limit}-byte limit")
+            check_size(data, self.settings.max_payload_bytes, "answer")
             try:
                 json.loads(data)
             except ValueError:
@@ -259,9 +256,8 @@ class PublishPlanner:
         data = f.get("d")
         if not isinstance(data, str):
             raise BadRequest("publish without a payload field 'd' (JSON text)")
-        limit = self.settings.max_payload_bytes
-        if not trusted and len(data) * 4 > limit and len(data.encode()) > limit:
-            raise PayloadTooLarge(f"payload of {len(data.encode())} bytes exceeds the {limit}-byte limit")
+        if not trusted:
+            check_size(data, self.settings.max_payload_bytes, "payload")
         try:
             json.loads(data)
         except ValueError:

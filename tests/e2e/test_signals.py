@@ -10,26 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
 
 from coordinator.keys import Keys
 from coordinator.settings import Settings
-from coordinator.sidecar import ClusterSidecar
 from tests.e2e.helpers import SIDECAR
 from tests.support import Processes, sidecar_env, wait_for
-
-
-@pytest.fixture
-async def router(settings: Settings) -> AsyncIterator[ClusterSidecar]:
-    sc = ClusterSidecar(settings=settings, run_duties=False)
-    await sc.setup()
-    try:
-        yield sc
-    finally:
-        await sc.teardown()
 
 
 def the_member(client: redis.Redis, keys: Keys, proc: subprocess.Popen[bytes],
@@ -57,7 +45,7 @@ PROGRAMS = {
 }
 
 
-@pytest.mark.usefixtures("router")
+@pytest.mark.usefixtures("sidecar")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("program", [*sorted(PROGRAMS), "sidecar tail"])
 def test_a_stopped_peer_process_leaves_at_once(procs: Processes, settings: Settings,
