@@ -84,6 +84,8 @@ class Agent(Lifecycle, StatusMixin):
             await self.teardown()
         finally:
             received = watch.exit() if watch is not None else None
+        if received is None and watch is not None:
+            received = await watch.outlast()
         if received is not None:
             raise stop_error(received) from None
 

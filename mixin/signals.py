@@ -52,6 +52,8 @@ class Watch:
         """Tasks this watch cancelled (their cancel is taken back as the block raises why)."""
         self.leaving: set[asyncio.Task[object]] = set()
         """Tasks tearing a peer's block down: a signal must not cancel their leave."""
+        self.left = asyncio.Event()
+        """Set each time a block ends (see :meth:`outlast`)."""
 
     @classmethod
     def enter(cls) -> Watch | None:
@@ -99,10 +101,29 @@ class Watch:
                 # the signal came while this block was leaving: the blocks around it end now
                 task.cancel(f"{signal.Signals(self.received).name} received: leaving the cluster")
                 self.cancelled.add(task)
+        self.left.set()
         if self.tasks:
             return None
         self._remove()
         if self.received is not None and task in self.cancelled:
+            task.uncancel()  # the cancel was ours; what the block raises now says why
+        return self.received
+
+    async def outlast(self) -> int | None:
+        """After :meth:`exit` gave None, for a task whose outermost block a stop ended (a signal
+        here, or a cancellation such as ``asyncio.run``'s on Ctrl-C): wait until no other task is
+        still leaving, then return the signal, if one came (the block raises what it asks for, as
+        the last does). Ending at once would let an ``asyncio.gather`` over the blocks end
+        ``main``, and the process, while other peers are still leaving."""
+        task = asyncio.current_task()
+        if task is None or task in self.tasks or (self.received is None and not task.cancelling()):
+            return None
+        while self.leaving - {task}:
+            self.left.clear()
+            await self.left.wait()
+        if self.received is None:
+            return None
+        if task in self.cancelled:
             task.uncancel()  # the cancel was ours; what the block raises now says why
         return self.received
 

@@ -73,7 +73,8 @@ from mixin import Agent
 
 class Peer(Agent):
     async def teardown(self):
-        await asyncio.sleep(0.05)  # a leave takes a round trip: a second task must wait for it
+        # a leave takes a round trip, p1's longer: p0's block ends while p1 is still leaving
+        await asyncio.sleep(0.05 if self.id == "p0" else 0.3)
         print("left", self.id, flush=True)
 
 async def block(peer, entered):
