@@ -23,9 +23,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from coordinator.histogram import BATCH_SIZE, FANOUT_SECONDS, cumulative
-from coordinator.keys import PEER_GROUP, Keys
-from coordinator.policy.store import PolicyStore
-from ops.report import cluster_report
+from coordinator.keys import Keys
+from ops.report import cluster_report, members_report
 
 __all__ = ["SidecarCollector", "registry"]
 
@@ -56,13 +55,14 @@ class SidecarCollector(Collector):
                                 value=report["leader_term"])
         yield GaugeMetricFamily("sidecar_policy_version", "Version of the policy set.",
                                 value=report["policy_version"])
-        states = Counter(row["state"] for row in PolicyStore(self.client, self.keys).status())
+        members = members_report(self.client, self.keys)  # policy states and inboxes, one read
+        states = Counter(row["policy_state"] for row in members)
         synced = GaugeMetricFamily("sidecar_peers_policy", "Live peers per policy sync state.",
                                    labels=["state"])
         for state in ("SYNCED", "STALE", "NACKED", "NONE"):  # NONE: no policy set yet
             synced.add_metric([state.lower()], states.get(state, 0))
         yield synced
-        yield from self._inboxes()
+        yield from self._inboxes(members)
         yield self._dead_letters()
         sites = GaugeMetricFamily("sidecar_site_reachable", "1 while a site is heard over NATS.",
                                   labels=["site"])
@@ -99,27 +99,19 @@ class SidecarCollector(Collector):
             family.add_metric([direction, site or own], int(n))
         return family
 
-    def _inboxes(self) -> Iterator[Metric]:
-        members = [str(m) for m in self.client.zrange(self.keys.members, 0, -1)]
-        pipe = self.client.pipeline(transaction=False)
-        for peer in members:
-            pipe.xlen(self.keys.responses(peer))
-            pipe.xinfo_groups(self.keys.responses(peer))
-        replies = pipe.execute(raise_on_error=False)
-        drops = self.client.hgetall(self.keys.inbox_drops)
+    @staticmethod
+    def _inboxes(members: list[dict[str, Any]]) -> Iterator[Metric]:
         length = GaugeMetricFamily("sidecar_inbox_length", "Entries held in a peer's inbox.",
                                    labels=["peer"])
         lag = GaugeMetricFamily("sidecar_inbox_lag", "Entries of a peer's inbox not read yet.",
                                 labels=["peer"])
         dropped = CounterMetricFamily("sidecar_inbox_dropped", "Messages a peer's full inbox "
                                       "dropped or refused.", labels=["peer"])
-        for n, peer in enumerate(members):
-            held, groups = replies[2 * n], replies[2 * n + 1]
-            length.add_metric([peer], 0 if isinstance(held, Exception) else int(held))
-            for group in () if isinstance(groups, Exception) else groups:
-                if group.get("name") == PEER_GROUP and group.get("lag") is not None:
-                    lag.add_metric([peer], int(group["lag"]))
-            dropped.add_metric([peer], int(drops.get(peer, 0) or 0))
+        for m in members:
+            length.add_metric([m["id"]], m["inbox_length"])
+            if m["inbox_lag"] is not None:
+                lag.add_metric([m["id"]], m["inbox_lag"])
+            dropped.add_metric([m["id"]], m["inbox_drops"])
         yield from (length, lag, dropped)
 
     def _dead_letters(self) -> Metric:
