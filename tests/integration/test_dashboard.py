@@ -99,6 +99,7 @@ def test_metrics_scrape_as_prometheus_reads_them(settings: Settings, client: red
                 await async_wait_for(lambda: len(got) == 5, what="five deliveries")
                 await async_wait_for(lambda: int(client.hget(keys.stats, "delivered") or 0) >= 5,
                                      what="the counters flushed with a heartbeat")
+                await async_wait_for(lambda: client.hget(keys.leader, "id"), what="a leader elected")
                 client.xadd(keys.deadletter, {"reason": "handler_failed", "message": "boom"})
                 for base in serve(make_server(settings)):
                     with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
