@@ -37,7 +37,7 @@ from coordinator.logs import Log
 from coordinator.policy.auth import Signer
 from coordinator.protocol import MAX_BATCH, dumps
 from coordinator.resp import AsyncResp, pack
-from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache
+from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache, template_key
 from coordinator.scripts import scripts_for, source
 
 __all__ = ["MAX_FOLD", "TRANSIENT", "Outbox"]
@@ -102,8 +102,10 @@ class Outbox:
         try:
             if self._direct_ok(fields):
                 try:
-                    return await self._quick_direct(fields) or \
-                        await self._retrying(lambda: self._send_direct([fields]))
+                    quick = await self._quick_direct(fields)
+                    if quick is not None:
+                        return quick
+                    return str(await self._retrying(lambda: self._send_direct([fields])))
                 except _Routed:
                     pass
             try:
@@ -128,31 +130,32 @@ class Outbox:
         plane = self.plane
         return plane is not None and plane.direct and fields.get("k") in _DIRECT_KINDS
 
-    async def _quick_direct(self, fields: Fields) -> str:
-        """One plain publish whose packed call is ready (see DirectBatch.packed), in one round
-        trip; its message id, or '' when nothing was delivered and the general path must do it
-        (no template yet, a stale route, a lost connection, counters due)."""
+    async def _quick_direct(self, fields: Fields) -> str | None:
+        """One lone publish, request or answer whose packed call is ready (see
+        DirectBatch.packed), in one round trip; its message id ('' for an answer), or None when
+        nothing was delivered and the general path must do it (no template yet, a stale route,
+        a lost connection, counters due)."""
         fast = self.fast
-        template = self.routes.templates.get(fields.get("t", ""))
-        if (fast is None or template is None or len(fields) != 5
-                or asyncio.get_running_loop().time() >= self._count_due):
-            return ""
+        key = template_key(fields)
+        template = self.routes.templates.get(key) if key is not None else None
+        if fast is None or template is None or asyncio.get_running_loop().time() >= self._count_due:
+            return None
         try:
-            (reply,) = await fast.send_packed(template.pack(fields["i"], fields["d"]), 1)
+            (reply,) = await fast.send_packed(template.fill(fields), 1)
         except TRANSIENT:
-            return ""  # sent again by the general path: the message id makes it a repeat
+            return None  # sent again by the general path: the message id makes it a repeat
         if not isinstance(reply, list) or reply[0] != "ok":
-            return ""  # stale, unknown, NOSCRIPT: nothing was written
+            return None  # stale, unknown, again, NOSCRIPT: nothing was written
         if len(reply) == 3:  # delivered, nothing refused
             self._counted[0] += reply[1]
             self._counted[1] += reply[2]
-            return fields["i"]
+            return fields.get("i", "")
         outcome = DirectBatch.outcome(reply)
         self._counted[0] += outcome.routed
         self._counted[1] += outcome.delivered
         if outcome.refused:
             raise outcome.refused[0]
-        return fields["i"]
+        return fields.get("i", "")
 
     async def _send_direct(self, entries: list[Fields]) -> str:
         """Deliver a run of publishes and answers with ``publish.lua``; returns the last message

@@ -50,6 +50,7 @@ __all__ = [
     "Template",
     "candidates",
     "publish_dataplane",
+    "template_key",
 ]
 
 _CACHE_LIMIT = 4096
@@ -156,20 +157,73 @@ class Route:
         return not self.plain and not self.groups
 
 
+_ID = "\x00id\x00"
+_DATA = "\x00data\x00"
+"""Stand-ins for the message id and the payload while a template is packed (no peer id, topic
+or setting can hold a NUL, so nothing else in a call can be taken for them)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Template:
-    """The packed ``publish.lua`` call of one plain publish to one topic: only the message id and
-    the payload change from one publish to the next, so the rest is packed once per route."""
+    """The packed ``publish.lua`` call of one kind of lone entry: only its id and its payload (or
+    error text) change from one call to the next, so the rest is packed once per route.
 
-    head: bytes
-    """The command up to the message id."""
-    topic: bytes
-    tail: bytes
-    """Everything after the payload."""
+    Which entries share a template is :func:`template_key`'s to say: a plain publish to a topic,
+    a request to a topic, an answer of one outcome to one requester.
+    """
+
+    pieces: tuple[bytes, ...]
+    """The packed command, cut where the id and the payload go."""
+    slots: tuple[bool, ...]
+    """What goes after each piece but the last: True the payload, False the id (a call with a
+    queue group names its batch by the id as well, so the id may go in twice)."""
+
+    @classmethod
+    def of(cls, command: Sequence[Any]) -> Template:
+        """The template of ``command``, packed with :data:`_ID` and :data:`_DATA` standing in."""
+        pieces: list[bytes] = []
+        slots: list[bool] = []
+        run = [b"*%d\r\n" % len(command)]
+        for arg in command:
+            text = str(arg)
+            if text in (_ID, _DATA):
+                pieces.append(b"".join(run))
+                slots.append(text == _DATA)
+                run = []
+            else:
+                run.append(bulk(text))
+        pieces.append(b"".join(run))
+        return cls(tuple(pieces), tuple(slots))
 
     def pack(self, message_id: str, data: str) -> bytes:
         """The whole command, in the Redis protocol."""
-        return b"".join((self.head, bulk(message_id), self.topic, bulk(data), self.tail))
+        values = (bulk(message_id), bulk(data))
+        out = [self.pieces[0]]
+        for slot, piece in zip(self.slots, self.pieces[1:], strict=True):
+            out.append(values[slot])
+            out.append(piece)
+        return b"".join(out)
+
+    def fill(self, fields: Mapping[str, str]) -> bytes:
+        """The call for ``fields`` (an entry whose :func:`template_key` this template has)."""
+        if fields["k"] == "rep":
+            return self.pack(fields["ri"], fields["d"] if fields["ok"] == "1" else fields["e"])
+        return self.pack(fields["i"], fields["d"])
+
+
+def template_key(fields: Mapping[str, str]) -> tuple[str, ...] | None:
+    """What a lone entry's template is filed under, or None for one packed whole each time (a
+    fence, a time to live or headers make a call of its own): ``("pub", topic)``, ``("req",
+    topic)`` or ``("rep", requester, ok)``."""
+    kind, size = fields.get("k"), len(fields)
+    if kind == "pub":
+        if size == 5:  # k s t d i
+            return ("pub", fields["t"])
+        if size == 6 and "rt" in fields:
+            return ("req", fields["t"])
+    elif kind == "rep" and size == 6:  # k s to ri ok, and d or e
+        return ("rep", fields["to"], fields["ok"])
+    return None
 
 
 class RouteCache:
@@ -178,8 +232,8 @@ class RouteCache:
     def __init__(self) -> None:
         self.version: str | None = None
         self._routes: dict[str, Route] = {}
-        self.templates: dict[str, Template] = {}
-        """Topic -> the packed call of a plain publish to it (see DirectBatch.template)."""
+        self.templates: dict[tuple[str, ...], Template] = {}
+        """:func:`template_key` -> the packed call of such entries (see DirectBatch.packed)."""
 
     def get(self, topic: str) -> Route | None:
         return self._routes.get(topic)
@@ -272,30 +326,22 @@ class DirectBatch:
         return [f["t"] for f in self.entries if f.get("k") != "rep" and routes.get(f["t"]) is None]
 
     def packed(self, sha: str, routes: RouteCache) -> bytes:
-        """The call in the Redis protocol. A lone plain publish (no fence, expiry, headers or
-        reply-to) to a topic without queue groups, the commonest call by far, reuses a template
-        packed once per topic and route: only its message id and payload are packed anew."""
-        f = self.entries[0]
-        if len(self.entries) == 1 and f.get("k") == "pub" and len(f) == 5:  # k s t d i
-            topic = f["t"]
-            template = routes.templates.get(topic)
-            if template is None:
-                route = routes.get(topic)
-                if route is None or route.groups:
-                    return pack([self.command(sha, routes)])
-                template = routes.templates[topic] = self._template(sha, routes)
-            return template.pack(f["i"], f["d"])
-        return pack([self.command(sha, routes)])
-
-    def _template(self, sha: str, routes: RouteCache) -> Template:
-        command = self.command(sha, routes)
-        keys = int(command[2])
-        inboxes = int(command[3 + keys + 10])  # ARGV[11]
-        at = 3 + keys + 11 + inboxes + 1  # the one message: "msg", id, topic, data, ...
-        assert command[at] == "msg"
-        parts = [bulk(str(x)) for x in command]
-        head = b"*%d\r\n" % len(command) + b"".join(parts[:at + 1])
-        return Template(head, parts[at + 2], b"".join(parts[at + 4:]))
+        """The call in the Redis protocol. A lone entry of the common kinds (a plain publish, a
+        request or an answer, without fence, expiry or headers), by far the commonest call,
+        reuses a template packed once per route: only its id and payload are packed anew."""
+        key = template_key(self.entries[0]) if len(self.entries) == 1 else None
+        if key is None or (key[0] != "rep" and routes.get(key[1]) is None):
+            return pack([self.command(sha, routes)])
+        template = routes.templates.get(key)
+        if template is None:
+            if len(routes.templates) >= _CACHE_LIMIT:
+                routes.templates.clear()
+            f = self.entries[0]
+            stand_in = {**f, "ri": _ID, "d": _DATA, "e": _DATA} if key[0] == "rep" else \
+                {**f, "i": _ID, "d": _DATA}
+            model = DirectBatch(self.keys, self.plane, self.sender, [stand_in], self.bridge_token)
+            template = routes.templates[key] = Template.of(model.command(sha, routes))
+        return template.fill(self.entries[0])
 
     def command(self, sha: str, routes: RouteCache) -> tuple[Any, ...]:
         """The EVALSHA command (``routes`` resolves every topic of the batch)."""

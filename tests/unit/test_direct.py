@@ -7,7 +7,14 @@ from hypothesis import strategies as st
 
 from coordinator.keys import Keys
 from coordinator.resp import pack
-from coordinator.routing.direct import DataPlane, DirectBatch, Route, RouteCache, candidates
+from coordinator.routing.direct import (
+    DataPlane,
+    DirectBatch,
+    Route,
+    RouteCache,
+    candidates,
+    template_key,
+)
 from coordinator.settings import Settings
 from coordinator.topics import matches
 from tests.unit.test_topics import LITERAL, PATTERN, PEERS
@@ -60,7 +67,7 @@ def test_a_lone_plain_publish_reuses_its_packed_template() -> None:
         f = {"k": "pub", "s": "me", "t": "a.b", "d": f'{{"n": {n}}}', "i": f"ID{n}"}
         batch = DirectBatch(Keys("ns"), _plane(), "me", [f])
         assert batch.packed(SHA, cache) == pack([batch.command(SHA, cache)])
-    assert list(cache.templates) == ["a.b"]
+    assert list(cache.templates) == [("pub", "a.b")]
     cache.learn(["a.b"], ["8", [], [None] * 7])  # the version moved: templates go with the routes
     assert cache.templates == {}
 
@@ -78,17 +85,34 @@ def test_a_template_does_not_mistake_a_peer_named_msg_for_the_message() -> None:
     assert second.packed(SHA, cache) == pack([second.command(SHA, cache)])
 
 
-def test_calls_with_groups_fences_or_requests_are_packed_whole() -> None:
+def test_group_publishes_requests_and_answers_reuse_templates_too() -> None:
     cache = _cache("a.b", groups=True)
-    f = {"k": "pub", "s": "me", "t": "a.b", "d": "1", "i": "ID1"}
-    batch = DirectBatch(Keys("ns"), _plane(), "me", [f])
-    assert batch.packed(SHA, cache) == pack([batch.command(SHA, cache)])
-    assert cache.templates == {}
-    assert batch.batch_key(cache) == "ID1"  # a group delivery: a resent batch must be recognised
+    for n in range(3):
+        entries = [
+            {"k": "pub", "s": "me", "t": "a.b", "d": f"{n}", "i": f"ID{n}"},
+            {"k": "pub", "s": "me", "t": "a.b", "d": f"{n}", "i": f"RQ{n}", "rt": "me"},
+            {"k": "rep", "s": "me", "to": "you", "ri": f"RQ{n}", "ok": "1", "d": f"[{n}]"},
+            {"k": "rep", "s": "me", "to": "you", "ri": f"RQ{n}", "ok": "0", "e": f"boom {n}"},
+        ]
+        for f in entries:
+            batch = DirectBatch(Keys("ns"), _plane(), "me", [f])
+            assert batch.packed(SHA, cache) == pack([batch.command(SHA, cache)])
+    assert sorted(cache.templates) == [("pub", "a.b"), ("rep", "you", "0"), ("rep", "you", "1"),
+                                       ("req", "a.b")]
+    group = DirectBatch(Keys("ns"), _plane(), "me", [entries[0]])
+    assert group.batch_key(cache) == "ID2"  # a group delivery: a resent batch must be recognised
+
+
+def test_calls_with_fences_expiry_headers_or_several_entries_are_packed_whole() -> None:
     plain = _cache("a.b")
-    fenced = DirectBatch(Keys("ns"), _plane(), "me", [{**f, "f": "3"}])
-    assert fenced.packed(SHA, plain) == pack([fenced.command(SHA, plain)])
-    assert plain.templates == {} and fenced.batch_key(plain) == ""
+    f = {"k": "pub", "s": "me", "t": "a.b", "d": "1", "i": "ID1"}
+    for odd in ({**f, "f": "3"}, {**f, "x": "1000"}, {**f, "h": '{"a": "b"}'}):
+        batch = DirectBatch(Keys("ns"), _plane(), "me", [odd])
+        assert batch.packed(SHA, plain) == pack([batch.command(SHA, plain)])
+        assert template_key(odd) is None
+    several = DirectBatch(Keys("ns"), _plane(), "me", [f, {**f, "i": "ID2"}])
+    assert several.packed(SHA, plain) == pack([several.command(SHA, plain)])
+    assert plain.templates == {} and several.batch_key(plain) == ""
 
 
 def test_data_plane_is_direct_only_without_the_routers_checks() -> None:
