@@ -241,10 +241,7 @@ class SidecarMixin(Lifecycle):
         limit (``SIDECAR_MAX_PAYLOAD_BYTES``, or the router's when smaller) raises PayloadTooLarge
         and nothing is sent.
         """
-        if topic not in self._valid_topics:
-            check_publish_topic(topic)
-            if len(self._valid_topics) < 10_000:
-                self._valid_topics.add(topic)
+        self._check_topic(topic)
         payload = dumps(data)  # TypeError for anything JSON cannot carry, at the call
         link = self._require_link()
         check_size(payload, link.max_payload_bytes, "payload")
@@ -267,6 +264,14 @@ class SidecarMixin(Lifecycle):
         await link.write(fields)
         return mid
 
+    def _check_topic(self, topic: str) -> None:
+        """Raise InvalidTopic unless ``topic`` may be published to (topics seen valid are
+        remembered, up to 10,000, so a peer publishing to a few topics checks each once)."""
+        if topic not in self._valid_topics:
+            check_publish_topic(topic)
+            if len(self._valid_topics) < 10_000:
+                self._valid_topics.add(topic)
+
     async def cluster_request(self, topic: str, data: Any, *, timeout: float,
                               headers: dict[str, str] | None = None) -> Any:
         """Send ``data`` to the subscribers of ``topic`` and return the first answer's data.
@@ -279,7 +284,7 @@ class SidecarMixin(Lifecycle):
         """
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        check_publish_topic(topic)
+        self._check_topic(topic)
         payload = dumps(data)
         link = self._require_link()
         check_size(payload, link.max_payload_bytes, "payload")
@@ -292,7 +297,8 @@ class SidecarMixin(Lifecycle):
         answer = link.expect_answer(mid)
         try:
             await link.write(fields)
-            reply = await asyncio.wait_for(answer, timeout)
+            async with asyncio.timeout(timeout):  # (wait_for would start a task per request)
+                reply = await answer
         except TimeoutError:
             raise RequestTimeout(f"no answer to the request on {topic!r} within {timeout}s") from None
         finally:

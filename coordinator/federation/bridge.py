@@ -128,6 +128,23 @@ class _Deposed(Exception):
     """Another bridge holds the lease now."""
 
 
+async def _settled(futures: list[Any], timeout: float) -> list[Any]:
+    """Each future's result or exception, in order, waiting at most ``timeout`` for all of them
+    together; those still pending then are cancelled (freeing their room in the client) and
+    count as TimeoutError. One wait for the whole flight, not a task per message."""
+    if futures:
+        _, pending = await asyncio.wait(futures, timeout=timeout)
+        for future in pending:
+            future.cancel()
+    out: list[Any] = []
+    for future in futures:
+        if future.cancelled():
+            out.append(TimeoutError(f"no acknowledgement within {timeout}s"))
+        else:
+            out.append(future.exception() or future.result())
+    return out
+
+
 class _Gap(Exception):
     """A delivery from the consumer went missing (lost with a connection, or the consumer was
     deleted): delivering what follows it would skip it, and acknowledging would give it up."""
@@ -423,7 +440,11 @@ class Bridge(StatusMixin):
                 reconnected_cb=connected, disconnected_cb=disconnected, error_cb=error,
                 pending_size=0)  # nothing buffered while disconnected: _send publishes again
             self.nats_connected = True
-            self._js = self._nc.jetstream()
+            # room for every batch that can be unacknowledged at once (the queued flights, the
+            # one being settled, the one being launched, and a batch of plain clients'
+            # messages), so a publish never waits for room
+            self._js = self._nc.jetstream(
+                publish_async_max_pending=(_IN_FLIGHT + 3) * self.settings.bridge_batch)
         await ensure_stream(self._js, self.keys, self.settings)
 
     # ------------------------------------------------------------------ out: this site to NATS
@@ -517,9 +538,10 @@ class Bridge(StatusMixin):
         away: nothing goes into the client's buffer that could not be recalled)."""
         futures: list[Awaitable[Any]] = []
         try:
+            # No wait_stall: nats-py would start a task per publish to bound a wait for room
+            # that never comes (the client has room for every flight, see _connect)
             for m in (messages if self._nc.is_connected else ()):
-                futures.append(await self._js.publish_async(m.subject, m.payload, headers=m.headers,
-                                                            wait_stall=_ACK_TIMEOUT))
+                futures.append(await self._js.publish_async(m.subject, m.payload, headers=m.headers))
         except Exception as exc:  # NATS down or too many unacknowledged: sent again by _send
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -542,8 +564,7 @@ class Bridge(StatusMixin):
         sent = 0
         delay = 0.05
         while True:
-            results = await asyncio.gather(*(asyncio.wait_for(f, _ACK_TIMEOUT) for f in futures),
-                                           return_exceptions=True)
+            results = await _settled(futures, _ACK_TIMEOUT)
             failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
             if failed and isinstance(results[failed[0]], NoRespondersError | NoStreamResponseError):
                 with contextlib.suppress(Exception):  # the stream is gone: create it again
@@ -731,7 +752,8 @@ class Bridge(StatusMixin):
         try:
             while True:
                 try:
-                    msgs = [await asyncio.wait_for(arrived.get(), self.settings.bridge_lease)]
+                    async with asyncio.timeout(self.settings.bridge_lease):  # (no task, unlike wait_for)
+                        msgs = [await arrived.get()]
                 except TimeoutError:
                     try:
                         await self._js.consumer_info(self.keys.stream_name,
@@ -890,9 +912,7 @@ class Bridge(StatusMixin):
                     await self._deliver(answers)
                     self.answers += len(answers)
                 if plain:  # core NATS: at most once until the stream has it, like NATS itself
-                    results = await asyncio.gather(
-                        *(asyncio.wait_for(f, _ACK_TIMEOUT) for f in await self._launch(plain)),
-                        return_exceptions=True)
+                    results = await _settled(await self._launch(plain), _ACK_TIMEOUT)
                     lost = len(plain) - sum(1 for r in results if not isinstance(r, BaseException))
                     if lost:
                         log.warning("bridge %s: %d plain NATS messages could not be stored", self.name,
