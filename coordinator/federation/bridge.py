@@ -128,14 +128,24 @@ class _Deposed(Exception):
     """Another bridge holds the lease now."""
 
 
+def _cancel(futures: list[Any]) -> None:
+    """Give up acknowledgements nobody will wait for: a pending nats-py future holds a place
+    among the client's unacknowledged publishes until it is done."""
+    for future in futures:
+        if isinstance(future, asyncio.Future) and not future.done():
+            future.cancel()
+
+
 async def _settled(futures: list[Any], timeout: float) -> list[Any]:
     """Each future's result or exception, in order, waiting at most ``timeout`` for all of them
-    together; those still pending then are cancelled (freeing their room in the client) and
-    count as TimeoutError. One wait for the whole flight, not a task per message."""
+    together; those still pending then (or when the wait is cancelled) are cancelled, freeing
+    their room in the client, and count as TimeoutError. One wait for the whole flight, not a
+    task per message."""
     if futures:
-        _, pending = await asyncio.wait(futures, timeout=timeout)
-        for future in pending:
-            future.cancel()
+        try:
+            await asyncio.wait(futures, timeout=timeout)
+        finally:
+            _cancel(futures)
     out: list[Any] = []
     for future in futures:
         if future.cancelled():
@@ -442,7 +452,7 @@ class Bridge(StatusMixin):
             self.nats_connected = True
             # room for every batch that can be unacknowledged at once (the queued flights, the
             # one being settled, the one being launched, and a batch of plain clients'
-            # messages), so a publish never waits for room
+            # messages): a publish waits for room only if acknowledgements go missing
             self._js = self._nc.jetstream(
                 publish_async_max_pending=(_IN_FLIGHT + 3) * self.settings.bridge_batch)
         await ensure_stream(self._js, self.keys, self.settings)
@@ -502,7 +512,11 @@ class Bridge(StatusMixin):
             futures = await self._launch(messages) if messages else []
             self._unsettled.append((connection, len(futures) == len(messages)))
             self._settled.clear()
-            await flights.put(_Flight([eid for eid, _ in entries], messages, futures))
+            try:
+                await flights.put(_Flight([eid for eid, _ in entries], messages, futures))
+            except BaseException:  # torn down: read again by the next bridge, free their room
+                _cancel(futures)
+                raise
 
     async def _out_settle(self, flights: asyncio.Queue[_Flight]) -> None:
         while True:
@@ -538,17 +552,24 @@ class Bridge(StatusMixin):
         away: nothing goes into the client's buffer that could not be recalled)."""
         futures: list[Awaitable[Any]] = []
         try:
-            # No wait_stall: nats-py would start a task per publish to bound a wait for room
-            # that never comes (the client has room for every flight, see _connect)
-            for m in (messages if self._nc.is_connected else ()):
-                futures.append(await self._js.publish_async(m.subject, m.payload, headers=m.headers))
-        except Exception as exc:  # NATS down or too many unacknowledged: sent again by _send
+            # The client has room for every flight (see _connect), so a publish waits for room
+            # only when acknowledgements went missing; one timeout bounds that wait for the whole
+            # batch (nats-py's own wait_stall would start a task per publish to bound it).
+            async with asyncio.timeout(_ACK_TIMEOUT):
+                for m in (messages if self._nc.is_connected else ()):
+                    futures.append(await self._js.publish_async(m.subject, m.payload,
+                                                                headers=m.headers))
+        except Exception as exc:  # NATS down, or no room in time: sent again by _send
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # nats-py reports a cancellation while it waits for room as TooManyStalledMsgs:
                 # swallowing it would leave this task running after its group was torn down
+                _cancel(futures)
                 raise asyncio.CancelledError from exc
             log.debug("bridge %s: publish failed: %r", self.name, exc)
+        except BaseException:
+            _cancel(futures)
+            raise
         return futures
 
     async def _send(self, messages: list[Outbound], futures: list[Awaitable[Any]]) -> int:
