@@ -67,9 +67,8 @@ class Outbox:
         self.stream = stream
         self.keys = keys
         self.sender = sender
-        self.plane: DataPlane | None = None
-        """The data plane in force (set by the link once registered); None: everything routed."""
         self.routes = RouteCache()
+        self._plane: DataPlane | None = None
         self.on_unknown = on_unknown
         """Called when Redis does not know us as a member (the link registers again)."""
         self.unknown_wait = unknown_wait
@@ -87,6 +86,17 @@ class Outbox:
         self.closing = False
         self._queue: list[tuple[Fields, asyncio.Future[str]]] = []
         self._busy = False
+
+    @property
+    def plane(self) -> DataPlane | None:
+        """The data plane in force (set by the link once registered); None: everything routed."""
+        return self._plane
+
+    @plane.setter
+    def plane(self, plane: DataPlane | None) -> None:
+        if plane != self._plane:  # packed calls carry the plane's limits: pack them afresh
+            self.routes.templates.clear()
+        self._plane = plane
 
     async def write(self, fields: Fields) -> str:
         """Send one request; returns its stream id (a folded publish: the id of its batch entry;

@@ -125,3 +125,18 @@ def test_data_plane_is_direct_only_without_the_routers_checks() -> None:
     assert DataPlane.parse(plane.fields()) == plane
     assert DataPlane.parse({}) is None
     assert DataPlane.parse({**plane.fields(), "mode": "sideways"}) is None
+
+
+def test_a_new_data_plane_packs_its_templates_afresh() -> None:
+    from mixin.outbox import Outbox
+
+    outbox = Outbox(None, "stream", limit=10, signer=None, on_state=lambda up: None)
+    outbox.plane = _plane()
+    outbox.routes = _cache("a.b")
+    f = {"k": "pub", "s": "me", "t": "a.b", "d": "1", "i": "ID1"}
+    DirectBatch(Keys("ns"), _plane(), "me", [f]).packed(SHA, outbox.routes)
+    outbox.plane = _plane()  # the same limits: the packed calls still hold
+    assert list(outbox.routes.templates) == [("pub", "a.b")]
+    smaller = DataPlane.from_settings(Settings(redis_url="redis://127.0.0.1:1", inbox_maxlen=10))
+    outbox.plane = smaller  # a router with other limits: calls packed with the old ones go
+    assert outbox.routes.templates == {}
