@@ -82,7 +82,9 @@ class SidecarCollector(Collector):
         fields = self.client.hgetall(self.keys.histograms)
         for name, doc in ((BATCH_SIZE, "Entries a router read in one go."),
                           (FANOUT_SECONDS, "From a publish reaching Redis to its fan-out into "
-                                           "the subscribers' inboxes (per request entry).")):
+                                           "the subscribers' inboxes (per request entry), for "
+                                           "publishes through the router; a direct publish is "
+                                           "its own fan-out and is not counted.")):
             buckets, total = cumulative(fields, name)
             yield HistogramMetricFamily(f"sidecar_{name}", doc, buckets=buckets, sum_value=total)
 
