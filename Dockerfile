@@ -7,4 +7,6 @@ COPY mixin mixin
 COPY ops ops
 RUN pip install --no-cache-dir . && useradd --create-home sidecar
 USER sidecar
-CMD ["celery", "-A", "workers", "worker", "-n", "router@%h", "-l", "info"]
+# worker and beat log at SIDECAR_LOG_LEVEL (no -l flag, so the environment decides)
+ENV SIDECAR_LOG_LEVEL=info
+CMD ["celery", "-A", "workers", "worker", "-n", "router@%h"]
