@@ -100,7 +100,7 @@ class Settings:
     inbox_linger: float = 0.001
     """While messages arrive fast enough to gather several, a peer waits up to this long after an
     inbox read before the next one (the router's coalescing, on the subscriber's side); sparse
-    traffic never waits; 0 turns it off."""
+    traffic and requests, answers and replies never wait; 0 turns it off."""
     inbox_maxlen: int = 100_000
     """Entries a peer's inbox holds; what happens past it is ``inbox_overflow``'s to say."""
     inbox_overflow: str = "drop_oldest"

@@ -50,6 +50,10 @@ EntryHandler = Callable[[str, dict[str, str]], Awaitable[bool]]
 Fields = dict[Any, Any]  # str -> str; typed loosely because redis-py wants its EncodableT union
 
 
+_TURNS = frozenset(("reply", "rep", "nr"))
+"""Entry kinds that answer something this peer sent (see the read loop's linger)."""
+
+
 class SidecarLink:
     """Request writer, inbox reader and heartbeat of peer ``peer_id``."""
 
@@ -243,9 +247,13 @@ class SidecarLink:
         while not self._closing:
             try:
                 # while messages arrive one by one faster than the linger, wait for a few more:
-                # one wake-up and one round trip then serve several (sparse traffic never waits)
-                wait = coalescer.delay(time.monotonic())
+                # one wake-up and one round trip then serve several (sparse traffic never waits).
+                # Never in a conversation (see ReadCoalescer.converse): while this peer waits for
+                # an answer or a reply, or has just read a request, an answer or a reply.
+                awaited = bool(self._answers) or bool(self._replies)
+                wait = 0.0 if awaited else coalescer.delay(time.monotonic())
                 if wait > 0:
+                    self.lingered += 1
                     await asyncio.sleep(wait)
                 if regroup:  # Redis lost our group (a restart without persistence): make it again
                     await self._ensure_group()
@@ -263,7 +271,10 @@ class SidecarLink:
                     commands.append(("XDEL", self.inbox, *handled))
                     handled = []
                 entries = await self._read(commands, cursor, block)
-                coalescer.observe(time.monotonic(), len(entries))
+                now = time.monotonic()
+                coalescer.observe(now, len(entries))
+                if any("rt" in f or f.get("k") in _TURNS for _, f in entries):
+                    coalescer.converse(now)  # the other side waits on our turn
                 done = []
                 delay = 0.05
                 idle = not entries
@@ -363,6 +374,9 @@ class SidecarLink:
 
     rejected = 0
     """Requests the router rejected without anybody waiting for the reply (publishes)."""
+
+    lingered = 0
+    """Times the inbox reader waited to gather several entries (see the read loop)."""
 
     clock_offset_ms = 0.0
     """Redis server time minus this process's clock, as of the last heartbeat (0 before one)."""

@@ -8,6 +8,10 @@ an estimate of the arrival rate and, while at least :data:`MIN_GAIN` more entrie
 within ``linger`` seconds, asks the router to wait until ``linger`` after the last read returned
 before it reads again, so one read, one script call and one inbox wake-up serve several publishes.
 
+A conversation never waits either: once a read held a request or an answer (see :meth:`converse`),
+the next reads for :data:`HORIZON` seconds go at once. Its arrivals follow the other side's turn,
+which follows ours, so lingering would only hold a request/reply loop to the linger's pace.
+
 Sparse traffic never waits: at rates too low to gather :data:`MIN_GAIN` entries within the linger,
 latency is untouched, and the estimate forgets within about :data:`HORIZON`, so a burst does not
 make the sparse messages after it wait. A backlog never waits either (a read that filled the batch
@@ -46,6 +50,7 @@ class ReadCoalescer:
         """Estimated entries per second arriving on the streams read."""
         self._last_read: float | None = None
         self._last_count = 0
+        self._conversing_until = 0.0
 
     def observe(self, now: float, entries: int) -> None:
         """A read returned at ``now`` (monotonic seconds) with ``entries`` entries."""
@@ -55,9 +60,14 @@ class ReadCoalescer:
         self._last_read = now
         self._last_count = entries
 
+    def converse(self, now: float) -> None:
+        """A read at ``now`` held something a peer waits on (a request, an answer): read again
+        at once for the next :data:`HORIZON` seconds."""
+        self._conversing_until = now + HORIZON
+
     def delay(self, now: float) -> float:
         """Seconds to wait before the next read (0 when coalescing would not pay)."""
         if (self.linger <= 0 or self._last_read is None or self._last_count >= self.batch_size
-                or self.rate * self.linger < MIN_GAIN):
+                or self.rate * self.linger < MIN_GAIN or now < self._conversing_until):
             return 0.0
         return max(0.0, self._last_read + self.linger - now)

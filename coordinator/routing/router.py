@@ -125,6 +125,8 @@ class Router:
         self.control = ControlHandler(ctx, refresh=self.refresh)
         self.inflight = InFlight()
         self.coalescer = ReadCoalescer(settings.router_linger, settings.batch_size)
+        self.lingered = 0
+        """Times this router waited to gather a batch (see coordinator.routing.coalesce)."""
         self.throttle = Throttle(settings.peer_rate if settings.auth == "required" else 0.0,
                                  settings.peer_burst)
         self.stats = {"routed": 0, "delivered": 0, "rejected": 0, "batches": 0, "takeovers": 0}
@@ -239,8 +241,10 @@ class Router:
                 if not self._guarded(self._write_ahead):
                     return 0
                 wait = self.coalescer.delay(time.monotonic())
-            if wait > 0 and self._stop.wait(wait):
-                return 0
+            if wait > 0:
+                self.lingered += 1
+                if self._stop.wait(wait):
+                    return 0
         fanout = self.inflight.fanout
         streams, rest = self._readable(time.monotonic())
         if rest:  # wake up when the first peer held back may be read again
@@ -252,7 +256,10 @@ class Router:
                 return 0  # this read's entries stay pending: settling routes them
         if isinstance(reply, Exception):
             raise reply
-        self.coalescer.observe(time.monotonic(), len(reply))
+        now = time.monotonic()
+        self.coalescer.observe(now, len(reply))
+        if any("rt" in f or "r" in f or f.get("k") == "rep" for _, _, f in reply):
+            self.coalescer.converse(now)  # a requester, a responder or a control call waits
         if self.throttle.on:
             self._spend(reply)
         if reply:

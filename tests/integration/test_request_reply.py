@@ -95,3 +95,61 @@ async def test_a_reply_to_someone_else_is_refused(settings: Settings, sidecar: C
         (_, dead), = client.xrange(keys.deadletter)
         assert (dead["entry"], dead["reason"]) == (eid, "bad_request")
         assert "reply-to must be its sender" in dead["message"]
+
+
+STALLS = 5
+"""Lingers a conversation may still meet: a read of something else (a heartbeat) that comes
+more than coalesce.HORIZON after the conversation's last read, when the loop stalled that long."""
+
+
+async def test_a_conversation_never_waits_for_the_inbox_linger(settings: Settings,
+                                                               sidecar: ClusterSidecar) -> None:
+    """Coalescing reads pays for streams nobody waits on; a request/reply loop would only be held
+    to the linger's pace by it (a requester's next request follows the answer it just read)."""
+    slow = settings.replace(inbox_linger=0.05)  # the longest linger there is
+    async with Peer(settings=slow) as asker, Peer(settings=slow) as answerer:
+        await answerer.cluster_subscribe("loop.x", lambda m: m.data)
+        assert await asker.cluster_request("loop.x", "first", timeout=5) == "first"
+        lingered = asker._require_link().lingered, answerer._require_link().lingered
+        for n in range(300):
+            assert await asker.cluster_request("loop.x", n, timeout=5) == n
+        # without the rule about conversations about half of these reads lingered; with it,
+        # only a read of something else (a heartbeat's reply) after a stall of the loop may
+        assert asker._require_link().lingered - lingered[0] <= STALLS
+        assert answerer._require_link().lingered - lingered[1] <= STALLS
+        # the same reader does wait to gather a fast stream of plain publishes
+        got: list[int] = []
+        await answerer.cluster_subscribe("flood.x", lambda m: got.append(m.data))
+        for n in range(2000):
+            await asker.cluster_publish("flood.x", n)
+        await async_wait_for(lambda: len(got) == 2000, what="every publish handled")
+        assert got == list(range(2000))
+        assert answerer._require_link().lingered > lingered[1]
+
+
+async def test_the_router_does_not_linger_in_a_conversation_either(settings: Settings) -> None:
+    """Through the router (SIDECAR_DATA_PATH=routed), the same: a read that held a request or an
+    answer is followed by the next at once, while a stream of plain publishes is coalesced."""
+    routed = settings.replace(data_path="routed", router_linger=0.05, inbox_linger=0.0)
+    sc = ClusterSidecar(settings=routed, run_duties=False)
+    await sc.setup()
+    try:
+        async with Peer(settings=routed) as asker, Peer(settings=routed) as answerer:
+            await answerer.cluster_subscribe("loop.x", lambda m: m.data)
+            assert asker._require_link().data_path == "routed"
+            # the first request of a conversation may come while the router lingers after a
+            # burst (it cannot know what it will read next); after that, never again
+            assert await asker.cluster_request("loop.x", "first", timeout=5) == "first"
+            before = sc.router.lingered
+            for n in range(100):
+                assert await asker.cluster_request("loop.x", n, timeout=5) == n
+            assert sc.router.lingered - before <= STALLS  # without the rule: about one a request
+            got: list[int] = []
+            await answerer.cluster_subscribe("flood.x", lambda m: got.append(m.data))
+            for n in range(2000):
+                await asker.cluster_publish("flood.x", n)
+            await async_wait_for(lambda: len(got) == 2000, timeout=30, what="every publish handled")
+            assert got == list(range(2000))
+            assert sc.router.lingered > before
+    finally:
+        await sc.teardown()

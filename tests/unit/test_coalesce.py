@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.routing.coalesce import MIN_GAIN, ReadCoalescer
+from coordinator.routing.coalesce import HORIZON, MIN_GAIN, ReadCoalescer
 
 LINGER = 0.0005
 
@@ -68,3 +68,14 @@ def test_zero_linger_turns_it_off_and_negative_is_refused() -> None:
     assert ReadCoalescer(LINGER, 512).delay(0.0) == 0.0  # nothing observed yet
     with pytest.raises(ValueError, match="linger"):
         ReadCoalescer(-1.0, 512)
+
+
+def test_a_conversation_reads_again_at_once_for_a_horizon() -> None:
+    c = ReadCoalescer(LINGER, batch_size=512)
+    last = reads(c, 0.0, 0.0001, 1, 500)  # busy enough to linger...
+    assert c.delay(last) > 0
+    c.converse(last)  # ...but that read held a request or an answer
+    assert c.delay(last) == 0.0
+    assert c.delay(last + HORIZON / 2) == 0.0
+    later = reads(c, last + HORIZON, 0.0001, 1, 10)  # the conversation is over, the stream is not
+    assert c.delay(later) > 0
