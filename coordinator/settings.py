@@ -95,12 +95,13 @@ class Settings:
     """Request entries a router reads per round trip."""
     router_linger: float = 0.0005
     """While requests arrive fast enough to gather a batch, the router waits up to this long after a
-    read before the next one (see coordinator.routing.coalesce); sparse traffic never waits; 0 turns
-    it off."""
+    read before the next one (see coordinator.routing.coalesce); sparse traffic does not wait, nor
+    does a read right after requests, answers or control calls; 0 turns it off."""
     inbox_linger: float = 0.001
     """While messages arrive fast enough to gather several, a peer waits up to this long after an
     inbox read before the next one (the router's coalescing, on the subscriber's side); sparse
-    traffic and requests, answers and replies never wait; 0 turns it off."""
+    traffic does not wait, nor does a read right after a request, an answer or a reply, or while
+    the peer waits for one (coordinator.routing.coalesce); 0 turns it off."""
     inbox_maxlen: int = 100_000
     """Entries a peer's inbox holds; what happens past it is ``inbox_overflow``'s to say."""
     inbox_overflow: str = "drop_oldest"

@@ -271,10 +271,7 @@ class SidecarLink:
                     commands.append(("XDEL", self.inbox, *handled))
                     handled = []
                 entries = await self._read(commands, cursor, block)
-                now = time.monotonic()
-                coalescer.observe(now, len(entries))
-                if any("rt" in f or f.get("k") in _TURNS for _, f in entries):
-                    coalescer.converse(now)  # the other side waits on our turn
+                coalescer.observe(time.monotonic(), len(entries))
                 done = []
                 delay = 0.05
                 idle = not entries
@@ -291,6 +288,8 @@ class SidecarLink:
                         done.append(eid)
                     elif await self.on_entry(eid, fields):
                         done.append(eid)
+                if any("rt" in f or f.get("k") in _TURNS for _, f in entries):
+                    coalescer.converse(time.monotonic())  # from now: the next read may be its sequel
                 if entries and cursor != ">":
                     cursor = entries[-1][0]
             except asyncio.CancelledError:

@@ -8,9 +8,12 @@ an estimate of the arrival rate and, while at least :data:`MIN_GAIN` more entrie
 within ``linger`` seconds, asks the router to wait until ``linger`` after the last read returned
 before it reads again, so one read, one script call and one inbox wake-up serve several publishes.
 
-A conversation never waits either: once a read held a request or an answer (see :meth:`converse`),
-the next reads for :data:`HORIZON` seconds go at once. Its arrivals follow the other side's turn,
-which follows ours, so lingering would only hold a request/reply loop to the linger's pace.
+A conversation does not wait either: once the entries of a read that held a request, an answer
+or a control call are handled (see :meth:`converse`), the reads of the next :data:`HORIZON`
+seconds go at once. In a request/reply loop the next arrival follows the other side's turn, which
+follows ours, so lingering would only hold the loop to the linger's pace. (A request arriving
+while the reader already lingers after plain traffic still waits out that linger: the reader
+cannot know what comes next.)
 
 Sparse traffic never waits: at rates too low to gather :data:`MIN_GAIN` entries within the linger,
 latency is untouched, and the estimate forgets within about :data:`HORIZON`, so a burst does not
@@ -61,8 +64,9 @@ class ReadCoalescer:
         self._last_count = entries
 
     def converse(self, now: float) -> None:
-        """A read at ``now`` held something a peer waits on (a request, an answer): read again
-        at once for the next :data:`HORIZON` seconds."""
+        """What the last read held, handled by ``now``, was something a peer waits on (a
+        request, an answer, a control call): read again at once for the next :data:`HORIZON`
+        seconds."""
         self._conversing_until = now + HORIZON
 
     def delay(self, now: float) -> float:

@@ -105,6 +105,12 @@ class InFlight:
         self.fanout, self.written = None, False
 
 
+def _awaited(fields: dict[str, str]) -> bool:
+    """Whether somebody waits on this entry's outcome: a request, an answer, a control call
+    (heartbeats apart: signed peers send one a second, and nobody waits on its speed)."""
+    return "rt" in fields or fields.get("k") == "rep" or ("r" in fields and fields.get("k") != "hb")
+
+
 class Router:
     """Routes the request partitions it holds leases on. ``start()``/``stop()`` run it in a thread."""
 
@@ -256,14 +262,13 @@ class Router:
                 return 0  # this read's entries stay pending: settling routes them
         if isinstance(reply, Exception):
             raise reply
-        now = time.monotonic()
-        self.coalescer.observe(now, len(reply))
-        if any("rt" in f or "r" in f or f.get("k") == "rep" for _, _, f in reply):
-            self.coalescer.converse(now)  # a requester, a responder or a control call waits
+        self.coalescer.observe(time.monotonic(), len(reply))
         if self.throttle.on:
             self._spend(reply)
         if reply:
             self.process(reply, defer_last=True)
+        if any(_awaited(f) for _, _, f in reply):  # from now: the next read may be its sequel
+            self.coalescer.converse(time.monotonic())
         return len(reply)
 
     def _readable(self, now: float) -> tuple[list[str], float]:

@@ -77,5 +77,6 @@ def test_a_conversation_reads_again_at_once_for_a_horizon() -> None:
     c.converse(last)  # ...but that read held a request or an answer
     assert c.delay(last) == 0.0
     assert c.delay(last + HORIZON / 2) == 0.0
-    later = reads(c, last + HORIZON, 0.0001, 1, 10)  # the conversation is over, the stream is not
+    later = reads(c, last + HORIZON, 0.0001, 1, 200)  # the conversation is over, the stream is not
+    assert c.rate * LINGER > 2 * MIN_GAIN
     assert c.delay(later) > 0
