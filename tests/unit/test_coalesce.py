@@ -1,10 +1,11 @@
-"""ReadCoalescer: the router waits before a read only when a busy stream makes it pay."""
+"""ReadCoalescer: a reader waits before a read only when a busy stream makes it pay."""
 
 from __future__ import annotations
 
 import pytest
 
 from coordinator.routing.coalesce import HORIZON, MIN_GAIN, ReadCoalescer
+from coordinator.routing.router import _awaited
 
 LINGER = 0.0005
 
@@ -80,3 +81,12 @@ def test_a_conversation_reads_again_at_once_for_a_horizon() -> None:
     later = reads(c, last + HORIZON, 0.0001, 1, 200)  # the conversation is over, the stream is not
     assert c.rate * LINGER > 2 * MIN_GAIN
     assert c.delay(later) > 0
+
+
+def test_what_the_router_counts_as_a_conversation() -> None:
+    assert _awaited({"k": "pub", "t": "a.b", "rt": "alice"})  # a request
+    assert _awaited({"k": "rep", "ri": "01H", "to": "alice"})  # an answer
+    assert _awaited({"k": "sub", "r": "r1", "t": "a.>"})  # a control call waits for its reply
+    assert not _awaited({"k": "hb", "r": "r2"})  # signed heartbeats: nobody waits on their speed
+    assert not _awaited({"k": "pub", "t": "a.b", "d": "1"})  # plain publishes are coalesced
+    assert not _awaited({"k": "pubs", "b": "[]"})
