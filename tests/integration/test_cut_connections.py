@@ -8,7 +8,7 @@ the direct data path the publish is a ``publish.lua`` call (EVALSHA), through th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -34,20 +34,11 @@ def proxy(redis_server: RedisServer) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture(params=["direct", "routed", "signed"])
-def mode(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """The test's settings in each mode (the shared ``sidecar`` fixture runs on them too)."""
     if request.param == "signed":
         return settings.replace(auth="required", peer_key=TEST_PEER_KEY)
     return settings.replace(data_path=request.param)
-
-
-@pytest.fixture
-async def sidecar(mode: Settings) -> AsyncIterator[ClusterSidecar]:
-    sc = ClusterSidecar(settings=mode, run_duties=False)
-    await sc.setup()
-    try:
-        yield sc
-    finally:
-        await sc.teardown()
 
 
 def peer(st: Settings, client: redis.Redis, name: str) -> Peer:
@@ -62,8 +53,9 @@ def peer(st: Settings, client: redis.Redis, name: str) -> Peer:
 @pytest.mark.parametrize("cut", ["after", "before"])
 @pytest.mark.parametrize("folded", [False, True], ids=["one-by-one", "folded"])
 async def test_publishes_survive_cut_connections_exactly_once_in_order(
-        mode: Settings, sidecar: ClusterSidecar, proxy: FaultProxy, client: redis.Redis,
+        settings: Settings, sidecar: ClusterSidecar, proxy: FaultProxy, client: redis.Redis,
         cut: str, folded: bool) -> None:
+    mode = settings
     through_proxy = mode.replace(redis_url=proxy.url)
     got: list[Message] = []
     async with peer(through_proxy, client, "pub") as pub, peer(mode, client, "sub") as sub:
