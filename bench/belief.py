@@ -18,6 +18,7 @@ any overlap of two peers claiming the *same* term, is ``outside_ttl_ms``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -127,10 +128,9 @@ class BeliefSampler:
             if delay < 0:  # the loop was busy: sample again as soon as it can, no catching up
                 next_at = time.monotonic()
                 delay = 0
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
         self.close_all()
 
 

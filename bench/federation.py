@@ -197,7 +197,8 @@ async def nats_subscriber(channel: Channel, p: NatsParams) -> dict[str, Any]:
     await nc.flush()
     channel.ready()
     try:
-        await asyncio.wait_for(done.wait(), p.timeout)
+        async with asyncio.timeout(p.timeout):
+            await done.wait()
     finally:
         await nc.close()
     return {"last_ns": got[1], "latency_ns": latency}

@@ -56,7 +56,8 @@ async def responder(channel: Channel, p: RpcParams) -> dict[str, Any]:
     try:
         await peer.cluster_subscribe(TOPIC, answer)
         channel.ready()
-        await asyncio.wait_for(stop.wait(), p.timeout)
+        async with asyncio.timeout(p.timeout):
+            await stop.wait()
     finally:
         await peer.teardown()
     return {}
@@ -140,7 +141,8 @@ async def group_member(channel: Channel, p: RpcParams) -> dict[str, Any]:
         await peer.cluster_subscribe("bench.end", lambda m: tally.end.set())
         channel.ready()
         await channel.wait_go(p.timeout)
-        await asyncio.wait_for(tally.end.wait(), p.timeout)
+        async with asyncio.timeout(p.timeout):
+            await tally.end.wait()
     finally:
         await peer.teardown()
     return {"got": tally.got, "last_ns": tally.last_ns}

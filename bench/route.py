@@ -105,7 +105,8 @@ async def route_subscriber(channel: Channel, p: PeerParams) -> dict[str, Any]:
                                for peer, tally in zip(peers, tallies, strict=True)))
         channel.ready()
         try:
-            await asyncio.wait_for(done.wait(), p.timeout)
+            async with asyncio.timeout(p.timeout):
+                await done.wait()
         except TimeoutError:
             got = [t.got for t in tallies]
             raise TimeoutError(f"subscribers got {min(got)}..{max(got)} of {p.count} messages "

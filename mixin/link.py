@@ -212,7 +212,10 @@ class SidecarLink:
         try:
             entry = {"k": kind, "s": self.peer_id, "r": rid, **fields}
             await (self.outbox.send_now(entry) if urgent else self.write(entry))
-            reply = await asyncio.wait_for(fut, wait)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel (a SIGTERM's)
+            # that comes in the same turn as the reply
+            async with asyncio.timeout(wait):
+                reply = await fut
         except TimeoutError:
             hint = ("is a router running (`celery -A workers worker` or ClusterSidecar.setup())?")
             if self.settings.auth == "required":

@@ -79,9 +79,9 @@ class NatsMixin(Lifecycle):
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
                 # once connected it reconnects forever; the first connection is bounded here
-                self._nats = await asyncio.wait_for(nats.connect(
-                    servers=servers, connect_timeout=2, max_reconnect_attempts=-1,
-                    allow_reconnect=True), CONNECT_TIMEOUT)
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    self._nats = await nats.connect(servers=servers, connect_timeout=2,
+                                                    max_reconnect_attempts=-1, allow_reconnect=True)
                 return
             except Exception as exc:  # nats-py raises several types for an unreachable server
                 if attempt == CONNECT_ATTEMPTS:

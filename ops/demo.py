@@ -110,7 +110,8 @@ async def run(peer: Agent, interval: float = 1.0) -> None:
             if work.exception() is not None:
                 peer.logger.warning("update failed: %s", work.exception())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await stop.wait()
 
 
 def main() -> None:

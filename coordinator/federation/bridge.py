@@ -259,7 +259,8 @@ class Bridge(StatusMixin):
             while not stop.is_set():
                 await self._tick()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), period)
+                    async with asyncio.timeout(period):
+                        await stop.wait()
         finally:
             await self._deactivate("stopping")
             with contextlib.suppress(RedisError, OSError):

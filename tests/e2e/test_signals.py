@@ -64,8 +64,11 @@ def test_a_stopped_peer_process_leaves_at_once(procs: Processes, settings: Setti
     wait_for(lambda: client.hlen(keys.subs), what="its subscription")  # inside its `async with`
 
     os.kill(proc.pid, sig)  # the process alone, as `docker stop` signals the container's init
-    wait_for(lambda: client.zscore(keys.members, peer) is None, timeout=20,
-             what="the member record to go")
+    try:
+        wait_for(lambda: client.zscore(keys.members, peer) is None, timeout=20,
+                 what="the member record to go")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; exit status {proc.poll()}, log:\n{procs.log(proc)}") from None
     assert left_events(client, keys, peer) == ["leave"]  # left, not expired nor evicted
     assert not client.exists(keys.member(peer))
     proc.wait(timeout=20)
