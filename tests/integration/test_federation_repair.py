@@ -15,8 +15,8 @@ import redis
 
 from coordinator import Keys
 from coordinator.cluster.membership import Membership
-from coordinator.federation.bridge import _Cursor, _Gap
 from coordinator.federation.directory import ClusterElection, Directory, LeaderRecord
+from coordinator.federation.intake import Cursor, Gap
 from mixin import Message
 from ops.embedded import NatsServer, RedisServer
 from tests.integration.test_federation import LEADER_TIMING, peers, running_sites, site, sites_ab
@@ -24,11 +24,11 @@ from tests.support import Peer, async_wait_for
 
 
 def test_a_cursor_skips_repeats_counts_discards_and_refuses_gaps() -> None:
-    cursor = _Cursor(next_stream=10)
+    cursor = Cursor(next_stream=10)
     assert cursor.admit(1, 10) and cursor.admit(2, 11)
     assert not cursor.admit(3, 11)  # redelivered: a repeat of what came before
     assert cursor.admit(4, 15) and cursor.discarded == 3  # 12-14 went with the stream's limits
-    with pytest.raises(_Gap):
+    with pytest.raises(Gap):
         cursor.admit(6, 16)  # delivery 5 never came
 
 

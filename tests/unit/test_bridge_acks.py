@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.federation.bridge import _settled
+from coordinator.federation.export import settled
 
 
 async def test_each_acknowledgement_comes_back_in_order_and_the_missing_ones_as_timeouts() -> None:
@@ -13,7 +13,7 @@ async def test_each_acknowledgement_comes_back_in_order_and_the_missing_ones_as_
     acked, failed, missing = loop.create_future(), loop.create_future(), loop.create_future()
     acked.set_result("ack 1")
     failed.set_exception(ConnectionError("gone"))
-    results = await _settled([acked, failed, missing], 0.05)
+    results = await settled([acked, failed, missing], 0.05)
     assert results[0] == "ack 1"
     assert isinstance(results[1], ConnectionError)
     assert isinstance(results[2], TimeoutError)
@@ -23,7 +23,7 @@ async def test_each_acknowledgement_comes_back_in_order_and_the_missing_ones_as_
 async def test_a_wait_torn_down_gives_every_place_back() -> None:
     loop = asyncio.get_running_loop()
     futures = [loop.create_future() for _ in range(3)]
-    waiting = asyncio.create_task(_settled(futures, 60))
+    waiting = asyncio.create_task(settled(futures, 60))
     await asyncio.sleep(0)  # the wait has begun
     waiting.cancel()
     try:
@@ -36,4 +36,4 @@ async def test_a_wait_torn_down_gives_every_place_back() -> None:
 
 
 async def test_an_empty_flight_needs_no_wait() -> None:
-    assert await _settled([], 60) == []
+    assert await settled([], 60) == []
