@@ -26,6 +26,7 @@ from coordinator.federation.envelope import Outbound, answer_out, outbound
 from coordinator.keys import PEER_GROUP
 from coordinator.policy.store import policy_ack_call
 from coordinator.protocol import SYSTEM_SENDER
+from coordinator.resp import AsyncResp, stream_entries, stream_entries_py, supports
 from coordinator.routing.rejections import deadletter_entry
 
 __all__ = ["ACK_TIMEOUT", "IN_FLIGHT", "Export", "cancel", "launch", "settled"]
@@ -129,12 +130,35 @@ class Export:
 
     async def _read(self, flights: asyncio.Queue[_Flight]) -> None:
         a = self.active
+        url = a.settings.redis_url or ""
+        # the inbox is read on a connection of its own, lean where the URL allows: a message
+        # waits for this read on its way out, and redis-py's per-call work is on that path
+        lean = AsyncResp(url) if supports(url) else None
+        try:
+            await self._read_from(flights, lean)
+        finally:
+            if lean is not None:
+                await lean.close()
+
+    async def _inbox(self, lean: AsyncResp | None, cursor: str) -> list[tuple[str, dict[str, str]]]:
+        """The next inbox entries after ``cursor`` (``>``: new ones, waiting up to a second)."""
+        a = self.active
+        block = ("BLOCK", 1000) if cursor == ">" else ()
+        if lean is not None:
+            reply = await lean.call("XREADGROUP", "GROUP", PEER_GROUP, _CONSUMER,
+                                    "COUNT", a.settings.bridge_batch, *block,
+                                    "STREAMS", a.inbox, cursor)
+            return [(eid, fields) for _, eid, fields in stream_entries(reply)]
+        reply = await a.redis.xreadgroup(PEER_GROUP, _CONSUMER, {a.inbox: cursor},
+                                         count=a.settings.bridge_batch,
+                                         block=1000 if cursor == ">" else None)
+        return [(eid, fields) for _, eid, fields in stream_entries_py(reply)]
+
+    async def _read_from(self, flights: asyncio.Queue[_Flight], lean: AsyncResp | None) -> None:
+        a = self.active
         cursor = "0"  # first what a predecessor (or this bridge) left pending, then new entries
         while True:
-            reply = await a.redis.xreadgroup(
-                PEER_GROUP, _CONSUMER, {a.inbox: cursor}, count=a.settings.bridge_batch,
-                block=None if cursor != ">" else 1000)
-            entries = reply[0][1] if reply else []
+            entries = await self._inbox(lean, cursor)
             if cursor != ">":
                 if not entries:
                     cursor = ">"
