@@ -1,5 +1,5 @@
 """Lean RESP connections for the hot paths: the router's loop (sync :class:`RespConnection`), a
-peer's requests and inbox reads and a bridge's deliveries (asyncio :class:`AsyncResp`).
+peer's requests and inbox reads, a bridge's inbox reads and deliveries (asyncio :class:`AsyncResp`).
 
 redis-py spends about 40 us of CPU per call on this machine beyond the socket work itself (command
 building, connection-pool bookkeeping, retry and observability wrappers). The router makes one
@@ -301,7 +301,7 @@ def stream_entries_py(reply: Any) -> list[Entry]:
     out: list[Entry] = []
     for stream, records in items:
         if records and isinstance(records[0], list) and len(records) == 1 and \
-                isinstance(records[0][0], list | tuple):
+                (not records[0] or isinstance(records[0][0], list | tuple)):
             records = records[0]
         for eid, fields in records:
             out.append((str(stream), str(eid), fields or {}))

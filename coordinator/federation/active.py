@@ -1,10 +1,12 @@
 """What the parts of an active bridge share (:mod:`.export`, :mod:`.intake`, :mod:`.governor`).
 
 The :class:`~coordinator.federation.bridge.Bridge` owns the lease, the NATS connection and these
-objects; each part is given an :class:`ActiveSite` for one round of federating (from a connection
-to NATS until it fails or the lease goes) and keeps its own state. What two parts touch is here,
-each piece with one writer: :class:`Tally` is added to by the parts and taken by the bridge each
-round, :class:`ReplyRoutes` is filled by the intake and emptied by the export.
+objects; the export and the intake are given an :class:`ActiveSite` for one round of federating
+(from a connection to NATS until it fails or the lease goes) and keep their own state; the
+governor outlives rounds and is given what it needs. What two parts touch is here: the
+:class:`Tally` the parts add to and the bridge takes at each lease renewal, the
+:class:`ReplyRoutes` the intake fills and the export empties, and the bridge's :class:`Counters`,
+each added to by the parts named beside it.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ class Counters(Protocol):
     imported: int  # intake
     dead_lettered: int  # intake
     lost_to_retention: int  # intake
-    consuming: bool  # intake
+    consuming: bool  # intake (and the bridge clears it when a round ends)
 
 
 @dataclass(slots=True)
 class Tally:
-    """What the parts moved since the bridge last added it to the site's counters (each round,
-    as peers add theirs with their heartbeats: one command less per delivery)."""
+    """What the parts moved since the bridge last added it to the site's counters (at each lease
+    renewal, as peers add theirs with their heartbeats: one command less per delivery)."""
 
     routed: int = 0
     delivered: int = 0
@@ -61,6 +63,12 @@ class Tally:
         self.traffic.clear()
         return taken
 
+    def restore(self, routed: int, delivered: int, traffic: Counter[str]) -> None:
+        """Add back what :meth:`take` gave and could not be recorded (Redis failed)."""
+        self.routed += routed
+        self.delivered += delivered
+        self.traffic.update(traffic)
+
 
 class ReplyRoutes:
     """Requests from other sites (and plain NATS requesters) that a local peer may answer: the way
@@ -70,6 +78,7 @@ class ReplyRoutes:
         self._routes: OrderedDict[str, tuple[ReplyRoute, float]] = OrderedDict()
 
     def remember(self, request: str, route: ReplyRoute) -> None:
+        """Keep the way back of ``request``, forgetting the oldest past the bounds."""
         now = time.monotonic()
         self._routes[request] = (route, now)
         while self._routes and (len(self._routes) > _REPLY_LIMIT or
@@ -106,8 +115,3 @@ class ActiveSite:
     counters: Counters
     tally: Tally
     replies: ReplyRoutes
-
-    @property
-    def fence(self) -> tuple[str, str]:
-        """The lease key and token fenced scripts check."""
-        return self.keys.bridge_lease, self.token

@@ -30,7 +30,8 @@ from redis.exceptions import RedisError, ResponseError
 from coordinator.cluster.membership import heartbeat_call, register_call, subscribe_call
 from coordinator.federation.active import ActiveSite, Deposed, ReplyRoutes, Tally
 from coordinator.federation.connect import connect_options, ensure_stream
-from coordinator.federation.export import IN_FLIGHT, Export
+from coordinator.federation.export import Export
+from coordinator.federation.flights import IN_FLIGHT
 from coordinator.federation.governor import Governor
 from coordinator.federation.intake import Intake
 from coordinator.keys import PEER_GROUP, Keys
@@ -200,10 +201,15 @@ class Bridge(StatusMixin):
         return traffic
 
     async def _flush_tally(self) -> None:
-        """Add what the parts moved since the last round to the site's counters."""
+        """Add what the parts moved since the last renewal to the site's counters. What a failed
+        write may have recorded is not sent again (a count is never added twice)."""
         routed, delivered, traffic = self._tally.take()
         if traffic:
-            traffic = await self._bounded(traffic)
+            try:
+                traffic = await self._bounded(traffic)
+            except BaseException:  # nothing was written: count it with the next renewal
+                self._tally.restore(routed, delivered, traffic)
+                raise
         if routed or delivered or traffic:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hincrby(self.keys.stats, "routed", routed)
@@ -322,7 +328,6 @@ class Bridge(StatusMixin):
                 publish_async_max_pending=(IN_FLIGHT + 3) * self.settings.bridge_batch)
         await ensure_stream(self._js, self.keys, self.settings)
 
-    # ------------------------------------------------------------------ out: this site to NATS
     def __repr__(self) -> str:
         return f"Bridge(site={self.site!r}, name={self.name!r}, active={self.active})"
 
@@ -337,6 +342,7 @@ class BridgeThread:
         self._thread: Any = None
 
     def start(self) -> None:
+        """Start the bridge's thread (and its event loop); returns once the loop runs."""
         import threading
 
         ready = threading.Event()

@@ -17,92 +17,28 @@ import json
 import logging
 from collections import deque
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any
 
 from coordinator.federation.active import ActiveSite
 from coordinator.federation.connect import ensure_stream
 from coordinator.federation.envelope import Outbound, answer_out, outbound
+from coordinator.federation.flights import ACK_TIMEOUT, IN_FLIGHT, Flight, cancel, launch, settled
 from coordinator.keys import PEER_GROUP
 from coordinator.policy.store import policy_ack_call
 from coordinator.protocol import SYSTEM_SENDER
 from coordinator.resp import AsyncResp, stream_entries, stream_entries_py, supports
 from coordinator.routing.rejections import deadletter_entry
 
-__all__ = ["ACK_TIMEOUT", "IN_FLIGHT", "Export", "cancel", "launch", "settled"]
+__all__ = ["Export"]
 
 log = logging.getLogger("sidecar.bridge")
 
-ACK_TIMEOUT = 5.0
-"""Seconds a JetStream acknowledgement may take before the message is sent again."""
-IN_FLIGHT = 8
-"""Batches a bridge has published and not yet seen acknowledged, at most."""
+_READ_DEADLINE = 5.0
+"""Seconds an inbox read (which blocks for at most one) may take before its connection is taken
+for dead: a half-open connection must not stall the export while the lease is renewed."""
 _CONSUMER = "bridge"
 """Inbox consumer name every bridge of a site shares: one is active at a time, and a successor
 reads what its predecessor left pending under the same name."""
-
-
-@dataclass(slots=True)
-class _Flight:
-    """A batch of inbox entries on its way to NATS: the entries, the messages among them, and the
-    futures of their JetStream acknowledgements."""
-
-    entry_ids: list[str]
-    messages: list[Outbound]
-    futures: list[Awaitable[Any]]
-
-
-def cancel(futures: list[Any]) -> None:
-    """Give up acknowledgements nobody will wait for: a pending nats-py future holds a place
-    among the client's unacknowledged publishes until it is done."""
-    for future in futures:
-        if isinstance(future, asyncio.Future) and not future.done():
-            future.cancel()
-
-
-async def settled(futures: list[Any], timeout: float) -> list[Any]:
-    """Each future's result or exception, in order, waiting at most ``timeout`` for all of them
-    together; those still pending then (or when the wait is cancelled) are cancelled, freeing
-    their room in the client, and count as TimeoutError. One wait for the whole flight, not a
-    task per message."""
-    if futures:
-        try:
-            await asyncio.wait(futures, timeout=timeout)
-        finally:
-            cancel(futures)
-    out: list[Any] = []
-    for future in futures:
-        if future.cancelled():
-            out.append(TimeoutError(f"no acknowledgement within {timeout}s"))
-        else:
-            out.append(future.exception() or future.result())
-    return out
-
-
-async def launch(active: ActiveSite, messages: list[Outbound]) -> list[Awaitable[Any]]:
-    """Publish ``messages`` to the stream in order; their acknowledgements' futures (none while
-    NATS is away: nothing goes into the client's buffer that could not be recalled)."""
-    futures: list[Awaitable[Any]] = []
-    try:
-        # The client has room for every flight (the bridge sizes it), so a publish waits for room
-        # only when acknowledgements went missing; one timeout bounds that wait for the whole
-        # batch (nats-py's own wait_stall would start a task per publish to bound it).
-        async with asyncio.timeout(ACK_TIMEOUT):
-            for m in (messages if active.nc.is_connected else ()):
-                futures.append(await active.js.publish_async(m.subject, m.payload,
-                                                             headers=m.headers))
-    except Exception as exc:  # NATS down, or no room in time: sent again by the caller
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # nats-py reports a cancellation while it waits for room as TooManyStalledMsgs:
-            # swallowing it would leave this task running after its group was torn down
-            cancel(futures)
-            raise asyncio.CancelledError from exc
-        log.debug("bridge %s: publish failed: %r", active.name, exc)
-    except BaseException:
-        cancel(futures)
-        raise
-    return futures
 
 
 class Export:
@@ -119,7 +55,7 @@ class Export:
 
     async def run(self) -> None:
         """Read and send until cancelled or a failure (the bridge starts a new round)."""
-        flights: asyncio.Queue[_Flight] = asyncio.Queue(maxsize=IN_FLIGHT)
+        flights: asyncio.Queue[Flight] = asyncio.Queue(maxsize=IN_FLIGHT)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._read(flights))
@@ -128,7 +64,7 @@ class Export:
             while not flights.empty():
                 cancel(flights.get_nowait().futures)
 
-    async def _read(self, flights: asyncio.Queue[_Flight]) -> None:
+    async def _read(self, flights: asyncio.Queue[Flight]) -> None:
         a = self.active
         url = a.settings.redis_url or ""
         # the inbox is read on a connection of its own, lean where the URL allows: a message
@@ -141,20 +77,25 @@ class Export:
                 await lean.close()
 
     async def _inbox(self, lean: AsyncResp | None, cursor: str) -> list[tuple[str, dict[str, str]]]:
-        """The next inbox entries after ``cursor`` (``>``: new ones, waiting up to a second)."""
+        """The next inbox entries after ``cursor`` (``>``: new ones, waiting up to a second).
+
+        A lost connection (or a read past its deadline) ends the round: the next one reads from
+        ``0``, so entries whose reply was lost come first, in order, rather than being skipped
+        until some later round by a read sent again on a new connection."""
         a = self.active
         block = ("BLOCK", 1000) if cursor == ">" else ()
         if lean is not None:
-            reply = await lean.call("XREADGROUP", "GROUP", PEER_GROUP, _CONSUMER,
-                                    "COUNT", a.settings.bridge_batch, *block,
-                                    "STREAMS", a.inbox, cursor)
+            async with asyncio.timeout(_READ_DEADLINE):  # (a cancelled read closes its connection)
+                reply = await lean.call("XREADGROUP", "GROUP", PEER_GROUP, _CONSUMER,
+                                        "COUNT", a.settings.bridge_batch, *block,
+                                        "STREAMS", a.inbox, cursor)
             return [(eid, fields) for _, eid, fields in stream_entries(reply)]
         reply = await a.redis.xreadgroup(PEER_GROUP, _CONSUMER, {a.inbox: cursor},
                                          count=a.settings.bridge_batch,
                                          block=1000 if cursor == ">" else None)
         return [(eid, fields) for _, eid, fields in stream_entries_py(reply)]
 
-    async def _read_from(self, flights: asyncio.Queue[_Flight], lean: AsyncResp | None) -> None:
+    async def _read_from(self, flights: asyncio.Queue[Flight], lean: AsyncResp | None) -> None:
         a = self.active
         cursor = "0"  # first what a predecessor (or this bridge) left pending, then new entries
         while True:
@@ -190,12 +131,12 @@ class Export:
             self._unsettled.append((connection, len(futures) == len(messages)))
             self._settled.clear()
             try:
-                await flights.put(_Flight([eid for eid, _ in entries], messages, futures))
+                await flights.put(Flight([eid for eid, _ in entries], messages, futures))
             except BaseException:  # torn down: read again by the next bridge, free their room
                 cancel(futures)
                 raise
 
-    async def _settle(self, flights: asyncio.Queue[_Flight]) -> None:
+    async def _settle(self, flights: asyncio.Queue[Flight]) -> None:
         a = self.active
         while True:
             flight = await flights.get()
@@ -249,7 +190,7 @@ class Export:
             pending = pending[done:]
             if not pending:
                 return sent
-            if self._unsettled:  # nothing new goes out before these are sent again (_read)
+            if self._unsettled:  # nothing new goes out before these are sent again (_read_from)
                 self._unsettled[0] = (self._unsettled[0][0], False)
             excess = await self._backlog() - a.settings.bridge_backlog
             if excess > 0:

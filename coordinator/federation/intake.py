@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError, WatchError
 from coordinator.errors import BadRequest
 from coordinator.federation.active import ActiveSite, Deposed
 from coordinator.federation.envelope import Outbound, answer_in, inbound, ingest, origin_of
-from coordinator.federation.export import ACK_TIMEOUT, launch, settled
+from coordinator.federation.flights import ACK_TIMEOUT, launch, settled
 from coordinator.resp import AsyncResp, supports
 from coordinator.routing.direct import DataPlane, DirectBatch, RouteCache
 from coordinator.routing.rejections import deadletter_entry
@@ -88,6 +88,7 @@ class Intake:
         """The stream sequence last recorded here as done (see _deliver_batch)."""
 
     async def close(self) -> None:
+        """Close the deliveries' connection (at the end of the round)."""
         if self._lean is not None:
             await self._lean.close()
 
@@ -361,7 +362,7 @@ class Intake:
             elif outcome.status == "fenced":
                 raise Deposed
             else:
-                a.tally.routed += outcome.routed  # added to the site's counters each round
+                a.tally.routed += outcome.routed  # added to the site's counters by the bridge
                 a.tally.delivered += outcome.delivered
                 for n, error in outcome.refused.items():
                     log.info("bridge %s: message %s refused here: %s", a.name,

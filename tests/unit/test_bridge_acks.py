@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.federation.export import settled
+from coordinator.federation.flights import settled
 
 
 async def test_each_acknowledgement_comes_back_in_order_and_the_missing_ones_as_timeouts() -> None:
