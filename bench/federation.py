@@ -284,6 +284,73 @@ async def js_publisher(channel: Channel, p: NatsParams) -> dict[str, Any]:
     return {"start_ns": start}
 
 
+async def js_push_consumer(channel: Channel, p: NatsParams) -> dict[str, Any]:
+    """Take ``count`` messages from ``stream`` as a bridge does (a durable push consumer),
+    acknowledging each; one-way latencies from the publisher's clock."""
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    nc = await nats.connect(p.url)
+    js = nc.jetstream()
+    done = asyncio.Event()
+    latency: list[int] = []
+
+    async def on(msg: Any) -> None:
+        latency.append(time.monotonic_ns() - int(json.loads(msg.data)["t"]))
+        await msg.ack()
+        if len(latency) == p.count:
+            done.set()
+
+    await js.subscribe(p.subject, durable="bench", stream=p.stream, cb=on, manual_ack=True,
+                       config=ConsumerConfig(ack_policy=AckPolicy.ALL,
+                                             max_ack_pending=p.batch * 4))
+    channel.ready()
+    try:
+        async with asyncio.timeout(p.timeout):
+            await done.wait()
+    finally:
+        await nc.close()
+    return {"latency_ns": latency}
+
+
+async def js_paced_publisher(channel: Channel, p: NatsParams) -> dict[str, Any]:
+    """Publish ``count`` messages to JetStream at ``rate``, not waiting for an acknowledgement
+    before the next (as the bridge sends), all of them awaited at the end."""
+    import nats
+
+    nc = await nats.connect(p.url)
+    js = nc.jetstream()
+    channel.ready()
+    await channel.wait_go(p.timeout)
+    start = time.monotonic_ns()
+    futures = []
+    try:
+        for i in range(p.count):
+            await pace(start, i, p.rate or 1000.0)
+            futures.append(await js.publish_async(
+                p.subject, json.dumps({"i": i, "t": time.monotonic_ns()}).encode(),
+                headers={"Nats-Msg-Id": f"{start}-{i}"}))
+        await asyncio.gather(*futures)
+    finally:
+        await nc.close()
+    return {"start_ns": start}
+
+
+def run_raw_jetstream_paced(url: str, count: int, *, rate: float,
+                            timeout: float = 60.0) -> dict[str, Any]:
+    """The JetStream hop's one-way latency (``latency_ns``), paced at ``rate``: what storing a
+    message before delivering it costs over core NATS (the cross-site figures' context)."""
+    name = f"BENCH_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_stream(url, name, add=True))
+    try:
+        p = NatsParams(url, f"{name}.x", count, rate=rate, stream=name, timeout=timeout)
+        res = run_stages("raw-jetstream-paced", [[Role("sub", js_push_consumer, p)],
+                                                 [Role("pub", js_paced_publisher, p)]], timeout + 30)
+    finally:
+        asyncio.run(_stream(url, name, add=False))
+    return {"latency_ns": res["sub"]["latency_ns"]}
+
+
 def run_raw_jetstream(url: str, count: int, *, batch: int = 256,
                       timeout: float = 60.0) -> dict[str, Any]:
     """JetStream with batched acknowledgements both ways: ``msgs_per_s``."""

@@ -144,5 +144,9 @@ NOTES = {
     "cross_site_p50_vs_budget": "cross_site_p50_us over 2 x route_p50_us + raw_nats_p50_us",
     "raw_nats_msgs_per_s": "nats-py, a flush awaited after every publish (the anchor of the NATS hop)",
     "raw_jetstream_msgs_per_s": "nats-py, JetStream acknowledgements batched both ways",
+    "raw_jetstream_p50_us": "nats-py, paced: stored in a stream, then pushed to a durable consumer "
+                            "(context: the hop a site's messages take; not in the budget)",
+    "cross_site_p50_vs_stored_budget": "context, no target: the budget with the JetStream hop in "
+                                       "place of core NATS (2 x route_p50_us + raw_jetstream_p50_us)",
 }
 """What a figure without a target is, or which anchor a targeted figure stands on."""

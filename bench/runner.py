@@ -44,6 +44,7 @@ from bench.federation import (
     run_cross_site,
     run_cross_site_failover,
     run_raw_jetstream,
+    run_raw_jetstream_paced,
     run_raw_nats,
 )
 from bench.ha import run_beat_ha, run_failover
@@ -161,6 +162,8 @@ class Run:
                                                             rate=p.latency_rate, timeout=t)),
                     ("cross_site_paced", lambda: run_cross_site(sites, namespace, p.latency_msgs,
                                                                 rate=p.latency_rate, timeout=t)),
+                    ("raw_jetstream_paced", lambda: run_raw_jetstream_paced(
+                        sites.nats_url, p.latency_msgs, rate=p.latency_rate, timeout=t)),
                 ]
                 for name, call in reversed(steps) if rep % 2 else steps:
                     res = self.attempt(f"federation {rep + 1} {name}", call)
@@ -192,7 +195,8 @@ class Run:
                 sites.stop_procs()
         self.say("federation: " + ", ".join(f"{k} {self.runs.get(k)}" for k in (
             "raw_nats_msgs_per_s", "cross_site_msgs_per_s", "raw_nats_p50_us", "cross_site_p50_us",
-            "raw_jetstream_msgs_per_s", "catch_up_msgs_per_s", "cross_site_failover_s")))
+            "raw_jetstream_p50_us", "raw_jetstream_msgs_per_s", "catch_up_msgs_per_s",
+            "cross_site_failover_s")))
 
     def availability(self, svc: Services) -> None:
         """Failover, detection, beat takeover, dual-leader checks and policy convergence."""
@@ -403,14 +407,17 @@ class Run:
         f["queue_group_vs_route_throughput"] = ratio(f["queue_group_msgs_per_s"], f["route_msgs_per_s"])
         # federation: across sites against the route and the plain NATS and JetStream clients
         for name in ("raw_nats_msgs_per_s", "raw_nats_p50_us", "raw_jetstream_msgs_per_s",
-                     "cross_site_msgs_per_s", "cross_site_p50_us", "catch_up_msgs_per_s",
-                     "cross_site_failover_s"):
+                     "raw_jetstream_p50_us", "cross_site_msgs_per_s", "cross_site_p50_us",
+                     "catch_up_msgs_per_s", "cross_site_failover_s"):
             f[name] = m.get(name)
         f["cross_site_vs_route_throughput"] = ratio(f["cross_site_msgs_per_s"], f["route_msgs_per_s"])
         budget = (2 * f["route_p50_us"] + f["raw_nats_p50_us"]
                   if f["route_p50_us"] is not None and f["raw_nats_p50_us"] is not None else None)
         f["cross_site_p50_budget_us"] = budget
         f["cross_site_p50_vs_budget"] = ratio(f["cross_site_p50_us"], budget)
+        stored = (2 * f["route_p50_us"] + f["raw_jetstream_p50_us"]
+                  if f["route_p50_us"] is not None and f["raw_jetstream_p50_us"] is not None else None)
+        f["cross_site_p50_vs_stored_budget"] = ratio(f["cross_site_p50_us"], stored)
         f["catch_up_vs_raw_jetstream"] = ratio(f["catch_up_msgs_per_s"], f["raw_jetstream_msgs_per_s"])
         # matching: the mixed workload carries the target
         for size in p.match_sizes:

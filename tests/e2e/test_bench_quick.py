@@ -28,7 +28,8 @@ FIGURES = ("raw_hop_msgs_per_s", "raw_hop_p50_us", "celery_task_msgs_per_s", "ro
            "dual_leader_belief_ms", "dual_leader_belief_outside_ttl_ms", "raw_nats_msgs_per_s",
            "raw_nats_p50_us", "raw_jetstream_msgs_per_s", "cross_site_msgs_per_s", "cross_site_p50_us",
            "catch_up_msgs_per_s", "cross_site_failover_s", "cross_site_vs_route_throughput",
-           "cross_site_p50_vs_budget", "catch_up_vs_raw_jetstream")
+           "cross_site_p50_vs_budget", "catch_up_vs_raw_jetstream", "raw_jetstream_p50_us",
+           "cross_site_p50_vs_stored_budget")
 
 
 @pytest.mark.slow
