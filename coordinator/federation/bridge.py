@@ -274,7 +274,8 @@ class Bridge(StatusMixin):
                 self.consuming = False
                 log.warning("bridge %s: %r; starting over", self.name, exc,
                             exc_info=log.isEnabledFor(logging.DEBUG))
-            await governor.unheard()
+            if self._nc is None or not self._nc.is_connected:
+                await governor.unheard()  # (a Redis failure leaves the other sites reachable)
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
 

@@ -123,6 +123,24 @@ async def test_publish_on_one_site_reaches_wildcard_subscribers_on_the_other_onc
     assert [m.headers["traceparent"] for m in star] == [f"t{i}" for i in range(50)]
 
 
+async def test_sites_whose_redis_the_lean_connections_do_not_take_federate_through_redis_py(
+        two: tuple[Settings, Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    # as for a rediss:// or unix:// URL: the bridge reads its inbox and delivers with redis-py
+    from coordinator.federation import export, intake
+
+    monkeypatch.setattr(export, "supports", lambda url: False)
+    monkeypatch.setattr(intake, "supports", lambda url: False)
+    a, b = two
+    got: list[Message] = []
+    async with running_sites(a, b), AsyncExitStack() as stack:
+        pa, pb = await peers(stack, a, b)
+        await pb.cluster_subscribe("orders.>", got.append)
+        ids = [await pa.cluster_publish("orders.created", {"n": i}) for i in range(30)]
+        await async_wait_for(lambda: len(got) == 30, what="every delivery")
+        await asyncio.sleep(0.3)  # a repeat would have arrived by now
+    assert [m.id for m in got] == ids
+
+
 async def test_queue_groups_and_requests_across_sites(two: tuple[Settings, Settings]) -> None:
     a, b = two
     handled: list[tuple[str, int]] = []
