@@ -13,66 +13,33 @@ Handlers may be ``async def`` or plain functions; each gets one :class:`Message`
 raises is logged, counted and retried with backoff, then its message is dead-lettered
 (:mod:`mixin.retries`); a handler's return value answers a request (``cluster_request``). Each
 handler runs once per message: the inbox may hold a message twice after a router crash or a lost
-publish reply, and the mixin drops the repeat by sender and message id.
+publish reply, and the mixin drops the repeat by sender and message id. How each inbox entry
+reaches its handlers is :mod:`mixin.delivery`'s; this module is the peer's API and its link.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from coordinator.errors import (
-    NoResponders,
-    NotLeader,
-    PayloadTooLarge,
-    RemoteError,
-    RequestTimeout,
-    SidecarError,
-)
+from coordinator.errors import NoResponders, NotLeader, RemoteError, RequestTimeout
 from coordinator.ids import MessageIds
 from coordinator.logs import hide, peer_logger
-from coordinator.protocol import (
-    INTERNAL_SUBSCRIPTIONS,
-    MAX_TTL_MS,
-    SYSTEM_SENDER,
-    Message,
-    check_headers,
-    check_size,
-    dumps,
-    parse_headers,
-)
+from coordinator.protocol import MAX_TTL_MS, check_headers, check_size, dumps
 from coordinator.settings import Settings
 from coordinator.status import StatusField
-from coordinator.topics import SubscriptionIndex, check_pattern, check_publish_topic, check_queue
+from coordinator.topics import check_pattern, check_publish_topic, check_queue
 from mixin import tracing
 from mixin.agent import Lifecycle
+from mixin.delivery import INTERNAL, Delivery, Handler
 from mixin.link import SidecarLink
-from mixin.retries import Failure, HandlerRetries
 
 __all__ = ["Handler", "SidecarMixin"]
-
-Handler = Callable[[Message], Any]
-_SEEN_LIMIT = 100_000
-_UNTRACED = contextlib.nullcontext()
-"""The context a handler of a message without trace context runs in (one, reused)."""
-_MATCHED_LIMIT = 4096
-"""Topics whose matching subscriptions a peer remembers (all forgotten when it fills up)."""
-_INTERNAL = tuple(sorted(INTERNAL_SUBSCRIPTIONS))
-
-
-def _timestamp_ms(eid: str, fields: dict[str, str]) -> int:
-    """When Redis got a message (ms): its ``ts`` field through the router; on the direct path the
-    inbox entry id, which Redis stamps with its own clock."""
-    ts = fields.get("ts") or eid.partition("-")[0]
-    return int(ts) if ts.isdigit() else 0
 
 
 class SidecarMixin(Lifecycle):
@@ -103,27 +70,17 @@ class SidecarMixin(Lifecycle):
         self._policy_version = 0
         self.policies: dict[str, Any] = {}
         self._link: SidecarLink | None = None
-        self._handlers: dict[tuple[str, str], list[Handler]] = {}
-        """(pattern, queue group or '') -> handlers."""
-        self._patterns = SubscriptionIndex()
-        self._matched: dict[str, list[tuple[str, str]]] = {}
-        """Topic -> the plain subscriptions matching it; cleared whenever those change."""
-        self._seen: OrderedDict[str, None] = OrderedDict()
         self._leader: tuple[str, int] = ("", 0)
         self._leader_confirmed = 0.0
         self._hook_tasks: set[asyncio.Future[Any]] = set()
-        self._dispatch_lock = asyncio.Lock()
         self._valid_topics: set[str] = set()
         self._ids = MessageIds()
-        self._parked: list[tuple[str, dict[str, str]]] = []
-        self._park_until = 0.0
         self._sidecar_log = peer_logger(getattr(self, "logger", None) or logging.getLogger("sidecar.peer"),
                                         peer_id=getattr(self, "id", None), settings=self.sidecar_settings)
         """The peer's logger, its records carrying the peer's id and namespace (coordinator.logs)."""
         hide(self._secret)  # the log formatters mask it should it ever reach a record
-        self._retries = HandlerRetries(self.sidecar_settings, lock=self._dispatch_lock, run=self._call,
-                                       ack=self._ack_later, dead_letter=self._dead_letter,
-                                       redispatch=self._redispatch, log=self._sidecar_log)
+        self._delivery = Delivery(self.sidecar_settings, link=lambda: self._link, counts=self,
+                                  on_system=self._on_system, log=self._sidecar_log)
 
     # ------------------------------------------------------------------ lifecycle
     async def setup(self, *args: Any, **kwargs: Any) -> None:
@@ -135,7 +92,7 @@ class SidecarMixin(Lifecycle):
             link, self._link = self._link, None
             await link.close(leave=True)
             self.sidecar_connected = False
-        await self._retries.close()  # after the reader stopped: nothing held is let through now
+        await self._delivery.close()  # after the reader stopped: nothing held is let through now
         await super().teardown()
 
     async def setup_sidecar_communication(self) -> None:
@@ -143,16 +100,14 @@ class SidecarMixin(Lifecycle):
         if self._link is not None:
             return
         peer_id: str = getattr(self, "id")  # noqa: B009 (provided by Agent)
-        self._link = SidecarLink(peer_id, self.sidecar_settings, on_entry=self._on_entry,
+        self._link = SidecarLink(peer_id, self.sidecar_settings, on_entry=self._delivery.on_entry,
                                  on_rejoin=self._resubscribe, on_heartbeat=self._on_heartbeat,
                                  logger=self._sidecar_log, secret=self._secret)
         self._link.on_connected = self._on_connected
         snapshot = getattr(self, "status_snapshot", None)  # StatusMixin's, when the peer has it
         self._link.status_source = snapshot if callable(snapshot) else None
-        # Messages that waited in the inbox while this peer was away arrive before its handlers are
-        # back; they are parked (unacknowledged) for a grace period and handed to the handlers as
-        # they subscribe again, in order.
-        self._park_until = time.monotonic() + max(10.0, 2 * self.sidecar_settings.request_timeout)
+        # what waited in the inbox while this peer was away waits a little for its handlers
+        self._delivery.park_for(max(10.0, 2 * self.sidecar_settings.request_timeout))
         info = {"name": type(self).__name__[:64], "role": self.role, "labels": self.labels,
                 "priority": self.priority,
                 "eligible": self.leader_eligible, "incarnation": str(time.time_ns()),
@@ -164,7 +119,7 @@ class SidecarMixin(Lifecycle):
             await link.close(leave=False)
             raise
         self._on_heartbeat(reply.get("leader", ""), int(reply.get("term", "0") or 0))
-        for topic in _INTERNAL:
+        for topic in INTERNAL:
             await self._link.request("sub", t=topic)
         self.sidecar_connected = True
 
@@ -185,17 +140,9 @@ class SidecarMixin(Lifecycle):
             raise TypeError(f"handler must be callable, got {handler!r}")
         link = self._require_link()
         key = (pattern, queue or "")
-        new = key not in self._handlers
-        async with self._dispatch_lock:
-            if new:
-                if queue is None:
-                    self._patterns.add(pattern, pattern)
-                    self._matched.clear()
-                self._handlers[key] = []
-            self._handlers[key].append(handler)
-            self.cluster_subscriptions = self._counted()
-            await self._release_parked()
-        if new and pattern not in _INTERNAL:
+        new = await self._delivery.add(key, handler)
+        self.cluster_subscriptions = self._delivery.count()
+        if new and pattern not in INTERNAL:
             try:
                 await link.request("sub", t=pattern, q=queue or "")
             except BaseException:
@@ -208,22 +155,15 @@ class SidecarMixin(Lifecycle):
         check_pattern(pattern)
         link = self._require_link()
         key = (pattern, queue or "")
-        if key not in self._handlers:
+        if key not in self._delivery:
             return
         self._forget(key)
-        if pattern not in _INTERNAL:
+        if pattern not in INTERNAL:
             await link.request("unsub", t=pattern, q=queue or "")
 
     def _forget(self, key: tuple[str, str]) -> None:
-        self._handlers.pop(key, None)
-        if not key[1]:
-            self._patterns.remove(key[0], key[0])
-            self._matched.clear()
-        self.cluster_subscriptions = self._counted()
-
-    def _counted(self) -> int:
-        """Subscriptions the peer made itself (the internal ones apart)."""
-        return sum(1 for pattern, _ in self._handlers if pattern not in _INTERNAL)
+        self._delivery.forget(key)
+        self.cluster_subscriptions = self._delivery.count()
 
     async def cluster_publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None,
                               ttl: float | None = None, fenced: bool = False) -> str:
@@ -374,7 +314,7 @@ class SidecarMixin(Lifecycle):
     async def _subscription_dropped(self, notice: dict[str, Any]) -> None:
         pattern, queue = str(notice.get("pattern") or ""), notice.get("queue") or None
         key = (pattern, str(queue or ""))
-        if key not in self._handlers:
+        if key not in self._delivery:
             return
         self._forget(key)
         reason = str(notice.get("reason") or "")
@@ -403,191 +343,24 @@ class SidecarMixin(Lifecycle):
             self._hook_tasks.add(task)
             task.add_done_callback(self._hook_tasks.discard)
 
-    # ------------------------------------------------------------------ delivery
+    async def _on_system(self, topic: str, data: Any) -> None:
+        """A message of the sidecar's own (delivered before any handler of the topic runs)."""
+        if topic == "cluster.leader" and isinstance(data, dict):
+            self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
+        elif topic == "cluster.policy":
+            await self._apply_policy(data)
+        elif topic == "cluster.subscription.dropped" and isinstance(data, dict):
+            await self._subscription_dropped(data)
+
     def _require_link(self) -> SidecarLink:
         if self._link is None:
             raise RuntimeError("call setup() (or setup_sidecar_communication()) first")
         return self._link
 
-    async def _on_entry(self, eid: str, fields: dict[str, str]) -> bool:
-        async with self._dispatch_lock:
-            if self._parked and time.monotonic() > self._park_until:
-                await self._release_parked(expire=True)
-            return await self._dispatch(eid, fields)
-
-    async def _release_parked(self, *, expire: bool = False) -> None:
-        """Hand parked messages to the handlers that now match them (or drop them once expired)."""
-        keep, done = [], []
-        for eid, fields in self._parked:
-            if self._keys_for(fields.get("t", ""), fields) or expire:
-                if await self._dispatch(eid, fields, park=False):
-                    done.append(eid)  # else it is being retried: acknowledged once settled
-            else:
-                keep.append((eid, fields))
-        self._parked = keep
-        if done and self._link is not None:
-            await self._link.ack(done)
-
-    async def _dispatch(self, eid: str, fields: dict[str, str], *, park: bool = True) -> bool:
-        """Run the handlers of one message; False if it is not settled yet (parked for handlers
-        yet to come, waiting behind a retried message of its sender, or being retried itself):
-        whoever settles it acknowledges it."""
-        mid = fields.get("i") or eid
-        topic = fields.get("t", "")
-        sender = fields.get("s", "")
-        # with the sender (a peer cannot suppress another's messages) and the queue group (a
-        # message may come once plain and once for a group this peer is in)
-        seen = f"{sender} {mid} {fields.get('q', '')}"
-        if self._retries.owns(eid):  # read again while it is retried or held: not settled yet
-            return False
-        if seen in self._seen:
-            return True
-        keys = self._keys_for(topic, fields)
-        if (park and not keys and sender != SYSTEM_SENDER
-                and time.monotonic() < self._park_until):
-            self._parked.append((eid, fields))
-            return False
-        if self._retries.blocked(sender):  # an earlier message of this sender is being retried
-            self._retries.hold(sender, eid, fields)
-            return False
-        expiry = fields.get("x")
-        if expiry and expiry.isdigit() and self._link is not None and \
-                self._link.redis_now_ms() > int(expiry):
-            await self._expired(eid, mid, fields)
-            return True
-        self._seen[seen] = None
-        if len(self._seen) > _SEEN_LIMIT:
-            self._seen.popitem(last=False)
-        try:
-            data = json.loads(fields.get("d", "null"))
-        except ValueError:
-            self.handler_errors += 1
-            return True
-        reply_to = fields.get("rt") or None
-        respond = self._responder(reply_to, mid) if reply_to is not None else None
-        message = Message.delivered(topic, data, sender, mid, _timestamp_ms(eid, fields) / 1000,
-                                    parse_headers(fields.get("h")), reply_to,
-                                    fields.get("q") or None, respond, fields.get("o"))
-        self.messages_received += 1
-        if message.sender == SYSTEM_SENDER:
-            if topic == "cluster.leader" and isinstance(data, dict):
-                self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
-            elif topic == "cluster.policy":
-                await self._apply_policy(data)
-            elif topic == "cluster.subscription.dropped" and isinstance(data, dict):
-                await self._subscription_dropped(data)
-        failures: list[Failure] = []
-        for key in keys:
-            pattern = key[0]
-            for handler in list(self._handlers.get(key, ())):
-                ok, result = await self._call(handler, message)
-                if respond is not None and (not ok or result is not None):
-                    try:
-                        await respond(result, ok)  # a request is answered, never retried
-                    except PayloadTooLarge as exc:  # what the handler returned cannot travel
-                        self._sidecar_log.warning("answer to request %s on %s refused: %s", mid, topic, exc)
-                        await respond(f"{type(exc).__name__}: {exc}", False)
-                elif not ok and sender != SYSTEM_SENDER:
-                    failures.append(Failure(pattern, handler, str(result)))
-        if failures:
-            self._retries.failed(eid, message, failures)
-            return False  # acknowledged once the retries settle it
-        return True
-
-    def _responder(self, reply_to: str, mid: str) -> Callable[..., Awaitable[None]]:
-        """What answers request ``mid`` of ``reply_to``: once, whichever handler answers first.
-
-        An answer over the payload limit raises PayloadTooLarge at the call and counts as no
-        answer: when the handler's return value is too large (or the handler lets that error
-        out), the requester gets RemoteError at once; a handler that swallows it leaves the
-        requester to its timeout."""
-        answered: list[bool] = []
-
-        async def respond(value: Any, ok: bool = True) -> None:
-            if answered or self._link is None:
-                return  # one answer per request and peer
-            answer = {"k": "rep", "s": self._link.peer_id, "to": reply_to, "ri": mid}
-            if ok:
-                data = dumps(value)
-                check_size(data, self._link.max_payload_bytes, "answer")
-                answer.update(ok="1", d=data)
-            else:
-                answer.update(ok="0", e=str(value)[:2000])
-            answered.append(True)
-            try:
-                await self._link.write(answer)
-            except SidecarError as exc:  # refused (too large...): the requester was told instead
-                self._sidecar_log.warning("answer to request %s of %s refused: %s", mid, reply_to, exc)
-
-        return respond
-
-    def _keys_for(self, topic: str, fields: dict[str, str]) -> list[tuple[str, str]]:
-        """The subscriptions an inbox entry is for: its queue group's, or every plain match."""
-        queue = fields.get("q")
-        if queue:
-            key = (fields.get("qp", ""), queue)
-            return [key] if key in self._handlers else []
-        keys = self._matched.get(topic)
-        if keys is None:
-            keys = [(p, "") for p in sorted(self._patterns.match(topic))]
-            if len(self._matched) >= _MATCHED_LIMIT:
-                self._matched.clear()
-            self._matched[topic] = keys
-        return keys
-
-    async def _dead_letter(self, message: Message, failure: Failure, tries: int) -> None:
-        """Ask the sidecar to dead-letter ``message`` as handler_failed (peers cannot write there)."""
-        link = self._require_link()
-        fields = {"k": "dl", "s": link.peer_id, "reason": "handler_failed", "p": failure.pattern,
-                  "e": f"failed {tries} times; last: {failure.error}"[:2000], "i": message.id,
-                  "t": message.topic, "o": message.sender, "d": dumps(message.data),
-                  "ts": str(int(message.timestamp * 1000))}
-        if message.headers:
-            fields["h"] = dumps(message.headers)
-        if message.queue:  # a replay must reach the same queue group subscription
-            fields.update(q=message.queue, qp=failure.pattern)
-        self._seen.pop(f"{message.sender} {message.id} {message.queue or ''}", None)  # replays welcome
-        await link.write(fields)
-
-    async def _expired(self, eid: str, mid: str, fields: dict[str, str]) -> None:
-        """A message whose time to live ran out before a handler got it: count and dead-letter it."""
-        self.messages_expired += 1
-        link = self._require_link()
-        late = link.redis_now_ms() - int(fields.get("x", "0"))
-        dead = {"k": "dl", "s": link.peer_id, "reason": "expired", "e": f"expired {late:.0f} ms ago",
-                "i": mid, "t": fields.get("t", ""), "o": fields.get("s", ""),
-                "d": fields.get("d", "null"), "ts": str(_timestamp_ms(eid, fields))}
-        if fields.get("h"):
-            dead["h"] = fields["h"]
-        if fields.get("q"):
-            dead.update(q=fields["q"], qp=fields.get("qp", ""))
-        await link.write(dead)
-
-    async def _ack_later(self, entry_ids: list[str]) -> None:
-        if entry_ids and self._link is not None:
-            await self._link.ack(entry_ids)
-
-    async def _redispatch(self, eid: str, fields: dict[str, str]) -> bool:
-        return await self._dispatch(eid, fields, park=False)
-
-    async def _call(self, handler: Handler, message: Message) -> tuple[bool, Any]:
-        """(True, what the handler returned) or (False, its error as text)."""
-        try:
-            traced = "traceparent" in message.headers
-            with tracing.context_of(message.headers) if traced else _UNTRACED:
-                result = handler(message)
-                if result is not None and inspect.isawaitable(result):
-                    result = await result
-            return True, result
-        except Exception as exc:
-            self.handler_errors += 1
-            self._sidecar_log.exception("handler %r failed on %s (%s)", handler, message.topic, message.id)
-            return False, f"{type(exc).__name__}: {exc}"
-
     async def _resubscribe(self) -> None:
         link = self._require_link()
-        for pattern in _INTERNAL:
+        for pattern in INTERNAL:
             await link.request("sub", t=pattern)
-        for pattern, queue in list(self._handlers):
-            if pattern not in _INTERNAL:
+        for pattern, queue in self._delivery.subscriptions:
+            if pattern not in INTERNAL:
                 await link.request("sub", t=pattern, q=queue or "")

@@ -334,7 +334,7 @@ async def test_a_parked_message_whose_handler_fails_stays_pending_until_its_retr
         a = await cluster.peer()
         client.xadd(keys.responses(a.id), {"k": "msg", "i": "early-1", "t": "pk.x", "d": "1",
                                            "s": "someone", "ts": "1"})
-        await async_wait_for(lambda: a._parked, what="the early message parked")
+        await async_wait_for(lambda: a._delivery.parked, what="the early message parked")
         tries: list[int] = []
         pending_during_retries: list[int] = []
 
@@ -377,7 +377,7 @@ async def test_an_entry_under_retry_is_not_acknowledged_when_the_inbox_is_read_a
         (_, pending), = client.xreadgroup("peer", "c", {keys.responses(a.id): "0"})
         for eid, fields in pending:
             if fields.get("k") == "msg":
-                assert not await a._on_entry(eid, fields)  # not settled: never acknowledged here
+                assert not await a._delivery.on_entry(eid, fields)  # not settled: never acknowledged here
         assert client.xpending(keys.responses(a.id), "peer")["pending"] == 1
         await async_wait_for(lambda: client.xlen(keys.deadletter) == 1, timeout=10,
                              what="the dead letter after the last try")
