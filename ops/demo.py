@@ -18,6 +18,7 @@ import logging
 import signal
 from typing import Any
 
+from coordinator.aio import reap
 from coordinator.logs import configure
 from coordinator.settings import Settings
 from mixin import Agent, Message, SidecarMixin, StatusField
@@ -101,9 +102,7 @@ async def run(peer: Agent, interval: float = 1.0) -> None:
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
+                await reap(work)
                 stopping.cancel()
                 break
             stopping.cancel()

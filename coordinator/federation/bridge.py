@@ -27,6 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from coordinator.aio import reap
 from coordinator.cluster.membership import heartbeat_call, register_call, subscribe_call
 from coordinator.federation.active import ActiveSite, Deposed, ReplyRoutes, Tally
 from coordinator.federation.connect import connect_options, ensure_stream
@@ -240,9 +241,7 @@ class Bridge(StatusMixin):
 
     async def _deactivate(self, why: str) -> None:
         if self._work is not None:
-            self._work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._work
+            await reap(self._work)
             self._work = None
         if self.active:
             log.info("bridge %s inactive: %s", self.name, why)

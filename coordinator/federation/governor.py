@@ -18,6 +18,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from coordinator.aio import reap
 from coordinator.cluster.membership import elect_call
 from coordinator.federation.active import Deposed
 from coordinator.federation.directory import (
@@ -88,9 +89,7 @@ class Governor:
                     await self.unheard()
                 await asyncio.sleep(period)
         finally:
-            following.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await following
+            await reap(following)
 
     async def fence_unconfirmed(self) -> None:
         """This site's leader could not be confirmed on NATS for the hold (half a member TTL):
