@@ -4,9 +4,15 @@ A :class:`Delivery` belongs to one :class:`~mixin.sidecar.SidecarMixin` and owns
 subscriptions (pattern and queue group to handlers), the messages already handled (a repeat is
 dropped by sender, message id and queue group), the messages parked for handlers yet to come
 after a restart, and the retries of failed handlers (:class:`~mixin.retries.HandlerRetries`).
-Entries are handled one at a time, in inbox order. An entry is acknowledged when it is settled:
-handled, dropped as a repeat, expired or dead-lettered; an entry parked, held behind its sender's
-retried message or being retried itself is acknowledged by whoever settles it later.
+Entries are handled one at a time, in inbox order per sender, except that parked entries go when
+their handler subscribes and a retried entry holds back only its sender's later ones. An entry is
+acknowledged when it is settled: handled, dropped as a repeat, malformed (counted as a handler
+error), expired or dead-lettered; an entry parked, held behind its sender's retried message or
+being retried itself is acknowledged by whoever settles it later.
+
+The peer's hooks for the sidecar's own messages (leader, policy, dropped subscriptions) run
+inside that one-at-a-time handling: a hook (or a handler) that awaits ``cluster_subscribe``
+would wait for itself.
 """
 
 from __future__ import annotations
@@ -34,13 +40,13 @@ from coordinator.settings import Settings
 from coordinator.topics import SubscriptionIndex
 from mixin import tracing
 from mixin.link import SidecarLink
-from mixin.retries import Failure, HandlerRetries
+from mixin.retries import Failure, Handler, HandlerRetries
 
-__all__ = ["INTERNAL", "Delivery", "DeliveryCounts", "Handler"]
+__all__ = ["INTERNAL", "Delivery", "DeliveryCounts", "Handler", "Key"]
 
-Handler = Callable[[Message], Any]
 INTERNAL = tuple(sorted(INTERNAL_SUBSCRIPTIONS))
-"""The sidecar's own topics every peer subscribes to (leader, policy, dropped subscriptions)."""
+"""The subscriptions every peer makes for its own bookkeeping (the leader's announcements;
+policies and dropped-subscription notices reach a peer without one)."""
 _SEEN_LIMIT = 100_000
 """Messages a peer remembers as handled, to drop their repeats."""
 _UNTRACED = contextlib.nullcontext()
@@ -60,7 +66,7 @@ class DeliveryCounts(Protocol):
     messages_expired: int
 
 
-def timestamp_ms(eid: str, fields: dict[str, str]) -> int:
+def _timestamp_ms(eid: str, fields: dict[str, str]) -> int:
     """When Redis got a message (ms): its ``ts`` field through the router; on the direct path the
     inbox entry id, which Redis stamps with its own clock."""
     ts = fields.get("ts") or eid.partition("-")[0]
@@ -72,28 +78,39 @@ class Delivery:
 
     def __init__(self, settings: Settings, *, link: Callable[[], SidecarLink | None],
                  counts: DeliveryCounts, on_system: Callable[[str, Any], Awaitable[None]],
-                 log: Log) -> None:
+                 on_subscriptions: Callable[[int], None], log: Log) -> None:
+        """``link`` gives the peer's link (None before setup and after teardown); ``counts``
+        are the peer's counters; ``on_system`` is told each of the sidecar's own messages before
+        the handlers run; ``on_subscriptions`` the peer's own subscription count on each change."""
         self._link = link
         self._counts = counts
         self._on_system = on_system
+        self._on_subscriptions = on_subscriptions
         self._log = log
-        self.lock = asyncio.Lock()
-        """Held while an entry is handled and while subscriptions change."""
+        self._lock = asyncio.Lock()
+        """Held while an entry is handled, and while a subscription is added (with the parked
+        entries it releases); :meth:`forget` runs under it when a sidecar notice drops one."""
         self._handlers: dict[Key, list[Handler]] = {}
         self._patterns = SubscriptionIndex()
         self._matched: dict[str, list[Key]] = {}
         """Topic -> the plain subscriptions matching it; cleared whenever those change."""
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self.parked: list[tuple[str, dict[str, str]]] = []
+        self._parked: list[tuple[str, dict[str, str]]] = []
         """Entries that came before a handler for them (see :meth:`park_for`)."""
         self._park_until = 0.0
-        self.retries = HandlerRetries(settings, lock=self.lock, run=self._call, ack=self._ack,
-                                      dead_letter=self._dead_letter,
-                                      redispatch=self._redispatch, log=log)
+        self._retries = HandlerRetries(settings, lock=self._lock, run=self._call, ack=self._ack,
+                                       dead_letter=self._dead_letter,
+                                       redispatch=self._redispatch, log=log)
 
     # ------------------------------------------------------------------ subscriptions
     def __contains__(self, key: Key) -> bool:
+        """Whether the peer has subscription ``key``."""
         return key in self._handlers
+
+    @property
+    def parked(self) -> int:
+        """Entries waiting now for a handler to subscribe."""
+        return len(self._parked)
 
     @property
     def subscriptions(self) -> list[Key]:
@@ -107,7 +124,7 @@ class Delivery:
     async def add(self, key: Key, handler: Handler) -> bool:
         """Add ``handler`` to subscription ``key``; True when the subscription is new. Parked
         entries it matches are handled now."""
-        async with self.lock:
+        async with self._lock:
             new = key not in self._handlers
             if new:
                 if not key[1]:
@@ -115,15 +132,27 @@ class Delivery:
                     self._matched.clear()
                 self._handlers[key] = []
             self._handlers[key].append(handler)
+            self._on_subscriptions(self.count())
             await self._release_parked()
         return new
 
+    def remove(self, key: Key, handler: Handler) -> None:
+        """Take ``handler`` off subscription ``key`` (the subscription goes with its last one)."""
+        handlers = self._handlers.get(key, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if not handlers:
+            self.forget(key)
+
     def forget(self, key: Key) -> None:
-        """Drop subscription ``key`` and its handlers."""
-        self._handlers.pop(key, None)
+        """Drop subscription ``key`` and its handlers (without the lock: it runs inside the
+        handling of a sidecar notice too)."""
+        if self._handlers.pop(key, None) is None:
+            return
         if not key[1]:
             self._patterns.remove(key[0], key[0])
             self._matched.clear()
+        self._on_subscriptions(self.count())
 
     def park_for(self, seconds: float) -> None:
         """For ``seconds`` from now, entries no handler matches yet wait (unacknowledged) for
@@ -133,26 +162,26 @@ class Delivery:
 
     async def close(self) -> None:
         """Stop the retries (after the inbox reader stopped: nothing held is let through now)."""
-        await self.retries.close()
+        await self._retries.close()
 
     # ------------------------------------------------------------------ entries
     async def on_entry(self, eid: str, fields: dict[str, str]) -> bool:
         """Handle inbox entry ``eid``; True when it is settled (the reader acknowledges it)."""
-        async with self.lock:
-            if self.parked and time.monotonic() > self._park_until:
+        async with self._lock:
+            if self._parked and time.monotonic() > self._park_until:
                 await self._release_parked(expire=True)
             return await self._dispatch(eid, fields)
 
     async def _release_parked(self, *, expire: bool = False) -> None:
         """Hand parked messages to the handlers that now match them (or drop them once expired)."""
         keep, done = [], []
-        for eid, fields in self.parked:
+        for eid, fields in self._parked:
             if self._keys_for(fields.get("t", ""), fields) or expire:
                 if await self._dispatch(eid, fields, park=False):
                     done.append(eid)  # else it is being retried: acknowledged once settled
             else:
                 keep.append((eid, fields))
-        self.parked = keep
+        self._parked = keep
         await self._ack(done)
 
     async def _dispatch(self, eid: str, fields: dict[str, str], *, park: bool = True) -> bool:
@@ -165,17 +194,17 @@ class Delivery:
         # with the sender (a peer cannot suppress another's messages) and the queue group (a
         # message may come once plain and once for a group this peer is in)
         seen = f"{sender} {mid} {fields.get('q', '')}"
-        if self.retries.owns(eid):  # read again while it is retried or held: not settled yet
+        if self._retries.owns(eid):  # read again while it is retried or held: not settled yet
             return False
         if seen in self._seen:
             return True
         keys = self._keys_for(topic, fields)
         if (park and not keys and sender != SYSTEM_SENDER
                 and time.monotonic() < self._park_until):
-            self.parked.append((eid, fields))
+            self._parked.append((eid, fields))
             return False
-        if self.retries.blocked(sender):  # an earlier message of this sender is being retried
-            self.retries.hold(sender, eid, fields)
+        if self._retries.blocked(sender):  # an earlier message of this sender is being retried
+            self._retries.hold(sender, eid, fields)
             return False
         link = self._link()
         expiry = fields.get("x")
@@ -192,7 +221,7 @@ class Delivery:
             return True
         reply_to = fields.get("rt") or None
         respond = self._responder(reply_to, mid) if reply_to is not None else None
-        message = Message.delivered(topic, data, sender, mid, timestamp_ms(eid, fields) / 1000,
+        message = Message.delivered(topic, data, sender, mid, _timestamp_ms(eid, fields) / 1000,
                                     parse_headers(fields.get("h")), reply_to,
                                     fields.get("q") or None, respond, fields.get("o"))
         self._counts.messages_received += 1
@@ -211,7 +240,7 @@ class Delivery:
                 elif not ok and sender != SYSTEM_SENDER:
                     failures.append(Failure(key[0], handler, str(result)))
         if failures:
-            self.retries.failed(eid, message, failures)
+            self._retries.failed(eid, message, failures)
             return False  # acknowledged once the retries settle it
         return True
 
@@ -257,15 +286,9 @@ class Delivery:
             self._matched[topic] = keys
         return keys
 
-    def _require_link(self) -> SidecarLink:
-        link = self._link()
-        if link is None:
-            raise RuntimeError("the peer is not connected to the sidecar")
-        return link
-
     async def _dead_letter(self, message: Message, failure: Failure, tries: int) -> None:
         """Ask the sidecar to dead-letter ``message`` as handler_failed (peers cannot write there)."""
-        link = self._require_link()
+        link = SidecarLink.required(self._link())
         fields = {"k": "dl", "s": link.peer_id, "reason": "handler_failed", "p": failure.pattern,
                   "e": f"failed {tries} times; last: {failure.error}"[:2000], "i": message.id,
                   "t": message.topic, "o": message.sender, "d": dumps(message.data),
@@ -280,11 +303,11 @@ class Delivery:
     async def _expired(self, eid: str, mid: str, fields: dict[str, str]) -> None:
         """A message whose time to live ran out before a handler got it: count and dead-letter it."""
         self._counts.messages_expired += 1
-        link = self._require_link()
+        link = SidecarLink.required(self._link())
         late = link.redis_now_ms() - int(fields.get("x", "0"))
         dead = {"k": "dl", "s": link.peer_id, "reason": "expired", "e": f"expired {late:.0f} ms ago",
                 "i": mid, "t": fields.get("t", ""), "o": fields.get("s", ""),
-                "d": fields.get("d", "null"), "ts": str(timestamp_ms(eid, fields))}
+                "d": fields.get("d", "null"), "ts": str(_timestamp_ms(eid, fields))}
         if fields.get("h"):
             dead["h"] = fields["h"]
         if fields.get("q"):

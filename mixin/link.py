@@ -163,6 +163,14 @@ class SidecarLink:
         await self.outbox.close()
         await self.redis.aclose()
 
+    @staticmethod
+    def required(link: SidecarLink | None) -> SidecarLink:
+        """``link``, or RuntimeError when there is none (before setup, after teardown)."""
+        if link is None:
+            raise RuntimeError("no link to the sidecar: call setup() (or "
+                               "setup_sidecar_communication()) first, and not after teardown()")
+        return link
+
     def unreachable(self, exc: BaseException) -> SidecarUnavailable:
         """The error for a Redis that does not answer, naming it (password hidden) and the fix."""
         return SidecarUnavailable(

@@ -25,12 +25,13 @@ from coordinator.logs import Log
 from coordinator.protocol import Message
 from coordinator.settings import Settings
 
-__all__ = ["MAX_BACKOFF", "Failure", "HandlerRetries"]
+__all__ = ["MAX_BACKOFF", "Failure", "Handler", "HandlerRetries"]
 
 MAX_BACKOFF = 10.0
 """Longest wait between two tries of one message."""
 
 Handler = Callable[[Message], Any]
+"""What handles a message: a plain function or an ``async def``, given one :class:`Message`."""
 
 
 @dataclass(frozen=True, slots=True)

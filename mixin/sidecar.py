@@ -80,7 +80,10 @@ class SidecarMixin(Lifecycle):
         """The peer's logger, its records carrying the peer's id and namespace (coordinator.logs)."""
         hide(self._secret)  # the log formatters mask it should it ever reach a record
         self._delivery = Delivery(self.sidecar_settings, link=lambda: self._link, counts=self,
-                                  on_system=self._on_system, log=self._sidecar_log)
+                                  on_system=self._on_system, on_subscriptions=self._counted,
+                                  log=self._sidecar_log)
+        self._subscribing: dict[tuple[str, str], asyncio.Future[None]] = {}
+        """Subscriptions whose request is on its way to the router."""
 
     # ------------------------------------------------------------------ lifecycle
     async def setup(self, *args: Any, **kwargs: Any) -> None:
@@ -141,13 +144,32 @@ class SidecarMixin(Lifecycle):
         link = self._require_link()
         key = (pattern, queue or "")
         new = await self._delivery.add(key, handler)
-        self.cluster_subscriptions = self._delivery.count()
-        if new and pattern not in INTERNAL:
+        if pattern in INTERNAL:
+            return
+        if not new:  # another call subscribes it now: this one returns once that one has
+            pending = self._subscribing.get(key)
             try:
-                await link.request("sub", t=pattern, q=queue or "")
+                if pending is not None:
+                    await asyncio.shield(pending)
             except BaseException:
-                self._forget(key)
+                self._delivery.remove(key, handler)
                 raise
+            return
+        done = self._subscribing[key] = asyncio.get_running_loop().create_future()
+        try:
+            await link.request("sub", t=pattern, q=queue or "")
+        except BaseException as exc:
+            self._delivery.forget(key)  # every handler of it: the others' calls raise too
+            if isinstance(exc, Exception):
+                done.set_exception(exc)
+                done.exception()  # (retrieved: nobody else may be waiting)
+            else:
+                done.cancel()
+            raise
+        else:
+            done.set_result(None)
+        finally:
+            self._subscribing.pop(key, None)
 
     async def cluster_unsubscribe(self, pattern: str, *, queue: str | None = None) -> None:
         """Stop receiving ``pattern`` (every handler of it, or of its queue group ``queue``);
@@ -157,13 +179,12 @@ class SidecarMixin(Lifecycle):
         key = (pattern, queue or "")
         if key not in self._delivery:
             return
-        self._forget(key)
+        self._delivery.forget(key)
         if pattern not in INTERNAL:
             await link.request("unsub", t=pattern, q=queue or "")
 
-    def _forget(self, key: tuple[str, str]) -> None:
-        self._delivery.forget(key)
-        self.cluster_subscriptions = self._delivery.count()
+    def _counted(self, subscriptions: int) -> None:
+        self.cluster_subscriptions = subscriptions
 
     async def cluster_publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None,
                               ttl: float | None = None, fenced: bool = False) -> str:
@@ -316,7 +337,7 @@ class SidecarMixin(Lifecycle):
         key = (pattern, str(queue or ""))
         if key not in self._delivery:
             return
-        self._forget(key)
+        self._delivery.forget(key)
         reason = str(notice.get("reason") or "")
         self._sidecar_log.warning("subscription %r%s dropped by the sidecar: %s",
                                   pattern, f" (queue {queue})" if queue else "", reason)
@@ -344,7 +365,8 @@ class SidecarMixin(Lifecycle):
             task.add_done_callback(self._hook_tasks.discard)
 
     async def _on_system(self, topic: str, data: Any) -> None:
-        """A message of the sidecar's own (delivered before any handler of the topic runs)."""
+        """A message of the sidecar's own, before any handler of its topic runs (and, like the
+        handlers, inside the delivery's one-at-a-time handling: see :mod:`mixin.delivery`)."""
         if topic == "cluster.leader" and isinstance(data, dict):
             self._set_leader(str(data.get("leader_id") or ""), int(data.get("term", 0)))
         elif topic == "cluster.policy":
@@ -353,9 +375,7 @@ class SidecarMixin(Lifecycle):
             await self._subscription_dropped(data)
 
     def _require_link(self) -> SidecarLink:
-        if self._link is None:
-            raise RuntimeError("call setup() (or setup_sidecar_communication()) first")
-        return self._link
+        return SidecarLink.required(self._link)
 
     async def _resubscribe(self) -> None:
         link = self._require_link()

@@ -12,6 +12,7 @@ import redis
 from ulid import ULID
 
 from coordinator import ClusterSidecar, InvalidTopic, Keys, Settings, SidecarTimeout
+from coordinator.cluster.membership import subscription_field
 from mixin import Message
 from mixin.link import SidecarLink
 from ops.embedded import RedisServer
@@ -101,6 +102,28 @@ async def test_two_handlers_on_one_pattern_both_run(cluster: Cluster) -> None:
         await b.cluster_publish("t", n)
     await async_wait_for(lambda: len(first) == 3 and len(second) == 3, what="both handlers")
     assert first == second == [0, 1, 2]  # per-publisher order
+
+
+async def test_concurrent_subscribes_to_one_pattern_each_return_once_the_router_applied_it(
+        cluster: Cluster, client: redis.Redis) -> None:
+    await cluster.sidecar()
+    a, b = await cluster.peer(), await cluster.peer()
+    field = subscription_field(a.id, "t.>")
+    returned: list[int] = []
+    applied: list[bool] = []
+    got: list[list[Any]] = [[], []]
+
+    async def subscribe(k: int) -> None:
+        await a.cluster_subscribe("t.>", lambda m: got[k].append(m.data))
+        returned.append(k)
+        applied.append(bool(client.hexists(Keys(a.namespace).subs, field)))
+
+    await asyncio.gather(subscribe(0), subscribe(1))
+    assert returned == [0, 1]  # the second call (no request of its own) waited for the first's
+    assert applied == [True, True]
+    assert a.cluster_subscriptions == 1
+    await b.cluster_publish("t.x", 7)
+    await async_wait_for(lambda: got == [[7], [7]], what="both handlers")
 
 
 async def test_a_raising_handler_is_retried_in_order_then_dead_lettered(
@@ -216,7 +239,7 @@ async def test_seed_usage_example(monkeypatch: pytest.MonkeyPatch, redis_url: st
     assert len(conductor.id) == 26 and conductor.short_id == conductor.id[-6:]
 
 
-# Regression (fixed) (mixin/link.py SidecarLink.open + mixin/sidecar.py): a restarted peer starts reading
+# Regression (fixed) (mixin/link.py SidecarLink.open + mixin/delivery.py): a restarted peer starts reading
 # its inbox before it can have any handler (cluster_subscribe needs the link that setup() opens),
 # so the messages that waited in its stream while it was away are read, matched against an empty
 # handler table and acked: silently lost. Fix: let cluster_subscribe() be called before setup()
