@@ -195,13 +195,18 @@ async def nats_subscriber(channel: Channel, p: NatsParams) -> dict[str, Any]:
 
     await nc.subscribe(p.subject, cb=on)
     await nc.flush()
+    await _ready_until(channel, done, nc, p.timeout)
+    return {"last_ns": got[1], "latency_ns": latency}
+
+
+async def _ready_until(channel: Channel, done: asyncio.Event, nc: Any, timeout: float) -> None:
+    """Tell the runner this role is ready, wait until ``done`` (at most ``timeout``), close."""
     channel.ready()
     try:
-        async with asyncio.timeout(p.timeout):
+        async with asyncio.timeout(timeout):
             await done.wait()
     finally:
         await nc.close()
-    return {"last_ns": got[1], "latency_ns": latency}
 
 
 async def nats_publisher(channel: Channel, p: NatsParams) -> dict[str, Any]:
@@ -304,12 +309,7 @@ async def js_push_consumer(channel: Channel, p: NatsParams) -> dict[str, Any]:
     await js.subscribe(p.subject, durable="bench", stream=p.stream, cb=on, manual_ack=True,
                        config=ConsumerConfig(ack_policy=AckPolicy.ALL,
                                              max_ack_pending=p.batch * 4))
-    channel.ready()
-    try:
-        async with asyncio.timeout(p.timeout):
-            await done.wait()
-    finally:
-        await nc.close()
+    await _ready_until(channel, done, nc, p.timeout)
     return {"latency_ns": latency}
 
 
