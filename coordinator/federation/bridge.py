@@ -54,6 +54,15 @@ _OTHER_ORIGINS = "imported *"
 """The traffic field of the origins past the bound (``*``: no site is named so)."""
 
 
+def _unless_cancelled() -> None:
+    """Raise CancelledError if the current task is being cancelled: in Python 3.11 a task group
+    whose child failed with an ordinary error while it was being cancelled raises that error
+    alone, and starting over on it would outlive the cancel."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def bridge_id(site: str) -> str:
     """Member id of ``site``'s bridge."""
     return f"bridge-{site}"
@@ -261,6 +270,7 @@ class Bridge(StatusMixin):
                 await self._round()
             except BaseExceptionGroup as failures:
                 self.consuming = False
+                _unless_cancelled()
                 if failures.subgroup(Deposed) is not None:
                     log.warning("bridge %s was fenced: another bridge took the site over", self.name)
                     self.active = False
@@ -271,6 +281,7 @@ class Bridge(StatusMixin):
                             "; ".join(repr(e) for e in failures.exceptions))
             except Exception as exc:  # NATS and Redis errors: start over
                 self.consuming = False
+                _unless_cancelled()
                 log.warning("bridge %s: %r; starting over", self.name, exc,
                             exc_info=log.isEnabledFor(logging.DEBUG))
             if self._nc is None or not self._nc.is_connected:
