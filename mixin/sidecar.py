@@ -82,8 +82,8 @@ class SidecarMixin(Lifecycle):
         self._delivery = Delivery(self.sidecar_settings, link=lambda: self._link, counts=self,
                                   on_system=self._on_system, on_subscriptions=self._counted,
                                   log=self._sidecar_log)
-        self._subscribing: dict[tuple[str, str], asyncio.Future[None]] = {}
-        """Subscriptions whose request is on its way to the router."""
+        self._changing = asyncio.Lock()
+        """Subscribe and unsubscribe calls take turns, each until the router applied it."""
 
     # ------------------------------------------------------------------ lifecycle
     async def setup(self, *args: Any, **kwargs: Any) -> None:
@@ -143,33 +143,14 @@ class SidecarMixin(Lifecycle):
             raise TypeError(f"handler must be callable, got {handler!r}")
         link = self._require_link()
         key = (pattern, queue or "")
-        new = await self._delivery.add(key, handler)
-        if pattern in INTERNAL:
-            return
-        if not new:  # another call subscribes it now: this one returns once that one has
-            pending = self._subscribing.get(key)
+        async with self._changing:  # returns once the router applied it, whoever asked first
+            if not await self._delivery.add(key, handler) or pattern in INTERNAL:
+                return
             try:
-                if pending is not None:
-                    await asyncio.shield(pending)
+                await link.request("sub", t=pattern, q=queue or "")
             except BaseException:
-                self._delivery.remove(key, handler)
+                self._delivery.remove(key, handler)  # (the only one: calls take turns)
                 raise
-            return
-        done = self._subscribing[key] = asyncio.get_running_loop().create_future()
-        try:
-            await link.request("sub", t=pattern, q=queue or "")
-        except BaseException as exc:
-            self._delivery.forget(key)  # every handler of it: the others' calls raise too
-            if isinstance(exc, Exception):
-                done.set_exception(exc)
-                done.exception()  # (retrieved: nobody else may be waiting)
-            else:
-                done.cancel()
-            raise
-        else:
-            done.set_result(None)
-        finally:
-            self._subscribing.pop(key, None)
 
     async def cluster_unsubscribe(self, pattern: str, *, queue: str | None = None) -> None:
         """Stop receiving ``pattern`` (every handler of it, or of its queue group ``queue``);
@@ -177,11 +158,12 @@ class SidecarMixin(Lifecycle):
         check_pattern(pattern)
         link = self._require_link()
         key = (pattern, queue or "")
-        if key not in self._delivery:
-            return
-        self._delivery.forget(key)
-        if pattern not in INTERNAL:
-            await link.request("unsub", t=pattern, q=queue or "")
+        async with self._changing:
+            if key not in self._delivery:
+                return
+            self._delivery.forget(key)
+            if pattern not in INTERNAL:
+                await link.request("unsub", t=pattern, q=queue or "")
 
     def _counted(self, subscriptions: int) -> None:
         self.cluster_subscriptions = subscriptions

@@ -126,6 +126,43 @@ async def test_concurrent_subscribes_to_one_pattern_each_return_once_the_router_
     await async_wait_for(lambda: got == [[7], [7]], what="both handlers")
 
 
+async def test_a_subscribe_that_fails_leaves_the_next_call_to_subscribe_itself(
+        cluster: Cluster, client: redis.Redis) -> None:
+    await cluster.sidecar()
+    a, b = await cluster.peer(), await cluster.peer()
+    link = a._link
+    assert link is not None
+    real = link.request
+    failed: list[str] = []
+
+    async def flaky(kind: str, **fields: Any) -> dict[str, str]:
+        if kind == "sub" and not failed:
+            failed.append(kind)
+            await asyncio.sleep(0.05)  # the second call comes while this one is on its way
+            raise SidecarTimeout("the reply was lost")
+        return await real(kind, **fields)
+
+    link.request = flaky  # type: ignore[method-assign,assignment]
+    got: list[list[Any]] = [[], []]
+    first, second = await asyncio.gather(
+        a.cluster_subscribe("u.>", lambda m: got[0].append(m.data)),
+        a.cluster_subscribe("u.>", lambda m: got[1].append(m.data)), return_exceptions=True)
+    assert isinstance(first, SidecarTimeout) and second is None
+    assert client.hexists(Keys(a.namespace).subs, subscription_field(a.id, "u.>"))
+    await b.cluster_publish("u.x", 1)
+    await async_wait_for(lambda: got[1] == [1], what="the second handler")
+    assert got[0] == [] and a.cluster_subscriptions == 1
+
+
+async def test_an_unsubscribe_waits_for_the_subscribe_on_its_way(cluster: Cluster,
+                                                                 client: redis.Redis) -> None:
+    await cluster.sidecar()
+    a = await cluster.peer()
+    await asyncio.gather(a.cluster_subscribe("v.>", lambda m: None), a.cluster_unsubscribe("v.>"))
+    assert not client.hexists(Keys(a.namespace).subs, subscription_field(a.id, "v.>"))
+    assert a.cluster_subscriptions == 0
+
+
 async def test_a_raising_handler_is_retried_in_order_then_dead_lettered(
         settings: Settings, client: redis.Redis, keys: Keys) -> None:
     cluster = Cluster(settings.replace(handler_backoff=0.02, handler_max_deliveries=5))
