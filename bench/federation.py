@@ -8,6 +8,9 @@ Anchors, measured on the same NATS server in the same run:
 - ``raw_jetstream``: a nats-py publisher awaiting JetStream acknowledgements in batches of 256 and a
   pull consumer fetching and acknowledging batches of 256 in another process: what a user would
   write to move messages through JetStream quickly.
+- ``raw_jetstream_paced`` (context, in no target): publishes paced like the route's latency runs,
+  stored in a stream and pushed to a durable consumer, as the bridges send and read; one-way
+  latency.
 
 Measured:
 
@@ -45,7 +48,7 @@ from coordinator.keys import Keys
 from ops.embedded import NatsServer, RedisServer
 
 __all__ = ["Sites", "run_catch_up", "run_cross_site", "run_cross_site_failover", "run_raw_jetstream",
-           "run_raw_nats"]
+           "run_raw_jetstream_paced", "run_raw_nats"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SITES = ("a", "b")
