@@ -135,6 +135,12 @@ class SidecarMixin(Lifecycle):
         member of the group (the peers that subscribed to ``pattern`` with this name), in turn,
         while plain subscribers of the pattern still get every message. What a member was handed
         and had not handled when it died or left is handed to another member.
+
+        A peer's subscribe and unsubscribe calls take turns, so two calls for one pattern both
+        return only once it is applied. A handler (or hook) must not await this call, nor
+        :meth:`cluster_request`: handlers run in the inbox reader, which reads the replies and
+        answers too, so the call would wait for the handler that awaits it. Start such work as
+        a task from the handler.
         """
         check_pattern(pattern)
         if queue is not None:
@@ -224,6 +230,7 @@ class SidecarMixin(Lifecycle):
         comes within ``timeout`` seconds, and RemoteError with the error text when the handler
         that took the request raised. A payload over the limit raises PayloadTooLarge at the call,
         as in :meth:`cluster_publish`; an answer over it reaches the requester as RemoteError.
+        From a handler, ask in a task of its own (see :meth:`cluster_subscribe`).
         """
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
