@@ -11,8 +11,9 @@ error), expired or dead-lettered; an entry parked, held behind its sender's retr
 being retried itself is acknowledged by whoever settles it later.
 
 The peer's hooks for the sidecar's own messages (leader, policy, dropped subscriptions) run
-inside that one-at-a-time handling: a hook (or a handler) that awaits ``cluster_subscribe``
-would wait for itself.
+inside that one-at-a-time handling too. A handler or hook that subscribes goes straight in (it
+holds the turn already; see :meth:`Delivery.turn`); the reader reads the sidecar's reply
+meanwhile (:mod:`mixin.handing`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import inspect
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from coordinator.errors import PayloadTooLarge, SidecarError
@@ -58,6 +59,27 @@ Key = tuple[str, str]
 """A subscription: (pattern, queue group or '')."""
 
 
+class _Turn:
+    """The delivery's lock, knowing which task holds it: a handler (run under it) that
+    subscribes is let through rather than made to wait for itself."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._owner: asyncio.Task[Any] | None = None
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+        self._owner = asyncio.current_task()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._owner = None
+        self._lock.release()
+
+    def mine(self) -> bool:
+        """Whether the current task holds it."""
+        return self._owner is not None and self._owner is asyncio.current_task()
+
+
 class DeliveryCounts(Protocol):
     """The peer's status counters a delivery adds to."""
 
@@ -87,9 +109,8 @@ class Delivery:
         self._on_system = on_system
         self._on_subscriptions = on_subscriptions
         self._log = log
-        self._lock = asyncio.Lock()
-        """Held while an entry is handled, and while a subscription is added (with the parked
-        entries it releases); :meth:`forget` runs under it when a sidecar notice drops one."""
+        self._lock = _Turn()
+        """Held while an entry is handled, and while a subscription changes (see :meth:`turn`)."""
         self._handlers: dict[Key, list[Handler]] = {}
         self._patterns = SubscriptionIndex()
         self._matched: dict[str, list[Key]] = {}
@@ -121,19 +142,28 @@ class Delivery:
         """Subscriptions the peer made itself (the internal ones apart)."""
         return sum(1 for pattern, _ in self._handlers if pattern not in INTERNAL)
 
-    async def add(self, key: Key, handler: Handler) -> bool:
-        """Add ``handler`` to subscription ``key``; True when the subscription is new. Parked
-        entries it matches are handled now."""
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """The one-at-a-time turn that handling an entry holds: subscriptions change inside it.
+        A handler (which holds it already) goes straight in."""
+        if self._lock.mine():
+            yield
+            return
         async with self._lock:
-            new = key not in self._handlers
-            if new:
-                if not key[1]:
-                    self._patterns.add(key[0], key[0])
-                    self._matched.clear()
-                self._handlers[key] = []
-            self._handlers[key].append(handler)
-            self._on_subscriptions(self.count())
-            await self._release_parked()
+            yield
+
+    async def add(self, key: Key, handler: Handler) -> bool:
+        """Add ``handler`` to subscription ``key`` (inside :meth:`turn`); True when the
+        subscription is new. Parked entries it matches are handled now."""
+        new = key not in self._handlers
+        if new:
+            if not key[1]:
+                self._patterns.add(key[0], key[0])
+                self._matched.clear()
+            self._handlers[key] = []
+        self._handlers[key].append(handler)
+        self._on_subscriptions(self.count())
+        await self._release_parked()
         return new
 
     def remove(self, key: Key, handler: Handler) -> None:
@@ -145,8 +175,8 @@ class Delivery:
             self.forget(key)
 
     def forget(self, key: Key) -> None:
-        """Drop subscription ``key`` and its handlers (without the lock: it runs inside the
-        handling of a sidecar notice too)."""
+        """Drop subscription ``key`` and its handlers (inside :meth:`turn`, or while an entry is
+        handled: a sidecar notice drops one)."""
         if self._handlers.pop(key, None) is None:
             return
         if not key[1]:

@@ -35,6 +35,7 @@ from coordinator.routing.coalesce import ReadCoalescer
 from coordinator.routing.direct import DataPlane
 from coordinator.scripts import scripts_for
 from coordinator.settings import Settings, redact_url
+from mixin.handing import Handing
 from mixin.outbox import TRANSIENT, Outbox
 
 __all__ = ["SidecarLink"]
@@ -94,6 +95,8 @@ class SidecarLink:
         self._answers: dict[str, asyncio.Future[dict[str, str]]] = {}
         """Requests to peers (cluster_request) waiting for an answer, by message id."""
         self._tasks: list[asyncio.Task[None]] = []
+        self._handing = Handing(self._handle)
+        """The entries read, on their way to the handlers (mixin.handing)."""
         self._closing = False
         self._leaving = False
         self._rejoining = False
@@ -122,6 +125,7 @@ class SidecarLink:
             await self._ensure_group()
         except _TRANSIENT as exc:
             raise self.unreachable(exc) from exc
+        self._tasks.append(asyncio.create_task(self._handing.run(), name=f"handlers-{self.peer_id}"))
         self._tasks.append(asyncio.create_task(self._read_loop(), name=f"inbox-{self.peer_id}"))
         reply = await self.request("reg", m=dumps(member_info))
         try:
@@ -216,6 +220,7 @@ class SidecarLink:
         rid = uuid.uuid4().hex[:16]
         fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         self._replies[rid] = fut
+        self._handing.wake()  # a handler may be the one asking: the reader reads on
         wait = self.settings.request_timeout if timeout is None else timeout
         try:
             entry = {"k": kind, "s": self.peer_id, "r": rid, **fields}
@@ -257,6 +262,10 @@ class SidecarLink:
         coalescer = ReadCoalescer(self.settings.inbox_linger, _READ_COUNT)
         while not self._closing:
             try:
+                if self._handing.failed is not None:  # a handler's entry could not be settled
+                    failure, self._handing.failed = self._handing.failed, None
+                    raise failure  # (as if raised here: read again from 0, in order)
+                done += self._handing.settled()
                 # while messages arrive one by one faster than the linger, wait for a few more:
                 # one wake-up and one round trip then serve several (sparse traffic never waits).
                 # Never in a conversation (see ReadCoalescer.converse): while this peer waits for
@@ -297,8 +306,11 @@ class SidecarLink:
                     elif kind in ("rep", "nr"):
                         self._answered(fields)
                         done.append(eid)
-                    elif await self.on_entry(eid, fields):
-                        done.append(eid)
+                    else:
+                        self._handing.put(eid, fields)
+                # the next read acknowledges what was handled, unless somebody awaits an answer
+                # or a reply (a handler may): then it reads on at once
+                await self._handing.handled(lambda: bool(self._answers) or bool(self._replies))
                 if any("rt" in f or f.get("k") in _TURNS for _, f in entries):
                     coalescer.converse(time.monotonic())  # from now: the next read may be its sequel
                 if entries and cursor != ">":
@@ -323,6 +335,9 @@ class SidecarLink:
                 self.log.exception("peer %s: inbox reader error; carrying on", self.peer_id)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    async def _handle(self, eid: str, fields: dict[str, str]) -> bool:
+        return await self.on_entry(eid, fields)
 
     async def ack(self, entry_ids: list[str]) -> None:
         """Acknowledge (and delete) inbox entries the owner finished with later."""
@@ -362,6 +377,7 @@ class SidecarLink:
         """A future for the answer (``rep``) or refusal (``nr``) to request ``message_id``."""
         fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         self._answers[message_id] = fut
+        self._handing.wake()
         return fut
 
     def forget_answer(self, message_id: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,7 @@ class Failure:
 class HandlerRetries:
     """Retries of one peer's failed messages (all handler runs happen under ``lock``)."""
 
-    def __init__(self, settings: Settings, *, lock: asyncio.Lock,
+    def __init__(self, settings: Settings, *, lock: AbstractAsyncContextManager[Any],
                  run: Callable[[Handler, Message], Awaitable[tuple[bool, Any]]],
                  ack: Callable[[list[str]], Awaitable[None]],
                  dead_letter: Callable[[Message, Failure, int], Awaitable[None]],

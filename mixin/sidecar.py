@@ -82,8 +82,6 @@ class SidecarMixin(Lifecycle):
         self._delivery = Delivery(self.sidecar_settings, link=lambda: self._link, counts=self,
                                   on_system=self._on_system, on_subscriptions=self._counted,
                                   log=self._sidecar_log)
-        self._changing = asyncio.Lock()
-        """Subscribe and unsubscribe calls take turns, each until the router applied it."""
 
     # ------------------------------------------------------------------ lifecycle
     async def setup(self, *args: Any, **kwargs: Any) -> None:
@@ -136,11 +134,10 @@ class SidecarMixin(Lifecycle):
         while plain subscribers of the pattern still get every message. What a member was handed
         and had not handled when it died or left is handed to another member.
 
-        A peer's subscribe and unsubscribe calls take turns, so two calls for one pattern both
-        return only once it is applied. A handler (or hook) must not await this call, nor
-        :meth:`cluster_request`: handlers run in the inbox reader, which reads the replies and
-        answers too, so the call would wait for the handler that awaits it. Start such work as
-        a task from the handler.
+        A peer's subscribe and unsubscribe calls take turns with one another and with its
+        handlers, each until the router applied it, so two calls for one pattern both return
+        only once it is applied; a handler may call it (and :meth:`cluster_request`): the inbox
+        reads on while somebody awaits a reply.
         """
         check_pattern(pattern)
         if queue is not None:
@@ -149,7 +146,7 @@ class SidecarMixin(Lifecycle):
             raise TypeError(f"handler must be callable, got {handler!r}")
         link = self._require_link()
         key = (pattern, queue or "")
-        async with self._changing:  # returns once the router applied it, whoever asked first
+        async with self._delivery.turn():  # returns once the router applied it, whoever asked first
             if not await self._delivery.add(key, handler) or pattern in INTERNAL:
                 return
             try:
@@ -164,7 +161,7 @@ class SidecarMixin(Lifecycle):
         check_pattern(pattern)
         link = self._require_link()
         key = (pattern, queue or "")
-        async with self._changing:
+        async with self._delivery.turn():
             if key not in self._delivery:
                 return
             self._delivery.forget(key)
@@ -230,7 +227,7 @@ class SidecarMixin(Lifecycle):
         comes within ``timeout`` seconds, and RemoteError with the error text when the handler
         that took the request raised. A payload over the limit raises PayloadTooLarge at the call,
         as in :meth:`cluster_publish`; an answer over it reaches the requester as RemoteError.
-        From a handler, ask in a task of its own (see :meth:`cluster_subscribe`).
+        A handler may ask too: the messages after it wait until it returns.
         """
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")

@@ -38,30 +38,31 @@ async def test_a_handler_answers_by_returning_or_responding(settings: Settings,
         assert [a["twice"] for a in answers] == [2 * i for i in range(50)]
 
 
-async def test_a_handler_that_needs_an_answer_asks_from_a_task_of_its_own(
+async def test_a_handler_may_ask_and_subscribe_while_later_messages_wait_their_turn(
         settings: Settings, sidecar: ClusterSidecar) -> None:
-    # handlers run in the peer's inbox reader, which reads the answers too: awaiting a request
-    # in the handler itself would wait for an answer the reader cannot read until it returns
+    # the answer and the sidecar's reply come through the inbox the handler is being run from
     priced: list[Any] = []
-    tasks: set[asyncio.Task[None]] = set()
+    handled: list[str] = []
     async with Peer(settings=settings) as shop, Peer(settings=settings) as prices, \
             Peer(settings=settings) as customer:
         await prices.cluster_subscribe("price", lambda m: {"sku": m.data, "cents": 250})
 
-        async def price_it(m: Message) -> None:
+        async def on_order(m: Message) -> None:
+            handled.append(f"order {m.data} asks")
             quote = await shop.cluster_request("price", m.data, timeout=5)
+            await shop.cluster_subscribe(f"order.{m.data}.>", lambda m: handled.append(m.topic))
+            handled.append(f"order {m.data} priced")
             await shop.cluster_publish("order.priced", quote)
-
-        def on_order(m: Message) -> None:
-            task = asyncio.create_task(price_it(m))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
 
         await shop.cluster_subscribe("order.new", on_order)
         await customer.cluster_subscribe("order.priced", lambda m: priced.append(m.data))
         await customer.cluster_publish("order.new", 7)
-        await async_wait_for(lambda: priced, what="the priced order")
-    assert priced == [{"sku": 7, "cents": 250}]
+        await customer.cluster_publish("order.new", 8)
+        await async_wait_for(lambda: len(priced) == 2, what="both priced orders")
+        await customer.cluster_publish("order.7.paid", True)
+        await async_wait_for(lambda: "order.7.paid" in handled, what="the handler's subscription")
+    assert priced == [{"sku": 7, "cents": 250}, {"sku": 8, "cents": 250}]
+    assert handled[:4] == ["order 7 asks", "order 7 priced", "order 8 asks", "order 8 priced"]
 
 
 async def test_no_responders_timeouts_and_remote_errors(settings: Settings,
