@@ -119,6 +119,7 @@ class Delivery:
         self._parked: list[tuple[str, dict[str, str]]] = []
         """Entries that came before a handler for them (see :meth:`park_for`)."""
         self._park_until = 0.0
+        self._releasing = False
         self._retries = HandlerRetries(settings, lock=self._lock, run=self._call, ack=self._ack,
                                        dead_letter=self._dead_letter,
                                        redispatch=self._redispatch, log=log)
@@ -203,15 +204,27 @@ class Delivery:
             return await self._dispatch(eid, fields)
 
     async def _release_parked(self, *, expire: bool = False) -> None:
-        """Hand parked messages to the handlers that now match them (or drop them once expired)."""
+        """Hand parked messages to the handlers that now match them (or drop them once expired).
+        A handler that subscribes meanwhile adds no release of its own: this one goes on, and
+        sees the new handler for the entries after it."""
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            await self._release(expire)
+        finally:
+            self._releasing = False
+
+    async def _release(self, expire: bool) -> None:
         keep, done = [], []
-        for eid, fields in self._parked:
+        parked, self._parked = self._parked, []
+        for eid, fields in parked:
             if self._keys_for(fields.get("t", ""), fields) or expire:
                 if await self._dispatch(eid, fields, park=False):
                     done.append(eid)  # else it is being retried: acknowledged once settled
             else:
                 keep.append((eid, fields))
-        self._parked = keep
+        self._parked = keep + self._parked
         await self._ack(done)
 
     async def _dispatch(self, eid: str, fields: dict[str, str], *, park: bool = True) -> bool:

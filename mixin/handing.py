@@ -36,8 +36,10 @@ class Handing:
         """Why handling stopped short, until the reader has taken note (it reads from ``0``)."""
 
     def put(self, eid: str, fields: Fields) -> None:
-        """Queue an entry read from the inbox (one queued or being handled already is skipped)."""
-        if eid in self._ids:
+        """Queue an entry read from the inbox (one queued or being handled already is skipped, and
+        so is every entry while a failure waits for the reader: it reads them all again, in
+        order)."""
+        if eid in self._ids or self.failed is not None:
             return
         self._ids.add(eid)
         self._queue.append((eid, fields))

@@ -262,9 +262,13 @@ class SidecarLink:
         coalescer = ReadCoalescer(self.settings.inbox_linger, _READ_COUNT)
         while not self._closing:
             try:
-                if self._handing.failed is not None:  # a handler's entry could not be settled
+                if self._handing.failed is not None:  # a handler's entry could not be settled:
                     failure, self._handing.failed = self._handing.failed, None
-                    raise failure  # (as if raised here: read again from 0, in order)
+                    cursor = "0"  # it and all after it are read again, in order
+                    self.log.warning("peer %s: handling an entry failed (%r); reading the inbox "
+                                     "again from the oldest unsettled entry", self.peer_id, failure)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
                 done += self._handing.settled()
                 # while messages arrive one by one faster than the linger, wait for a few more:
                 # one wake-up and one round trip then serve several (sparse traffic never waits).
