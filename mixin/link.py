@@ -95,7 +95,7 @@ class SidecarLink:
         self._answers: dict[str, asyncio.Future[dict[str, str]]] = {}
         """Requests to peers (cluster_request) waiting for an answer, by message id."""
         self._tasks: list[asyncio.Task[None]] = []
-        self._handing = Handing(self._handle)
+        self._handing = Handing(on_entry)
         """The entries read, on their way to the handlers (mixin.handing)."""
         self._closing = False
         self._leaving = False
@@ -339,9 +339,6 @@ class SidecarLink:
                 self.log.exception("peer %s: inbox reader error; carrying on", self.peer_id)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-
-    async def _handle(self, eid: str, fields: dict[str, str]) -> bool:
-        return await self.on_entry(eid, fields)
 
     async def ack(self, entry_ids: list[str]) -> None:
         """Acknowledge (and delete) inbox entries the owner finished with later."""
